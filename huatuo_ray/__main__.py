@@ -1,0 +1,86 @@
+"""``python -m huatuo_ray STAGE --config FILE [key.sub=value ...] [--key value ...]``.
+
+Every stage is one recipe; this only parses the command line, loads and checks the config, and
+calls the recipe's ``main``. ``--help`` lists the stages; ``STAGE --help`` documents its config.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from huatuo_ray.config import ConfigError, describe, load_config
+from huatuo_ray.stages import STAGES
+
+USAGE = "usage: python -m huatuo_ray STAGE [--config FILE] [key.sub=value ...] [--key value ...]"
+
+
+def _overview() -> str:
+    width = max(len(n) for n in STAGES)
+    lines = [USAGE, "", "HuatuoGPT's recipe as Ray jobs. Stages:"]
+    lines += [f"  {name:<{width}}  {stage.summary}" for name, stage in STAGES.items()]
+    lines += ["", "python -m huatuo_ray STAGE --help documents a stage's config."]
+    return "\n".join(lines)
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """(config path, overrides, help wanted). ``--a.b value`` and ``--a.b=value`` are overrides."""
+    config, overrides, want_help = None, [], False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                config = arg.split("=", 1)[1]
+            else:
+                if i + 1 >= len(argv):
+                    raise ConfigError("command line: --config needs a file")
+                i += 1
+                config = argv[i]
+        elif arg.startswith("--"):
+            key = arg[2:].replace("-", "_")
+            if "=" in key:
+                overrides.append(key)
+            else:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"command line: {arg} needs a value")
+                i += 1
+                overrides.append(f"{key}={argv[i]}")
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"command line: unexpected argument {arg!r} (want key=value)")
+        i += 1
+    return config, overrides, want_help
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        print(f"unknown stage {name!r}\n\n{_overview()}", file=sys.stderr)
+        return 2
+    config_cls, run = STAGES[name].load()
+    try:
+        config_path, overrides, want_help = split_args(rest)
+        if want_help:
+            print(f"python -m huatuo_ray {name}: {STAGES[name].summary}\n")
+            print((config_cls.__doc__ or "").strip() + "\n\nConfig keys:")
+            print("\n".join(describe(config_cls)))
+            return 0
+        config = load_config(config_cls, config_path, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Typed configs: one dataclass per stage, shared parts below, YAML files and ``key.sub=value``.
+
+A config is a tree of dataclasses. :func:`load_config` fills one from a YAML file plus command-line
+overrides and checks every key, type and value before any work starts; a mistake raises
+:class:`ConfigError` naming the key and where it came from (the file, or "command line").
+
+Fields carry their help text in ``metadata["help"]`` (use :func:`option`), which ``--help`` prints.
+Value checks live in each dataclass's ``__post_init__`` and raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the file."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with help text. Mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        value = default
+        kwargs["default_factory"] = lambda: _copy(value)
+    elif default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return dataclasses.field(metadata={"help": help}, **kwargs)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+@dataclass
+class ClusterConfig:
+    """Where the stage's Ray driver connects."""
+
+    address: str | None = option(
+        None,
+        help="Ray address; unset means ray.init() default: the cluster of a submitted job "
+        "(RAY_ADDRESS), else a new local one",
+    )
+    num_cpus: int | None = option(None, help="CPUs of a new local Ray (ignored on a cluster)")
+    log_to_driver: bool = option(True, help="forward worker logs to the driver's terminal")
+
+
+@dataclass
+class ModelConfig:
+    """A Hugging Face causal LM: a local folder, a URI, or a hub id."""
+
+    path: str = option("", help="HF folder or hub id of the model")
+    trust_remote_code: bool = option(False, help="run code shipped with the model (off: safer)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="weights dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
+
+
+@dataclass
+class TeacherConfig:
+    """An OpenAI-compatible endpoint. The API key is read from the environment, never stored."""
+
+    base_url: str = option("https://api.openai.com/v1", help="endpoint base URL")
+    model: str = option("gpt-4o-mini", help="model name sent to the endpoint")
+    api_key_env: str = option(
+        "OPENAI_API_KEY", help="name of the environment variable holding the key"
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """Build ``cls`` from a YAML file and ``key.sub=value`` overrides; raise ConfigError."""
+    raw: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        raw = loaded
+        _mark_origin(raw, "", path, origin)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"command line: override {item!r} is not key=value")
+        _set_dotted(raw, key.strip(), _parse_override(text), item)
+        origin[key.strip()] = "command line"
+    return _build(cls, raw, "", origin, path or "command line")
+
+
+def _mark_origin(tree: dict[str, Any], prefix: str, path: str, origin: dict[str, str]) -> None:
+    for k, v in tree.items():
+        dotted = f"{prefix}{k}"
+        origin[dotted] = path
+        if isinstance(v, dict):
+            _mark_origin(v, dotted + ".", path, origin)
+
+
+def _parse_override(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, item: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"command line: {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _where(origin: dict[str, str], dotted: str, default: str) -> str:
+    # The most specific key that has an origin tells where the value came from.
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in origin:
+            return origin[".".join(parts[:i])]
+    return default
+
+
+def _build(cls: type, raw: Any, prefix: str, origin: dict[str, str], default_origin: str) -> Any:
+    where = _where(origin, prefix.rstrip("."), default_origin) if prefix else default_origin
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.')} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        near = ", ".join(sorted(fields))
+        raise ConfigError(
+            f"{_where(origin, key, default_origin)}: unknown key {key!r}; {cls.__name__} has: {near}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{default_origin}: missing required key {dotted!r}")
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], dotted, origin, default_origin)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, dotted: str, origin: dict[str, str], default_origin: str) -> Any:
+    where = _where(origin, dotted, default_origin)
+    from_cli = where == "command line"
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {dotted}: expected {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted + ".", origin, default_origin)
+    origin_tp = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin_tp in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, dotted, origin, default_origin)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin_tp is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin_tp is list:
+        if not isinstance(value, list):
+            raise fail("a list")
+        return [_coerce(args[0], v, f"{dotted}[{i}]", origin, default_origin) for i, v in enumerate(value)]
+    if origin_tp is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return {
+            str(k): _coerce(args[1], v, f"{dotted}.{k}", origin, default_origin)
+            for k, v in value.items()
+        }
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if tp is str:
+        # On the command line `output=123` or `model=7b` is plainly meant as text.
+        if from_cli and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    raise ConfigError(f"{where}: {dotted}: unsupported config type {tp!r}")
+
+
+# --------------------------------------------------------------------------- help and dumps
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf field: ``key (type, default) help`` for ``--help``."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"  [{prefix}{f.name}] {(tp.__doc__ or '').strip().splitlines()[0]}")
+            lines += describe(tp, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        type_name = str(tp).replace("typing.", "")
+        if isinstance(tp, type):
+            type_name = tp.__name__
+        lines.append(f"  {prefix}{f.name}: {type_name} = {default}\n      {f.metadata.get('help', '')}")
+    return lines
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready copy of a config, for manifests (no secrets live in configs)."""
+    return dataclasses.asdict(config)

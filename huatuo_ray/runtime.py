@@ -1,0 +1,28 @@
+"""Connecting a stage's driver to Ray: the same code runs locally and as a submitted Ray job."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from huatuo_ray.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def connect(cluster: ClusterConfig, stage: str) -> Any:
+    """``ray.init()`` for a stage. Inside ``ray job submit`` RAY_ADDRESS points at the cluster and
+    this connects to it; on a laptop it starts a local Ray. Returns the Ray context."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    kwargs: dict[str, Any] = {"log_to_driver": cluster.log_to_driver}
+    if cluster.address:
+        kwargs["address"] = cluster.address
+    elif not os.environ.get("RAY_ADDRESS") and cluster.num_cpus is not None:
+        kwargs["num_cpus"] = cluster.num_cpus
+    ctx = ray.init(**kwargs)
+    log.info("stage %s connected to Ray at %s", stage, ctx.address_info.get("gcs_address"))
+    return ctx

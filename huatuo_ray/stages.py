@@ -1,0 +1,42 @@
+"""The stages of the recipe: name -> recipe module, config class, one line of help.
+
+Each recipe module has a config dataclass and ``main(config)``; it imports Ray, torch and friends
+inside ``main`` so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str
+    config: str
+    summary: str
+
+    def load(self) -> tuple[type, object]:
+        """(config class, main function) of the stage."""
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.config), mod.main
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage(
+            "data",
+            "huatuo_ray.data.convert",
+            "DataConfig",
+            "convert a public dataset (cMedQA2, MedDialog, ...) into a dataset artifact",
+        ),
+        Stage(
+            "tiny-model",
+            "huatuo_ray.models.stage",
+            "TinyModelConfig",
+            "build a tiny random Llama (or reward model) with its tokenizer, for tests and the demo",
+        ),
+    ]
+}

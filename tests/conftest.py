@@ -1,0 +1,25 @@
+"""Shared fixtures. Real samples of the public datasets live in ../shared/datasets (read-only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"real dataset samples not found at {SHARED_DATASETS}")
+    return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama with a tokenizer trained on the bundled corpus, built once."""
+    from huatuo_ray.models.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(str(tmp_path_factory.mktemp("tiny") / "model"))

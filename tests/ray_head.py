@@ -1,0 +1,114 @@
+"""A real Ray head on 127.0.0.1 for tests, started with `ray start --head` and stopped alone.
+
+`ray stop` would stop every Ray on the machine; this stops only the head it started: the
+`ray start --block` process (which takes its children down on SIGTERM) and then anything left
+that still runs from this head's own temp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Head:
+    address: str  # GCS address, for ray.init(address=...)
+    dashboard_url: str  # job API, for JobSubmissionClient / `ray job submit --address`
+    env: dict[str, str]  # the client environment: token auth on
+    temp_dir: str
+
+
+def _wait_for_dashboard(url: str, env: dict[str, str], deadline: float) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    last: Exception | None = None
+    while time.time() < deadline:
+        try:
+            with _env(env):
+                JobSubmissionClient(url).list_jobs()
+            return
+        except Exception as e:  # noqa: BLE001 - the dashboard is still starting
+            last = e
+            time.sleep(1)
+    raise TimeoutError(f"dashboard at {url} did not answer: {last}")
+
+
+@contextlib.contextmanager
+def _env(env: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _kill_leftovers(temp_dir: str) -> None:
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if temp_dir in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def local_head(num_cpus: int = 2, timeout: float = 120) -> Iterator[Head]:
+    temp_dir = tempfile.mkdtemp(prefix="hr-ray-", dir="/tmp")
+    gcs_port, dash_port = free_port(), free_port()
+    env = {"RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [
+        ray_bin, "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs_port),
+        "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dash_port),
+        "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--num-cpus", str(num_cpus),
+        "--temp-dir", temp_dir,
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{dash_port}"
+    try:
+        _wait_for_dashboard(url, env, time.time() + timeout)
+        yield Head(f"127.0.0.1:{gcs_port}", url, env, temp_dir)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _kill_leftovers(temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
