@@ -24,8 +24,9 @@ masked like the rest of the prompt.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
@@ -39,6 +40,7 @@ ASSISTANT_TAG = "<HuatuoGPT>："
 
 # Jinja twin of tokenize_dialogue(); test_chat.py checks that both give the same text.
 CHAT_TEMPLATE = (
+    "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{{ messages[0]['content'] }}{%- set rest = messages[1:] -%}"
     "{%- else -%}"
@@ -114,10 +116,20 @@ def _split_system(turns: list[dict[str, str]]) -> tuple[str, list[dict[str, str]
     return DEFAULT_SYSTEM, turns
 
 
-def render(turns: list[dict[str, str]], eos_token: str, add_generation_prompt: bool = False) -> str:
-    """Render a dialogue as text, exactly as :data:`CHAT_TEMPLATE` does."""
+def render(
+    turns: list[dict[str, str]],
+    eos_token: str,
+    add_generation_prompt: bool = False,
+    bos_token: str | None = None,
+) -> str:
+    """Render a dialogue as text, exactly as :data:`CHAT_TEMPLATE` does.
+
+    The text starts with ``bos_token`` when given, as the template does, so that servers which
+    tokenise templated text without special tokens (vLLM's chat endpoint) still see the BOS the
+    model was trained with.
+    """
     system, rest = _split_system(turns)
-    parts = [system]
+    parts = [bos_token or "", system]
     for t in rest:
         if t["role"] == "user":
             parts.append(f"{USER_TAG}{t['content']} ")
@@ -145,9 +157,15 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _bos(tokenizer: Any) -> list[int]:
-    # Llama-style tokenizers put BOS first; byte-level ones without a BOS token add nothing.
+    """[BOS] when the tokenizer starts text with one (Llama-style), else [].
+
+    Asked of the tokenizer itself: transformers 5 does not save ``add_bos_token`` and reloads it
+    as False while the saved post-processor still adds BOS.
+    """
     bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", True) else []
+    if bos is None:
+        return []
+    return [bos] if list(tokenizer("a")["input_ids"][:1]) == [bos] else []
 
 
 @dataclass

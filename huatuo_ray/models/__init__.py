@@ -1,0 +1,7 @@
+"""Model factories.
+
+:mod:`huatuo_ray.models.tiny` builds tiny random Llama models and a byte-level BPE tokenizer on the
+spot, so that tests and the demo run end to end on a CPU with nothing downloaded from any hub.
+``demo_corpus.txt`` is original Chinese consultation text bundled to train that tokenizer and to
+seed the demo.
+"""
