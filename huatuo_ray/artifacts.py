@@ -122,7 +122,10 @@ class DatasetWriter:
             },
             "config": config,
             "inputs": extra.pop("inputs", []),
-            "timings": {"seconds": round(time.time() - self._started, 3), **extra.pop("timings", {})},
+            "timings": {
+                "seconds": round(time.time() - self._started, 3),
+                **extra.pop("timings", {}),
+            },
             **extra,
         }
         storage.write_json(storage.join(self.uri, MANIFEST), manifest)

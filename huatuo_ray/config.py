@@ -73,8 +73,39 @@ class TeacherConfig:
     base_url: str = option("https://api.openai.com/v1", help="endpoint base URL")
     model: str = option("gpt-4o-mini", help="model name sent to the endpoint")
     api_key_env: str = option(
-        "OPENAI_API_KEY", help="name of the environment variable holding the key"
+        "OPENAI_API_KEY",
+        help="name of the environment variable holding the key (pass it to a Ray job with "
+        "--runtime-env-json, never in the config)",
     )
+    max_concurrency: int = option(16, help="requests in flight per worker process")
+    requests_per_minute: float | None = option(
+        None, help="limit shared by all workers of the job (None: no limit)"
+    )
+    tokens_per_minute: float | None = option(
+        None, help="limit shared by all workers; a request counts prompt chars + max_tokens"
+    )
+    timeout_s: float = option(60.0, help="time-out of one request")
+    max_retries: int = option(6, help="retries on 429, 5xx, time-outs and unreadable replies")
+    backoff_base_s: float = option(1.0, help="first back-off; doubles per retry, with jitter")
+    backoff_max_s: float = option(60.0, help="longest back-off between two tries")
+    temperature: float = option(0.7, help="sampling temperature")
+    top_p: float = option(1.0, help="nucleus sampling")
+    max_tokens: int = option(1024, help="longest answer in tokens")
+    extra_body: dict[str, Any] = option(
+        {}, help="sent as is, e.g. vLLM structured outputs {structured_outputs: {regex: ...}}"
+    )
+    price_input_per_1m: float = option(0.0, help="USD per million prompt tokens, for the cost")
+    price_output_per_1m: float = option(0.0, help="USD per million completion tokens")
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if self.max_retries < 0 or self.timeout_s <= 0:
+            raise ValueError("max_retries must be >= 0 and timeout_s > 0")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive when set")
 
 
 # --------------------------------------------------------------------------- loading
@@ -197,7 +228,10 @@ def _coerce(tp: Any, value: Any, dotted: str, origin: dict[str, str], default_or
     if origin_tp is list:
         if not isinstance(value, list):
             raise fail("a list")
-        return [_coerce(args[0], v, f"{dotted}[{i}]", origin, default_origin) for i, v in enumerate(value)]
+        return [
+            _coerce(args[0], v, f"{dotted}[{i}]", origin, default_origin)
+            for i, v in enumerate(value)
+        ]
     if origin_tp is dict:
         if not isinstance(value, dict):
             raise fail("a mapping")
@@ -251,7 +285,9 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         type_name = str(tp).replace("typing.", "")
         if isinstance(tp, type):
             type_name = tp.__name__
-        lines.append(f"  {prefix}{f.name}: {type_name} = {default}\n      {f.metadata.get('help', '')}")
+        lines.append(
+            f"  {prefix}{f.name}: {type_name} = {default}\n      {f.metadata.get('help', '')}"
+        )
     return lines
 
 

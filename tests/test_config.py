@@ -52,7 +52,9 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     assert cfg.inner.lr == 0.5 and cfg.inner.layers == [3, 4]
     assert cfg.cluster.address is None
     # defaults are copied, never shared between instances
-    assert load_config(Outer, None, ["name=a"]).inner is not load_config(Outer, None, ["name=a"]).inner
+    assert (
+        load_config(Outer, None, ["name=a"]).inner is not load_config(Outer, None, ["name=a"]).inner
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,7 +75,9 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ("name: [x\n", [], "not valid YAML"),
     ],
 )
-def test_errors_name_key_and_file(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+def test_errors_name_key_and_file(
+    tmp_path: Path, text: str, overrides: list[str], message: str
+) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
         load_config(Outer, path, overrides)

@@ -63,13 +63,20 @@ def convert(config: DataConfig) -> dict:
                 writer.reject(item.id, str(e), str(item.turns)[:500])
                 continue
             if item.id in seen:
-                writer.reject(item.id, "duplicate id", item.turns[0]["content"] if item.turns else "")
+                writer.reject(
+                    item.id, "duplicate id", item.turns[0]["content"] if item.turns else ""
+                )
                 continue
             seen.add(item.id)
             writer.write(item)
             per_source[item.source] += 1
             if writer.n_rows % 10_000 == 0:
-                log.info("%s: %d records, %d rejects", config.source, writer.n_rows, sum(writer.rejects.values()))
+                log.info(
+                    "%s: %d records, %d rejects",
+                    config.source,
+                    writer.n_rows,
+                    sum(writer.rejects.values()),
+                )
             if config.limit and writer.n_rows >= config.limit:
                 break
         else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Union
 
 from huatuo_ray.chat import Dialogue
 
@@ -25,4 +24,4 @@ class Reject:
         return {"where": self.where, "reason": self.reason, "raw": self.raw[:500]}
 
 
-ReadResult = Iterator[Union[Dialogue, Reject]]
+ReadResult = Iterator[Dialogue | Reject]
