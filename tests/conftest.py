@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Ray 2.60 turns token authentication on for new clusters; a client sends the token only when
+# RAY_AUTH_MODE=token is set, and Ray reads it once per process, so it is set before Ray loads.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"

@@ -96,8 +96,14 @@ def local_head(num_cpus: int = 2, timeout: float = 120) -> Iterator[Head]:
         "--disable-usage-stats",
     ]  # fmt: skip
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed below
+    # Job entrypoints run `python` from the head's PATH: the venv's, as after `source .venv/bin/activate`.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env, "PATH": path},
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash_port}"
     try:
