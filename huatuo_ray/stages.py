@@ -33,6 +33,12 @@ STAGES: dict[str, Stage] = {
             "convert a public dataset (cMedQA2, MedDialog, ...) into a dataset artifact",
         ),
         Stage(
+            "polish",
+            "huatuo_ray.distill.polish",
+            "PolishConfig",
+            "rewrite real doctors' answers and dialogues with the teacher (paper A.3/A.4)",
+        ),
+        Stage(
             "tiny-model",
             "huatuo_ray.models.stage",
             "TinyModelConfig",

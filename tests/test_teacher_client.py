@@ -111,13 +111,13 @@ def test_missing_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
         TeacherClient(config("http://127.0.0.1:9/v1"))
 
 
-def test_variant_and_sampling_change_the_cache_key() -> None:
+def test_sampling_changes_the_cache_key() -> None:
     msgs = [{"role": "user", "content": "x"}]
-    base = request_key("m", msgs, {"temperature": 0.7, "variant": 0})
-    assert base == request_key("m", msgs, {"variant": 0, "temperature": 0.7})  # order-free
-    assert base != request_key("m", msgs, {"temperature": 0.7, "variant": 1})
-    assert base != request_key("m", msgs, {"temperature": 0.2, "variant": 0})
-    assert base != request_key("other", msgs, {"temperature": 0.7, "variant": 0})
+    base = request_key("m", msgs, {"temperature": 0.7, "top_p": 1.0})
+    assert base == request_key("m", msgs, {"top_p": 1.0, "temperature": 0.7})  # order-free
+    assert base != request_key("m", msgs, {"temperature": 0.7, "top_p": 1.0, "seed": 1})
+    assert base != request_key("m", msgs, {"temperature": 0.2, "top_p": 1.0})
+    assert base != request_key("other", msgs, {"temperature": 0.7, "top_p": 1.0})
 
 
 def test_concurrency_cap_per_client(api_key: str) -> None:

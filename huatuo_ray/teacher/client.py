@@ -128,13 +128,14 @@ class TeacherClient:
     async def chat(
         self, messages: list[dict[str, str]], variant: int = 0, **sampling: Any
     ) -> TeacherAnswer:
-        """Answer ``messages``. ``variant`` > 0 asks the same thing again as a new request (used
-        when an answer did not parse); it is part of the cache key, never sent to the server."""
+        """Answer ``messages``. ``variant`` > 0 asks the same thing again as a new request with
+        sampling seed ``variant`` (used when an answer did not parse)."""
         params = self.sampling(**sampling)
+        if variant:
+            # Asking again must be a new request on the wire too: a new sampling seed.
+            params["seed"] = variant
         extra_body = params.pop("extra_body", None) or self.config.extra_body or None
-        key = request_key(
-            self.config.model, messages, {**params, "extra_body": extra_body, "variant": variant}
-        )
+        key = request_key(self.config.model, messages, {**params, "extra_body": extra_body})
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.usage.requests += 1
             self.usage.cached += 1

@@ -1,0 +1,72 @@
+"""Stage metrics for the Ray dashboard (``ray.util.metrics``: Prometheus/Grafana) and the terminal.
+
+Metric names start with ``huatuo_``; every metric carries a ``stage`` tag so one dashboard panel
+can show all stages. Created lazily, once per process: they only work inside a Ray worker or driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_COUNTERS: dict[str, Any] = {}
+_GAUGES: dict[str, Any] = {}
+
+
+def count(name: str, value: float, stage: str, **tags: str) -> None:
+    """Add ``value`` to counter ``huatuo_<name>``; a no-op outside Ray."""
+    if value <= 0:
+        return
+    try:
+        from ray.util.metrics import Counter
+
+        key = name + ":" + ",".join(sorted(tags))
+        if key not in _COUNTERS:
+            _COUNTERS[key] = Counter(
+                f"huatuo_{name}",
+                description=name.replace("_", " "),
+                tag_keys=("stage", *sorted(tags)),
+            )
+        _COUNTERS[key].inc(value, tags={"stage": stage, **tags})
+    except Exception as e:  # noqa: BLE001 - metrics must never stop a stage
+        log.debug("metric %s not recorded: %s", name, e)
+
+
+def gauge(name: str, value: float, stage: str) -> None:
+    try:
+        from ray.util.metrics import Gauge
+
+        if name not in _GAUGES:
+            _GAUGES[name] = Gauge(
+                f"huatuo_{name}", description=name.replace("_", " "), tag_keys=("stage",)
+            )
+        _GAUGES[name].set(value, tags={"stage": stage})
+    except Exception as e:  # noqa: BLE001
+        log.debug("metric %s not recorded: %s", name, e)
+
+
+class Progress:
+    """Done/failed counts with rate and ETA, logged every ``every`` seconds and exported."""
+
+    def __init__(self, stage: str, total: int, every: float = 10.0):
+        self.stage, self.total, self.every = stage, total, every
+        self.done = self.failed = 0
+        self.started = self._last = time.time()
+
+    def update(self, ok: bool) -> None:
+        self.done += ok
+        self.failed += not ok
+        now = time.time()
+        if now - self._last >= self.every or self.done + self.failed == self.total:
+            self._last = now
+            n = self.done + self.failed
+            rate = n / max(now - self.started, 1e-9)
+            eta = (self.total - n) / rate if rate else float("inf")
+            log.info(
+                "%s: %d/%d records (%d failed), %.1f/s, ETA %.0fs",
+                self.stage, n, self.total, self.failed, rate, eta,
+            )  # fmt: skip
+            gauge("progress_fraction", n / max(self.total, 1), self.stage)
