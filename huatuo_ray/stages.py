@@ -33,10 +33,28 @@ STAGES: dict[str, Stage] = {
             "convert a public dataset (cMedQA2, MedDialog, ...) into a dataset artifact",
         ),
         Stage(
+            "self-instruct",
+            "huatuo_ray.distill.self_instruct",
+            "SelfInstructConfig",
+            "distil medical instructions with role-enhanced self-instruct (paper A.1)",
+        ),
+        Stage(
+            "dialogues",
+            "huatuo_ray.distill.dialogues",
+            "DialoguesConfig",
+            "distil consultations: a patient agent with the case, a doctor agent with the diagnosis (A.2)",
+        ),
+        Stage(
             "polish",
             "huatuo_ray.distill.polish",
             "PolishConfig",
             "rewrite real doctors' answers and dialogues with the teacher (paper A.3/A.4)",
+        ),
+        Stage(
+            "mixture",
+            "huatuo_ray.distill.mixture",
+            "MixtureConfig",
+            "mix the SFT sources: ratios, dedupe, decontamination against eval sets, train/validation",
         ),
         Stage(
             "tiny-model",

@@ -28,3 +28,65 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from huatuo_ray.models.tiny import build_tiny_causal_lm
 
     return build_tiny_causal_lm(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+TEACHER_KEY = "sk-test-teacher-secret-42"
+TEACHER_KEY_ENV = "HUATUO_TEST_KEY"
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the in-process stage tests. Its workers inherit the teacher key from
+    this process's environment, as a cluster's workers inherit it from theirs."""
+    import ray
+
+    os.environ[TEACHER_KEY_ENV] = TEACHER_KEY
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+class RecordingResponder:
+    """The scripted teacher, keeping every request body it answered (for leak checks)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from huatuo_ray.testing.scripted_teacher import medical_responder
+
+        self.bodies: list[dict] = []
+        self._lock = threading.Lock()
+        self._answer = medical_responder
+
+    def __call__(self, body: dict) -> str:
+        with self._lock:
+            self.bodies.append(body)
+        return self._answer(body)
+
+
+@pytest.fixture()
+def faulty_teacher():
+    """(server, proxy, responder): the scripted teacher behind a proxy faulting 25% of requests."""
+    from huatuo_ray.testing.openai_servers import FaultyProxy, ScriptedOpenAIServer
+
+    responder = RecordingResponder()
+    with ScriptedOpenAIServer(responder, require_api_key=TEACHER_KEY) as server:
+        with FaultyProxy(server.base_url, seed=11, fault_rate=0.25, hang_s=3.0) as proxy:
+            yield server, proxy, responder
+
+
+def teacher_config(base_url: str, **overrides):
+    from huatuo_ray.config import TeacherConfig
+
+    values = dict(
+        base_url=base_url,
+        model="scripted-teacher",
+        api_key_env=TEACHER_KEY_ENV,
+        timeout_s=1.0,
+        max_retries=20,
+        backoff_base_s=0.02,
+        backoff_max_s=0.1,
+    )
+    values.update(overrides)
+    return TeacherConfig(**values)

@@ -20,34 +20,16 @@ from huatuo_ray.distill.polish import PolishConfig
 from huatuo_ray.distill.polish import main as polish_main
 from huatuo_ray.testing.openai_servers import FaultyProxy, ScriptedOpenAIServer
 from huatuo_ray.testing.scripted_teacher import MAX_POLISH_TURNS, medical_responder
+from tests.conftest import TEACHER_KEY, teacher_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-KEY = "sk-polish-test-secret-42"
+KEY = TEACHER_KEY
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray whose workers inherit the teacher key from this process's environment."""
-    import ray
-
-    os.environ["HUATUO_TEST_KEY"] = KEY
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def teacher(base_url: str) -> TeacherConfig:
-    return TeacherConfig(
-        base_url=base_url,
-        model="scripted-teacher",
-        api_key_env="HUATUO_TEST_KEY",
-        timeout_s=1.0,
-        max_retries=20,
-        backoff_base_s=0.02,
-        backoff_max_s=0.1,
-    )
+    return teacher_config(base_url)
 
 
 def real_inputs(tmp_path: Path, shared: Path) -> tuple[str, str]:
@@ -78,10 +60,7 @@ def test_polish_real_samples_through_faults(
     single, dialogues = real_inputs(tmp_path, shared_datasets)
     with ScriptedOpenAIServer(medical_responder, require_api_key=KEY) as server:
         with FaultyProxy(server.base_url, seed=7, fault_rate=0.25, hang_s=3.0) as proxy:
-            for source, expected_source in (
-                (single, "polish_single"),
-                (dialogues, "polish_dialogue"),
-            ):
+            for source in (single, dialogues):
                 out = str(tmp_path / f"polished-{Path(source).name}")
                 manifest = polish_main(
                     PolishConfig(
