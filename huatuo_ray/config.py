@@ -91,6 +91,10 @@ class TeacherConfig:
     temperature: float = option(0.7, help="sampling temperature")
     top_p: float = option(1.0, help="nucleus sampling")
     max_tokens: int = option(1024, help="longest answer in tokens")
+    structured_outputs: bool = option(
+        False,
+        help="vLLM teachers: constrain each answer to the shape its parser reads (small models)",
+    )
     extra_body: dict[str, Any] = option(
         {}, help="sent as is, e.g. vLLM structured outputs {structured_outputs: {regex: ...}}"
     )

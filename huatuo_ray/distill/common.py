@@ -37,20 +37,30 @@ async def ask_parsed(
     messages: list[dict[str, str]],
     parse: Callable[[str], T],
     retries: int,
+    grammar: dict[str, Any] | None = None,
     **sampling: Any,
 ) -> T:
     """Ask, parse; on a parse error ask again as a new request (``variant``), up to ``retries``.
 
-    Raises :class:`RecordError` with the last parse reason: the record becomes a reject.
+    ``grammar`` (see :mod:`~huatuo_ray.teacher.grammars`) is sent as vLLM structured outputs when
+    the teacher config turns them on. Raises :class:`RecordError` with the last parse reason:
+    the record becomes a reject.
     """
+    if grammar is not None and teacher.config.structured_outputs:
+        sampling["extra_body"] = {**teacher.config.extra_body, "structured_outputs": grammar}
     last: ParseError | None = None
+    cut = False
     for variant in range(retries + 1):
         answer = await teacher.chat(messages, variant=variant, **sampling)
         try:
             return parse(answer.text)
         except ParseError as e:
             last = e
-    raise RecordError(f"unparseable teacher answer: {last.reason if last else '?'}")
+            cut = answer.finish_reason == "length"
+    why = last.reason if last else "?"
+    if cut:  # the usual cause of a bad shape: say so, it tells the user to raise max_tokens
+        why += f" (answer cut at max_tokens={teacher.sampling(**sampling)['max_tokens']})"
+    raise RecordError(f"unparseable teacher answer: {why}")
 
 
 def already_complete(output: str, overwrite: bool) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
 from huatuo_ray.distill.common import WorkersConfig, already_complete, ask_parsed, limiter_for_job
 from huatuo_ray.distill.pipeline import Outcome, read_input_rows, run_teacher_map, write_result
-from huatuo_ray.teacher import parsers, prompts
+from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.client import TeacherClient
 
 
@@ -68,14 +68,21 @@ async def consult_record(
     ended = "turn_limit"
     for _ in range(max_turns):
         patient_view = prompts.patient_messages(patient_system, turns)
-        said = await ask_parsed(teacher, patient_view, parsers.parse_answer, retries)
+        said = await ask_parsed(
+            teacher, patient_view, parsers.parse_answer, retries, grammars.answer()
+        )
         if turns and parsers.is_goodbye(said):
             ended = "goodbye"
             break
         turns.append(turn("user", said))
         doctor_view = prompts.doctor_messages(doctor_system, turns)
         turns.append(
-            turn("assistant", await ask_parsed(teacher, doctor_view, parsers.parse_answer, retries))
+            turn(
+                "assistant",
+                await ask_parsed(
+                    teacher, doctor_view, parsers.parse_answer, retries, grammars.answer()
+                ),
+            )
         )
     record = Dialogue(
         id=f"dialogue-{case_record.id}",

@@ -26,7 +26,7 @@ from typing import Any
 from huatuo_ray import artifacts, metrics, storage
 from huatuo_ray.chat import Dialogue, RecordError
 from huatuo_ray.config import TeacherConfig
-from huatuo_ray.teacher.client import TeacherClient, TeacherError, Usage
+from huatuo_ray.teacher.client import RECORD_USAGE, TeacherClient, TeacherError, Usage
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +76,16 @@ class TeacherMapper:
         self.teacher = TeacherClient(teacher, ResponseCache(cache_uri), limiter)
 
     async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        before = Usage()
-        before.add(self.teacher.usage)
+        # gather() runs each row in its own task (its own context): this usage is the row's alone.
+        usage = Usage()
+        RECORD_USAGE.set(usage)
         try:
             outcome = await self.fn(row, self.teacher, **self.fn_kwargs)
         except TeacherError as e:
             outcome = Outcome.reject(f"teacher failed: {e}")
         except RecordError as e:
             outcome = Outcome.reject(str(e))
-        # This row's share of the usage: the difference of the client's counters.
-        used = self.teacher.usage.to_dict()
-        for name, value in before.to_dict().items():
-            if name == "errors":
-                used["errors"] = {k: n - value.get(k, 0) for k, n in used["errors"].items()}
-            else:
-                used[name] -= value
+        used = usage.to_dict()
         metrics.count(
             "records_total", 1, self.stage, outcome="ok" if outcome.record else "rejected"
         )

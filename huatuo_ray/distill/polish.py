@@ -19,7 +19,7 @@ from huatuo_ray.chat import Dialogue, RecordError, turn
 from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
 from huatuo_ray.distill.common import WorkersConfig, already_complete, ask_parsed, limiter_for_job
 from huatuo_ray.distill.pipeline import Outcome, read_input_rows, run_teacher_map, write_result
-from huatuo_ray.teacher import parsers, prompts
+from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.client import TeacherClient
 
 
@@ -46,7 +46,9 @@ async def polish_record(row: dict[str, Any], teacher: TeacherClient, retries: in
     if len(spoken) == 2 and [t["role"] for t in spoken] == ["user", "assistant"]:
         question, answer = spoken[0]["content"], spoken[1]["content"]
         messages = prompts.polish_answer_messages(question, answer)
-        polished = await ask_parsed(teacher, messages, parsers.parse_answer, retries)
+        polished = await ask_parsed(
+            teacher, messages, parsers.parse_answer, retries, grammars.answer()
+        )
         turns = [turn("user", question), turn("assistant", polished)]
         source, reference = "polish_single", answer
     else:
@@ -56,6 +58,7 @@ async def polish_record(row: dict[str, Any], teacher: TeacherClient, retries: in
             messages,
             lambda text: parsers.parse_polished_dialogue(text, original.turns),
             retries,
+            grammars.polished_dialogue(original.turns),
         )
         source, reference = "polish_dialogue", [dict(t) for t in original.turns]
     record = Dialogue(

@@ -33,9 +33,9 @@ from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
 from huatuo_ray.distill.common import WorkersConfig, already_complete, ask_parsed, limiter_for_job
 from huatuo_ray.distill.pipeline import CACHE_DIR, Outcome, run_teacher_map, write_result
 from huatuo_ray.distill.similarity import NearDuplicateIndex
-from huatuo_ray.teacher import parsers, prompts
+from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.cache import ResponseCache
-from huatuo_ray.teacher.client import TeacherClient
+from huatuo_ray.teacher.client import TeacherClient, TeacherError
 from huatuo_ray.teacher.parsers import Triplet
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class GenerationStats:
     rounds: int = 0
     requests: int = 0
     unparseable: int = 0
+    failed_requests: int = 0
     triplets: int = 0
     near_duplicates: int = 0
     surplus: int = 0  # parsed after the target was reached
@@ -116,15 +117,26 @@ async def generate_instructions(
             messages = prompts.self_instruct_messages(examples, n=config.triplets_per_request)
             requests.append(
                 ask_parsed(
-                    client, messages, parsers.parse_triplets, config.workers.max_parse_retries
+                    client,
+                    messages,
+                    parsers.parse_triplets,
+                    config.workers.max_parse_retries,
+                    grammars.triplets(config.triplets_per_request),
                 )
             )
         answers = await asyncio.gather(*requests, return_exceptions=True)
         stats.rounds += 1
         stats.requests += len(requests)
+        failures = [a for a in answers if isinstance(a, TeacherError)]
+        if len(failures) == len(answers):
+            raise failures[0]  # nothing gets through (a bad key, a wrong model): stop here
         for answer in answers:
             if isinstance(answer, RecordError):
                 stats.unparseable += 1
+                continue
+            if isinstance(answer, TeacherError):
+                stats.failed_requests += 1
+                log.warning("self-instruct request failed: %s", answer)
                 continue
             if isinstance(answer, BaseException):
                 raise answer
@@ -151,7 +163,7 @@ async def answer_record(row: dict[str, Any], teacher: TeacherClient, retries: in
     meta = json.loads(row["meta"])
     question = row["turns"][0]["content"]
     messages = prompts.role_answer_messages(meta["role"], question)
-    answer = await ask_parsed(teacher, messages, parsers.parse_answer, retries)
+    answer = await ask_parsed(teacher, messages, parsers.parse_answer, retries, grammars.answer())
     record = Dialogue(
         row["id"], "self_instruct", [turn("user", question), turn("assistant", answer)], meta
     )

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ class TeacherAnswer:
     cached: bool  # replayed from the cache: not paid for now
     attempts: int  # HTTP tries made now (0 when cached)
     usage: dict[str, int] = field(default_factory=dict)
+    finish_reason: str = "stop"  # "length": cut at max_tokens
 
 
 @dataclass
@@ -70,6 +72,10 @@ class Usage:
         out = asdict(self)
         out["cost_usd"] = round(out["cost_usd"], 6)
         return out
+
+
+# The usage of the record a task works on: set per asyncio task by the Ray Data mapper.
+RECORD_USAGE: ContextVar[Usage | None] = ContextVar("record_usage", default=None)
 
 
 def api_key(config: TeacherConfig) -> str:
@@ -137,23 +143,27 @@ class TeacherClient:
         extra_body = params.pop("extra_body", None) or self.config.extra_body or None
         key = request_key(self.config.model, messages, {**params, "extra_body": extra_body})
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            self.usage.requests += 1
-            self.usage.cached += 1
-            return TeacherAnswer(hit["text"], key, True, 0, hit.get("usage", {}))
-        text, usage, attempts = await self._call(messages, params, extra_body)
-        if self.cache is not None:
-            self.cache.put(
-                key, {"text": text, "usage": usage, "model": self.config.model, "time": time.time()}
+            self._count(requests=1, cached=1)
+            return TeacherAnswer(
+                hit["text"], key, True, 0, hit.get("usage", {}), hit.get("finish_reason", "stop")
             )
-        self.usage.requests += 1
-        self.usage.paid += 1
-        self.usage.prompt_tokens += usage.get("prompt_tokens", 0)
-        self.usage.completion_tokens += usage.get("completion_tokens", 0)
-        self.usage.cost_usd += (
-            usage.get("prompt_tokens", 0) * self.config.price_input_per_1m
-            + usage.get("completion_tokens", 0) * self.config.price_output_per_1m
-        ) / 1e6
-        return TeacherAnswer(text, key, False, attempts, usage)
+        text, usage, finish, attempts = await self._call(messages, params, extra_body)
+        if self.cache is not None:
+            record = {"text": text, "usage": usage, "finish_reason": finish}
+            self.cache.put(key, {**record, "model": self.config.model, "time": time.time()})
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        self._count(
+            requests=1,
+            paid=1,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost_usd=(
+                prompt * self.config.price_input_per_1m
+                + completion * self.config.price_output_per_1m
+            )
+            / 1e6,
+        )
+        return TeacherAnswer(text, key, False, attempts, usage, finish)
 
     def _backoff(self, attempt: int) -> float:
         base = min(self.config.backoff_max_s, self.config.backoff_base_s * 2**attempt)
@@ -161,7 +171,7 @@ class TeacherClient:
 
     async def _call(
         self, messages: list[dict[str, str]], params: dict[str, Any], extra_body: Any
-    ) -> tuple[str, dict[str, int], int]:
+    ) -> tuple[str, dict[str, int], str, int]:
         oa = self._openai
         estimate = sum(len(m["content"]) for m in messages) + int(params.get("max_tokens", 0))
         for attempt in range(self.config.max_retries + 1):
@@ -180,15 +190,18 @@ class TeacherClient:
                         raise ValueError("no message content")
                     usage = resp.usage.model_dump() if resp.usage else {}
                     usage = {k: v for k, v in usage.items() if isinstance(v, int)}
-                    return text, usage, attempt + 1
+                    finish = resp.choices[0].finish_reason or "stop"
+                    return text, usage, str(finish), attempt + 1
                 except oa.RateLimitError as e:
                     kind, delay = "429", _retry_after(e) or self._backoff(attempt)
                 except oa.APIStatusError as e:
                     if e.status_code < 500 and e.status_code not in (408, 409):
                         self._count_failure(f"{e.status_code}")
+                        # 401/403 bodies can echo part of the key: their text is never kept.
+                        said = "" if e.status_code in (401, 403) else f": {str(e.message)[:200]}"
                         raise TeacherError(
                             f"teacher answered HTTP {e.status_code} ({type(e).__name__}); "
-                            "not retried"
+                            f"not retried{said}"
                         ) from None
                     kind, delay = str(e.status_code), self._backoff(attempt)
                 except oa.APITimeoutError:
@@ -198,17 +211,23 @@ class TeacherClient:
                 except (oa.APIResponseValidationError, ValueError, TypeError, AttributeError,
                         IndexError, KeyError):  # fmt: skip
                     kind, delay = "unreadable", self._backoff(attempt)
-            self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
+            self._count(errors={kind: 1})
             if attempt < self.config.max_retries:
-                self.usage.retries += 1
+                self._count(retries=1)
                 log.debug("teacher %s; retry %d in %.2fs", kind, attempt + 1, delay)
                 await asyncio.sleep(delay)
-        self.usage.failed += 1
+        self._count(failed=1)
         raise TeacherError(f"teacher request failed after {self.config.max_retries + 1} tries")
 
     def _count_failure(self, kind: str) -> None:
-        self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
-        self.usage.failed += 1
+        self._count(failed=1, errors={kind: 1})
+
+    def _count(self, **counts: Any) -> None:
+        """Add to this client's totals and to the usage of the record being worked on, if any
+        (records of one worker run concurrently; each has its own :data:`RECORD_USAGE`)."""
+        self.usage.add(counts)
+        if (record := RECORD_USAGE.get()) is not None:
+            record.add(counts)
 
     async def close(self) -> None:
         await self._client.close()

@@ -1,0 +1,56 @@
+"""vLLM's own OpenAI-compatible server on 127.0.0.1, serving a tiny model, for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.ray_head import free_port
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: str, name: str = "tiny-teacher", timeout: float = 240) -> Iterator[str]:
+    """Start ``python -m vllm.entrypoints.openai.api_server``; yield its base URL; stop it."""
+    port = free_port()
+    log_path = Path(model_dir).parent / f"vllm-{port}.log"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_dir, "--served-model-name", name,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
+        "--max-model-len", "1024",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
+        )  # fmt: skip
+        base_url = f"http://127.0.0.1:{port}/v1"
+        try:
+            deadline = time.time() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vLLM server exited: {log_path.read_text()[-3000:]}")
+                try:
+                    urllib.request.urlopen(f"{base_url}/models", timeout=2).read()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise TimeoutError(f"vLLM server did not start: {log_path}") from None
+                    time.sleep(1)
+            yield base_url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
