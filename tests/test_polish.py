@@ -132,8 +132,11 @@ def test_polish_killed_and_resumed_pays_nothing_twice(
                 time.sleep(0.1)
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
             proc.wait()
+            time.sleep(0.5)  # let the proxy finish whatever was in flight at the kill
             paid_before = proxy.stats.delivered_ok
+            cached_at_kill = len(list((out / "_teacher_cache").glob("*/*.json")))
             assert paid_before < 30 and not (out / "manifest.json").exists()
+            assert cached_at_kill >= 4
 
             res = subprocess.run(
                 cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
@@ -144,5 +147,10 @@ def test_polish_killed_and_resumed_pays_nothing_twice(
     assert manifest["rows"] + manifest["rejects"]["count"] == 30
     ids = [r.id for r in artifacts.read_dialogues(str(out))]
     assert len(ids) == len(set(ids)) == manifest["rows"]
-    assert set(stats.delivered_ok_by_key.values()) == {1}  # answers bought before the kill reused
-    assert manifest["teacher"]["usage"]["cached"] >= paid_before
+    usage = manifest["teacher"]["usage"]
+    # Every answer stored before the kill is reused; the only answers bought twice are the few
+    # that were in flight when the process died (paid, but never received or stored).
+    assert usage["cached"] == cached_at_kill
+    assert stats.delivered_ok == paid_before + usage["paid"]
+    repeated = sum(n - 1 for n in stats.delivered_ok_by_key.values())
+    assert repeated <= paid_before - cached_at_kill <= 8
