@@ -330,6 +330,8 @@ class ServerStats:
     max_concurrency: int = 0
     max_in_flight: int = 0
     answered: dict[str, int] = field(default_factory=dict)
+    first_answer_time: float | None = None  # time.perf_counter() of the first 200 answer
+    last_answer_time: float | None = None
 
     @property
     def distinct_answered(self) -> int:
@@ -398,6 +400,8 @@ class ScriptedOpenAIServer(_LoopbackService):
         self._in_flight = 0
         self._max_concurrency = 0
         self._max_in_flight = 0
+        self._first_answer: float | None = None
+        self._last_answer: float | None = None
 
     @property
     def stats(self) -> ServerStats:
@@ -410,6 +414,8 @@ class ScriptedOpenAIServer(_LoopbackService):
                 max_concurrency=self._max_concurrency,
                 max_in_flight=self._max_in_flight,
                 answered=dict(self._answered),
+                first_answer_time=self._first_answer,
+                last_answer_time=self._last_answer,
             )
 
     def reset_stats(self) -> None:
@@ -425,6 +431,9 @@ class ScriptedOpenAIServer(_LoopbackService):
             if status == 200 and key is not None:
                 self._succeeded += 1
                 self._answered[key] += 1
+                now = time.perf_counter()
+                self._first_answer = self._first_answer or now
+                self._last_answer = now
 
     # -- application
 
