@@ -78,7 +78,11 @@ def _kill_leftovers(temp_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def local_head(num_cpus: int = 2, timeout: float = 120) -> Iterator[Head]:
+def local_head(
+    num_cpus: int = 2, timeout: float = 120, node_env: dict[str, str] | None = None
+) -> Iterator[Head]:
+    """``node_env``: the head node's own environment (as a Kubernetes Secret mounted as env vars
+    would be), inherited by every job and worker on it."""
     temp_dir = tempfile.mkdtemp(prefix="hr-ray-", dir="/tmp")
     gcs_port, dash_port = free_port(), free_port()
     env = {"RAY_AUTH_MODE": "token"}
@@ -102,7 +106,7 @@ def local_head(num_cpus: int = 2, timeout: float = 120) -> Iterator[Head]:
         cmd,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **env, "PATH": path},
+        env={**os.environ, **env, **(node_env or {}), "PATH": path},
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash_port}"

@@ -69,3 +69,59 @@ def test_submit_data_stage_to_real_head(tmp_path: Path, shared_datasets: Path) -
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["rows"] == 300 and manifest["rejects"]["count"] == 0
     assert "wrote" in logs and str(out_dir) in logs
+
+
+def test_teacher_stage_as_job_keeps_the_key_secret(tmp_path: Path, shared_datasets: Path) -> None:
+    """`polish` as a Ray job: the key lives in the cluster's environment, and it is found nowhere:
+    not in the job's logs, its info (entrypoint, metadata, runtime env), Ray's own session logs,
+    nor the output folder."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from huatuo_ray.data.convert import DataConfig, convert
+    from huatuo_ray.testing.openai_servers import ScriptedOpenAIServer
+    from huatuo_ray.testing.scripted_teacher import medical_responder
+    from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
+
+    source = tmp_path / "cmd"
+    convert(
+        DataConfig(
+            source="cmd_csv",
+            input=str(
+                shared_datasets / "chinese_medical_dialogue_im" / "内科5000-6000_sample400.csv"
+            ),
+            output=str(source),
+            limit=10,
+        )
+    )
+    out = tmp_path / "polished"
+    with ScriptedOpenAIServer(medical_responder, require_api_key=TEACHER_KEY) as teacher:
+        with local_head(node_env={TEACHER_KEY_ENV: TEACHER_KEY}) as head:
+            client = JobSubmissionClient(head.dashboard_url)
+            job_id = client.submit_job(
+                entrypoint=(
+                    f"python -m huatuo_ray polish --input {source} --output {out} "
+                    f"teacher.base_url={teacher.base_url} teacher.model=scripted-teacher "
+                    f"teacher.api_key_env={TEACHER_KEY_ENV} workers.num_workers=1"
+                ),
+                runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git"]},
+                metadata={"stage": "polish"},
+            )
+            deadline = time.time() + 240
+            while not client.get_job_status(job_id).is_terminal():
+                assert time.time() < deadline
+                time.sleep(1)
+            logs = client.get_job_logs(job_id)
+            assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+            info = json.dumps(client.get_job_info(job_id).dict(), default=str)
+            session_logs = [
+                p
+                for p in Path(head.temp_dir).rglob("*")
+                if p.is_file() and "runtime_resources" not in p.parts
+            ]
+            leaked = [str(p) for p in session_logs if TEACHER_KEY.encode() in p.read_bytes()]
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 10
+    assert TEACHER_KEY not in logs and TEACHER_KEY not in info
+    assert len(session_logs) > 20 and not leaked, leaked
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert TEACHER_KEY.encode() not in path.read_bytes()
