@@ -101,7 +101,7 @@ def test_every_shipped_yaml_loads() -> None:
     files = sorted((REPO / "jobs").glob("*/*.yaml"))
     assert files, "no presets under jobs/"
     for path in files:
-        stage = path.stem.replace("_", "-")
+        stage = path.stem.split(".")[0]  # data.cases.yaml is a second preset of `data`
         assert stage in STAGES, f"{path}: no stage named {stage!r}"
         config_cls, _ = STAGES[stage].load()
         load_config(config_cls, str(path))

@@ -14,9 +14,9 @@ from huatuo_ray import artifacts
 from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.distill import dialogues, polish, self_instruct
 from huatuo_ray.distill.common import WorkersConfig
+from huatuo_ray.serve.vllm_server import vllm_server
 from huatuo_ray.testing.openai_servers import FaultyProxy
 from tests.conftest import TEACHER_KEY, teacher_config
-from tests.vllm_server import vllm_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -2,64 +2,128 @@
 
     python -m huatuo_ray.demo --output outputs/demo
 
-Today that is: build the tiny model, convert the bundled consultations (written for this project)
-into a dataset artifact on a local Ray, and tokenise them with the chat template and loss mask.
-Later stages join this script as they land. A tiny random model produces meaningless text: the
-demo shows the plumbing, not a doctor.
+It builds the tiny model, starts vLLM's OpenAI-compatible server on it as the local teacher (no
+API key, no network), and runs the ``jobs/tiny`` presets in order on one local Ray: ``data`` for
+the bundled consultations and cases (written for this project), then stage 1 — ``self-instruct``,
+``dialogues``, ``polish`` — and the ``mixture``. Later stages join as they land.
+
+A tiny random model writes meaningless text: the demo shows the plumbing, not a doctor. To use a
+real teacher, change the preset's ``teacher`` block (e.g. ``teacher.base_url`` and
+``teacher.model``; the key comes from the variable ``teacher.api_key_env`` names).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 from huatuo_ray import artifacts
 from huatuo_ray.chat import IGNORE_INDEX, tokenize_dialogue
-from huatuo_ray.config import ClusterConfig
-from huatuo_ray.data.convert import DataConfig
-from huatuo_ray.data.convert import main as data_main
-from huatuo_ray.models.stage import TinyModelConfig
-from huatuo_ray.models.stage import main as tiny_main
+from huatuo_ray.config import load_config
+from huatuo_ray.stages import STAGES
 
-DEMO_DATA = Path(__file__).parent / "data" / "consultations.jsonl"
+REPO = Path(__file__).resolve().parents[2]
+JOBS = REPO / "jobs" / "tiny"
+LOCAL_KEY_ENV = "HUATUO_LOCAL_TEACHER_KEY"
+
+
+def run_stage(name: str, preset: str, out: Path, **overrides: str) -> dict:
+    """Run one preset of ``jobs/tiny`` with its outputs moved under ``out``."""
+    config_cls, run = STAGES[name].load()
+    config = load_config(config_cls, str(JOBS / preset), [f"{k}={v}" for k, v in overrides.items()])
+    started = time.time()
+    result = run(config)
+    print(f"  {name:<14} {preset:<22} {time.time() - started:6.1f} s")
+    return result
+
+
+@contextlib.contextmanager
+def local_teacher(model_dir: str):
+    """vLLM's server on the tiny model; the scripted stand-in where vLLM is not installed."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        from huatuo_ray.testing.openai_servers import ScriptedOpenAIServer
+        from huatuo_ray.testing.scripted_teacher import medical_responder
+
+        print("vLLM is not installed: using the scripted stand-in teacher")
+        with ScriptedOpenAIServer(medical_responder, models=("tiny-teacher",)) as server:
+            yield server.base_url
+        return
+    from huatuo_ray.serve.vllm_server import vllm_server
+
+    with vllm_server(model_dir, name="tiny-teacher") as base_url:
+        yield base_url
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="outputs/demo")
-    out = Path(parser.parse_args().output)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(parser.parse_args().output).resolve()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault(LOCAL_KEY_ENV, "local-teacher-needs-no-key")
     started = time.time()
+    print(f"huatuo-ray demo -> {out}")
+    os.chdir(REPO)  # the presets name bundled files relative to the repository
 
-    model_dir = tiny_main(TinyModelConfig(output=str(out / "models" / "tiny")))
-    data_dir = str(out / "data" / "consultations")
-    data_main(
-        DataConfig(
-            source="jsonl",
-            input=str(DEMO_DATA),
-            output=data_dir,
-            overwrite=True,
-            cluster=ClusterConfig(num_cpus=2),
+    model_dir = run_stage("tiny-model", "tiny-model.yaml", out, output=str(out / "models/base"))
+    d = out / "data"
+    run_stage("data", "data.yaml", out, output=str(d / "consultations"), overwrite="true")
+    run_stage("data", "data.cases.yaml", out, output=str(d / "cases"), overwrite="true")
+    with local_teacher(model_dir) as base_url:
+        teacher = {"teacher.base_url": base_url}
+        s = out / "distill"
+        run_stage(
+            "self-instruct", "self-instruct.yaml", out, output=str(s / "self_instruct"), **teacher
         )
+        run_stage(
+            "dialogues",
+            "dialogues.yaml",
+            out,
+            input=str(d / "cases"),
+            output=str(s / "dialogues"),
+            **teacher,
+        )
+        run_stage(
+            "polish",
+            "polish.yaml",
+            out,
+            input=str(d / "consultations"),
+            output=str(s / "polish"),
+            **teacher,
+        )
+    sources = (
+        "["
+        + ", ".join(f"{{path: {s / n}}}" for n in ("self_instruct", "dialogues", "polish"))
+        + "]"
+    )
+    mixture = run_stage(
+        "mixture",
+        "mixture.yaml",
+        out,
+        output=str(out / "mixture"),
+        sources=sources,
+        overwrite="true",
     )
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = artifacts.read_dialogues(data_dir)
-    example = tokenize_dialogue(tokenizer, records[0].turns, max_length=512)
-    supervised = [t for t, lab in zip(example.input_ids, example.labels) if lab != IGNORE_INDEX]
-    print("\n=== huatuo-ray demo ===")
-    print(f"tiny model:       {model_dir}")
-    print(f"dataset artifact: {data_dir} ({len(records)} dialogues)")
-    print(f"first dialogue:   {len(example.input_ids)} tokens, {len(supervised)} supervised")
-    print(f"supervised text:  {tokenizer.decode(supervised)[:120]}...")
-    print(f"done in {time.time() - started:.0f} s")
+    train = artifacts.read_dialogues(str(out / "mixture" / "train"))
+    example = tokenize_dialogue(tokenizer, train[0].turns, max_length=512)
+    supervised = sum(label != IGNORE_INDEX for label in example.labels)
+    print(f"\nmixture: {mixture['splits']} from {len(mixture['per_source'])} sources")
+    print(f"first training sample: {len(example.input_ids)} tokens, {supervised} supervised")
+    print(f"done in {time.time() - started:.0f} s; artifacts and manifests under {out}")
     print(
-        "Note: the tiny model has random weights and would write meaningless text. Point a stage\n"
-        "at a real model with `model.path=<HF id or folder>` once the training stages land."
+        "\nNote: the tiny model has random weights, so the distilled text is meaningless. For a\n"
+        "real teacher, set in jobs/tiny/*.yaml: teacher.base_url, teacher.model and\n"
+        "teacher.api_key_env (e.g. https://api.openai.com/v1, gpt-4o-mini, OPENAI_API_KEY),\n"
+        "and drop structured_outputs."
     )
 
 

