@@ -48,8 +48,8 @@ class ClusterConfig:
 
     address: str | None = option(
         None,
-        help="Ray address; unset means ray.init() default: the cluster of a submitted job "
-        "(RAY_ADDRESS), else a new local one",
+        help="Ray address; unset: ray.init()'s default (a submitted job's cluster, a running "
+        "local one, else a new one); 'local': always a new local Ray",
     )
     num_cpus: int | None = option(None, help="CPUs of a new local Ray (ignored on a cluster)")
     log_to_driver: bool = option(True, help="forward worker logs to the driver's terminal")

@@ -21,7 +21,10 @@ def connect(cluster: ClusterConfig, stage: str) -> Any:
     kwargs: dict[str, Any] = {"log_to_driver": cluster.log_to_driver}
     if cluster.address:
         kwargs["address"] = cluster.address
-    elif not os.environ.get("RAY_ADDRESS") and cluster.num_cpus is not None:
+    starts_local = cluster.address == "local" or not (
+        cluster.address or os.environ.get("RAY_ADDRESS")
+    )
+    if starts_local and cluster.num_cpus is not None:
         kwargs["num_cpus"] = cluster.num_cpus
     ctx = ray.init(**kwargs)
     log.info("stage %s connected to Ray at %s", stage, ctx.address_info.get("gcs_address"))

@@ -120,6 +120,7 @@ def test_polish_killed_and_resumed_pays_nothing_twice(
                 "teacher.api_key_env=HUATUO_TEST_KEY", "teacher.timeout_s=1.0",
                 "teacher.backoff_base_s=0.02", "teacher.backoff_max_s=0.1", "teacher.max_retries=20",
                 "workers.num_workers=1", "workers.batch_size=4", "cluster.num_cpus=2",
+                "cluster.address=local",  # its own Ray, killed with it
             ]  # fmt: skip
             proc = subprocess.Popen(
                 cmd, cwd=REPO, env=env, start_new_session=True,
@@ -132,7 +133,12 @@ def test_polish_killed_and_resumed_pays_nothing_twice(
                 time.sleep(0.1)
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
             proc.wait()
-            time.sleep(0.5)  # let the proxy finish whatever was in flight at the kill
+            # Let whatever was in flight at the kill drain (nothing may arrive for 2 s).
+            settled, last, quiet_since = time.time() + 20, -1, time.time()
+            while time.time() < settled and time.time() - quiet_since < 2:
+                if proxy.stats.delivered_ok != last:
+                    last, quiet_since = proxy.stats.delivered_ok, time.time()
+                time.sleep(0.1)
             paid_before = proxy.stats.delivered_ok
             cached_at_kill = len(list((out / "_teacher_cache").glob("*/*.json")))
             assert paid_before < 30 and not (out / "manifest.json").exists()
