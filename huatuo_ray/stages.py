@@ -57,6 +57,12 @@ STAGES: dict[str, Stage] = {
             "mix the SFT sources: ratios, dedupe, decontamination against eval sets, train/validation",
         ),
         Stage(
+            "sft",
+            "huatuo_ray.train.sft",
+            "SFTConfig",
+            "hybrid SFT: Ray Train workers running DeepSpeed (ZeRO 0-3), packing, best-on-validation",
+        ),
+        Stage(
             "tiny-model",
             "huatuo_ray.models.stage",
             "TinyModelConfig",

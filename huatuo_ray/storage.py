@@ -95,3 +95,17 @@ def delete(uri: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder's files to ``uri`` (replacing what is there)."""
+    if exists(uri):
+        delete(uri)
+    makedirs(uri)
+    fs, path = resolve(uri)
+    pafs.copy_files(local_dir, path, destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    fs, path = resolve(uri)
+    pafs.copy_files(path, local_dir, source_filesystem=fs)

@@ -1,0 +1,1 @@
+"""Stage 2 and the reward model: Ray Train recipes whose workers run DeepSpeed engines."""

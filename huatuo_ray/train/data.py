@@ -1,0 +1,109 @@
+"""From a dialogue artifact to training batches, on Ray Data.
+
+The driver builds one Ray Dataset per split: read the artifact's Parquet shards, tokenise with
+the chat template and the assistant-only loss mask (:func:`~huatuo_ray.chat.tokenize_dialogue`),
+then pack or length-sort each block of samples (:mod:`~huatuo_ray.train.packing`). It is
+materialised once, so every sample's outcome can be counted (a sample left without a supervised
+token after truncation is a reject with its reason), and then streamed to the training workers
+with ``ray.train.get_dataset_shard``: no worker loads the whole set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from huatuo_ray import artifacts, storage
+from huatuo_ray.chat import Dialogue, RecordError, tokenize_dialogue
+from huatuo_ray.train.packing import group_by_length, pack, pad_batch
+
+TOKEN_COLUMNS = ["input_ids", "labels", "position_ids", "segment_ids"]
+
+
+class TokenizeBlock:
+    """Ray Data callable: dialogue rows -> packed rows (or length-sorted samples) + rejects."""
+
+    def __init__(self, tokenizer_path: str, max_length: int, packing: bool):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.max_length, self.packing = max_length, packing
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        samples, rejects = [], []
+        for row in batch.to_pylist():
+            record = Dialogue.from_row(row)
+            try:
+                t = tokenize_dialogue(self.tokenizer, record.turns, self.max_length)
+            except RecordError as e:
+                rejects.append({"reject": json.dumps({"where": record.id, "reason": str(e)})})
+                continue
+            samples.append({"input_ids": t.input_ids, "labels": t.labels})
+        if self.packing:
+            rows = pack(samples, self.max_length, self.pad_id)
+        else:
+            rows = [
+                {
+                    **s,
+                    "position_ids": list(range(len(s["input_ids"]))),
+                    "segment_ids": [1] * len(s["input_ids"]),
+                }
+                for s in group_by_length(samples)
+            ]
+        out = [{**r, "reject": ""} for r in rows] + [
+            {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": [], **r}
+            for r in rejects
+        ]
+        return pa.Table.from_pylist(out)
+
+
+@dataclass
+class PreparedSplit:
+    dataset: Any  # ray.data.Dataset of token rows, materialised
+    rows: int  # packed rows (or samples when packing is off)
+    samples: int
+    rejects: list[dict[str, str]]
+
+
+def prepare_split(
+    uri: str, tokenizer_path: str, max_length: int, packing: bool, block_samples: int = 512
+) -> PreparedSplit:
+    """Tokenise (and pack) one dialogue artifact into a materialised Ray Dataset."""
+    import ray
+
+    manifest = artifacts.read_manifest(uri)
+    files = [storage.join(uri, s["file"]) for s in manifest["shards"]]
+    if not files:
+        raise ValueError(f"{uri} holds no records")
+    ds = ray.data.read_parquet(files).map_batches(
+        TokenizeBlock,
+        fn_constructor_args=(tokenizer_path, max_length, packing),
+        batch_size=block_samples,
+        batch_format="pyarrow",
+        concurrency=1,
+    )
+    ds = ds.materialize()
+    rejects = [json.loads(r["reject"]) for r in ds.filter(lambda r: r["reject"] != "").iter_rows()]
+    tokens = ds.filter(lambda r: r["reject"] == "").select_columns(TOKEN_COLUMNS).materialize()
+    return PreparedSplit(tokens, tokens.count(), manifest["rows"] - len(rejects), rejects)
+
+
+def collate(batch: dict[str, np.ndarray], packing: bool, pad_id: int) -> dict[str, Any]:
+    """A micro-batch of rows from Ray Data -> torch tensors for the model (CPU; the loop moves them)."""
+    import torch
+
+    if packing:
+        return {k: torch.as_tensor(np.stack(batch[k]).astype(np.int64)) for k in TOKEN_COLUMNS}
+    samples = [
+        {"input_ids": list(i), "labels": list(lab)}
+        for i, lab in zip(batch["input_ids"], batch["labels"])
+    ]
+    return {k: torch.as_tensor(v) for k, v in pad_batch(samples, pad_id).items()}

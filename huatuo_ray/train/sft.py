@@ -1,0 +1,204 @@
+"""Stage ``sft``: hybrid SFT, a Ray Train ``TorchTrainer`` whose workers run DeepSpeed engines.
+
+    python -m huatuo_ray sft --config jobs/tiny/sft.yaml
+
+1. Tokenise the mixture's train and validation splits on Ray Data with the chat template and the
+   assistant-only loss mask, packing samples into ``max_length`` rows (or length-grouping them);
+   samples left with no supervised token are rejected and counted.
+2. Train on ``scaling.num_workers`` workers (:mod:`~huatuo_ray.train.sft_loop`), streaming each
+   worker its shard; checkpoints go to ``storage_path/run_name`` through ``ray.train.report``, and
+   a failed worker (``checkpoint.max_failures``) or a resubmitted job resumes from the latest.
+3. The weights with the lowest validation loss become the model artifact in ``output``: a
+   Hugging Face folder with the chat template and a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from huatuo_ray import artifacts, storage
+from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+from huatuo_ray.train.lora import LoRAConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train workers."""
+
+    num_workers: int = option(2, help="training workers (one DeepSpeed rank each)")
+    use_gpu: bool = option(False, help="one GPU per worker")
+    cpus_per_worker: float = option(1.0, help="CPUs reserved per worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK", help="how workers spread over nodes"
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    """Fault tolerance."""
+
+    every_steps: int = option(50, help="checkpoint every N optimizer steps (and each epoch's end)")
+    keep: int = option(2, help="checkpoints kept in storage (the newest)")
+    max_failures: int = option(
+        1, help="worker/node failures survived by restarting from the latest"
+    )
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on the hybrid data."""
+
+    train: str = option(help="dataset artifact of training dialogues (e.g. MIXTURE/train)")
+    output: str = option(help="model artifact folder to write")
+    validation: str | None = option(
+        None, help="dataset artifact for validation (e.g. MIXTURE/validation)"
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    max_length: int = option(2048, help="tokens per sample (and per packed row); paper: 2048")
+    packing: bool = option(True, help="pack several samples per row, kept apart by the mask")
+    attn_implementation: str = option(
+        "sdpa", help="sdpa or eager take the packing mask; flash_attention_2 uses position_ids"
+    )
+    micro_batch_size: int = option(4, help="rows per worker per forward/backward")
+    global_batch_size: int = option(
+        128, help="rows per optimizer step over all workers; paper: 128"
+    )
+    epochs: int = option(3, help="passes over the training set; paper: 3")
+    eval_every_steps: int | None = option(
+        None, help="also validate every N steps (always per epoch)"
+    )
+    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
+    shuffle_buffer: int = option(256, help="rows in each worker's local shuffle buffer (0: off)")
+    seed: int = option(0, help="seed of initialisation and shuffling")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage_path: str = option("outputs/ray_train", help="Ray Train storage (local or s3://...)")
+    run_name: str = option("sft", help="run name under storage_path: the same name resumes")
+    tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
+    tokenize_workers: int = option(2, help="Ray Data actors tokenising and packing")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 16 or self.micro_batch_size < 1 or self.epochs < 1:
+            raise ValueError("max_length >= 16, micro_batch_size >= 1 and epochs >= 1 are needed")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError("global_batch_size must be a multiple of micro_batch_size")
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def main(config: SFTConfig) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from huatuo_ray.runtime import connect
+    from huatuo_ray.train.data import prepare_split
+    from huatuo_ray.train.sft_loop import train_loop
+
+    connect(config.cluster, "sft")
+    if storage.exists(storage.join(config.output, artifacts.MANIFEST)):
+        log.info("%s is already complete", config.output)
+        return artifacts.read_manifest(config.output)
+    # Workers may run on other nodes and in other folders: every path they use is absolute.
+    config.output, config.storage_path = _absolute(config.output), _absolute(config.storage_path)
+    config.model.path = (
+        _absolute(config.model.path) if os.path.exists(config.model.path) else config.model.path
+    )
+    tensorboard_dir = config.tensorboard_dir or (
+        os.path.join(config.output, "tensorboard") if "://" not in config.output else None
+    )
+
+    train = prepare_split(config.train, config.model.path, config.max_length, config.packing)
+    datasets = {"train": train.dataset}
+    validation = None
+    if config.validation:
+        validation = prepare_split(
+            config.validation, config.model.path, config.max_length, config.packing
+        )
+        datasets["validation"] = validation.dataset
+    log.info(
+        "sft: %d training rows from %d samples (%d rejected)",
+        train.rows,
+        train.samples,
+        len(train.rejects),
+    )
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config,
+            "train_rows": train.rows,
+            "has_validation": validation is not None,
+            "tensorboard_dir": tensorboard_dir,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker}
+            | ({"GPU": 1} if config.scaling.use_gpu else {}),
+            placement_strategy=config.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=config.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    state = storage.read_json(storage.join(config.output, "_train_state.json"))
+    return finish(config, train, validation, state, result)
+
+
+def finish(
+    config: SFTConfig, train: Any, validation: Any, state: dict, result: Any
+) -> dict[str, Any]:
+    """Move the best weights into place as the model artifact and write its manifest."""
+    import tempfile
+
+    best = storage.join(config.output, "best")
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(best, tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes(storage.join(config.output, name), f.read())
+    storage.delete(best)
+    rejects = train.rejects + (validation.rejects if validation else [])
+    storage.write_bytes(
+        storage.join(config.output, artifacts.REJECTS),
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode(),
+    )
+    artifacts.write_model_manifest(
+        config.output,
+        "sft",
+        to_dict(config),
+        inputs=[artifacts.input_summary(config.train)]
+        + ([artifacts.input_summary(config.validation)] if config.validation else []),
+        training={
+            "steps": state["step"],
+            "epochs": state["epoch"],
+            "best_val_loss": state["best_val_loss"],
+            "validation_history": state["history"],
+            "train_rows": train.rows,
+            "train_samples": train.samples,
+            "rejected_samples": len(rejects),
+            "final_metrics": {
+                k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
+            },
+            "checkpoints": str(result.path) if getattr(result, "path", None) else None,
+        },
+    )
+    return artifacts.read_manifest(config.output)
