@@ -254,6 +254,11 @@ def _coerce(tp: Any, value: Any, dotted: str, origin: dict[str, str], default_or
             raise fail("an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML reads 3e-3 (no dot) as text; it is plainly a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         return float(value)

@@ -46,10 +46,12 @@ def write(tmp_path: Path, text: str) -> str:
 
 def test_yaml_and_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "name: x\nsteps: 3\ninner:\n  lr: 0.5\n")
-    cfg = load_config(Outer, path, ["inner.layers=[3, 4]", "limit=7", "mode=b", "name=123"])
+    cfg = load_config(
+        Outer, path, ["inner.layers=[3, 4]", "limit=7", "mode=b", "name=123", "inner.lr=3e-3"]
+    )
     assert cfg.name == "123"  # text on the command line stays text for a str field
     assert cfg.steps == 3 and cfg.limit == 7 and cfg.mode == "b"
-    assert cfg.inner.lr == 0.5 and cfg.inner.layers == [3, 4]
+    assert cfg.inner.lr == 0.003 and cfg.inner.layers == [3, 4]
     assert cfg.cluster.address is None
     # defaults are copied, never shared between instances
     assert (

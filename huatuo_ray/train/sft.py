@@ -192,6 +192,8 @@ def finish(
             "epochs": state["epoch"],
             "best_val_loss": state["best_val_loss"],
             "validation_history": state["history"],
+            "train_loss": state["train_loss"],
+            "restarts": state["restarts"],
             "train_rows": train.rows,
             "train_samples": train.samples,
             "rejected_samples": len(rejects),

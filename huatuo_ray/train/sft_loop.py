@@ -15,7 +15,6 @@ Hugging Face folder to ``OUTPUT/best`` (the paper kept the weights that did best
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from typing import Any
@@ -126,8 +125,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     accumulation = ds_setup.gradient_accumulation(
         config.global_batch_size, config.micro_batch_size, world
     )
-    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / config.global_batch_size))
-    total_steps = steps_per_epoch * config.epochs
+    # Partial accumulations carry over into the next epoch, so count steps over all epochs.
+    total_steps = max(1, loop_config["train_rows"] * config.epochs // config.global_batch_size)
     optimizer = ds_setup.make_optimizer(model, config.deepspeed, config.optim, on_gpu)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
@@ -137,18 +136,29 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             config.deepspeed, config.optim, config.micro_batch_size, accumulation, bf16
         ),
     )
+    # The LR schedule drives the optimizer DeepSpeed wraps (ZeRO keeps the torch one inside).
+    base_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        engine.optimizer,
+        base_optimizer,
         lambda step: ds_setup.warmup_cosine(
             step, total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio
         ),
     )
 
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_val_loss": None, "history": []}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "micro_in_epoch": 0,
+        "best_val_loss": None,
+        "history": [],  # validation: [{step, val_loss}]
+        "train_loss": [],  # [[step, loss]]
+        "restarts": [],  # steps at which a run resumed from a checkpoint
+    }
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_state(engine, schedule, folder)
+        state["restarts"].append(state["step"])
     metrics = TrainMetrics("sft", rank == 0, loop_config["tensorboard_dir"], total_steps)
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -202,6 +212,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             logged = metrics.log_step(
                 state["step"], schedule.get_last_lr()[0], engine.get_global_grad_norm()
             )
+            state["train_loss"].append([state["step"], logged["loss"]])
             evaluate_now = config.eval_every_steps and state["step"] % config.eval_every_steps == 0
             extra = evaluate_and_maybe_save_best() if evaluate_now else {}
             save_now = state["step"] % config.checkpoint.every_steps == 0
@@ -214,7 +225,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         storage.write_json(
             storage.join(config.output, "_train_state.json"),
-            {k: state[k] for k in ("step", "epoch", "best_val_loss", "history")},
+            {
+                k: state[k]
+                for k in ("step", "epoch", "best_val_loss", "history", "train_loss", "restarts")
+            },
         )
     if val_shard is None:
         save_hf_model(

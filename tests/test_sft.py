@@ -1,0 +1,171 @@
+"""Stage `sft` on real samples: 2 CPU workers with DeepSpeed ZeRO-2 and ZeRO-3, best-on-validation,
+the saved folder loads and generates, and a killed job resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from huatuo_ray import artifacts
+from huatuo_ray.chat import RecordError, encode_prompt, tokenize_dialogue, turn
+from huatuo_ray.config import ModelConfig
+from huatuo_ray.data.convert import DataConfig, convert
+from huatuo_ray.distill import mixture
+from huatuo_ray.train import sft
+from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+from huatuo_ray.train.packing import block_causal_mask, pack
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path, local_ray) -> Path:
+    """Real single-turn doctor answers -> data stage -> mixture with a validation split."""
+    root = tmp_path_factory.mktemp("sft-data")
+    convert(
+        DataConfig(
+            source="cmd_csv",
+            input=str(
+                shared_datasets / "chinese_medical_dialogue_im" / "内科5000-6000_sample400.csv"
+            ),
+            output=str(root / "cmd"),
+            limit=120,
+        )
+    )
+    mixture.main(
+        mixture.MixtureConfig(
+            output=str(root / "mix"),
+            sources=[mixture.MixtureSource(str(root / "cmd"))],
+            validation_fraction=0.2,
+        )
+    )
+    return root / "mix"
+
+
+def config(data: Path, model: str, out: Path, zero: int, **kw: object) -> sft.SFTConfig:
+    values = dict(
+        train=str(data / "train"),
+        validation=str(data / "validation"),
+        output=str(out / "model"),
+        model=ModelConfig(path=model),
+        max_length=192,
+        micro_batch_size=2,
+        global_batch_size=8,
+        epochs=2,
+        eval_every_steps=4,
+        optim=OptimConfig(lr=3e-3, warmup_ratio=0.1),
+        deepspeed=DeepSpeedConfig(zero_stage=zero, precision="fp32"),
+        storage_path=str(out / "ray_train"),
+        run_name=f"sft-zero{zero}",
+    )
+    values.update(kw)
+    return sft.SFTConfig(**values)  # type: ignore[arg-type]
+
+
+def validation_loss(model_dir: str, validation: str, max_length: int) -> float:
+    """The saved model's token-weighted validation loss, computed here independently."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    samples = []
+    for d in artifacts.read_dialogues(validation):
+        try:
+            t = tokenize_dialogue(tokenizer, d.turns, max_length)
+        except RecordError:  # rejected by the stage too
+            continue
+        samples.append({"input_ids": t.input_ids, "labels": t.labels})
+    total = tokens = 0.0
+    with torch.no_grad():
+        for row in pack(samples, max_length, tokenizer.pad_token_id):
+            r = {k: torch.tensor([v]) for k, v in row.items()}
+            out = model(
+                input_ids=r["input_ids"],
+                labels=r["labels"],
+                position_ids=r["position_ids"],
+                attention_mask=block_causal_mask(r["segment_ids"], torch.float32),
+            )
+            n = int((r["labels"][:, 1:] != -100).sum())
+            total += float(out.loss) * n
+            tokens += n
+    return total / tokens
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_sft_trains_keeps_best_and_saves_a_loadable_model(
+    local_ray, sft_data: Path, tiny_model_dir: str, tmp_path: Path, zero: int
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = config(sft_data, tiny_model_dir, tmp_path, zero)
+    manifest = sft.main(cfg)
+    training = manifest["training"]
+    losses = [loss for _, loss in training["train_loss"]]
+    assert training["steps"] == len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05  # training loss falls
+    history = [h["val_loss"] for h in training["validation_history"]]
+    assert len(history) >= 3 and training["best_val_loss"] == min(history)
+    assert manifest["kind"] == "model" and manifest["config"]["deepspeed"]["zero_stage"] == zero
+
+    # The folder holds the best weights: their validation loss is the best one seen in training.
+    out = cfg.output
+    assert validation_loss(out, cfg.validation, cfg.max_length) == pytest.approx(
+        min(history), abs=2e-3
+    )
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert tokenizer.chat_template and (Path(out) / "model.safetensors").exists()
+    prompt = encode_prompt(tokenizer, [turn("user", "头痛三天了，怎么办？")])
+    generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > len(prompt)
+    # A parameter really changed from the initial model.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(base.lm_head.weight, model.lm_head.weight)
+
+
+def test_killed_sft_job_resumes_from_its_last_checkpoint(
+    sft_data: Path, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "model"
+    storage = tmp_path / "ray_train"
+    cmd = [
+        sys.executable, "-m", "huatuo_ray", "sft",
+        "--train", str(sft_data / "train"), "--validation", str(sft_data / "validation"),
+        "--output", str(out), f"model.path={tiny_model_dir}", "max_length=192",
+        "micro_batch_size=2", "global_batch_size=8", "epochs=2", "optim.lr=3e-3",
+        "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "checkpoint.every_steps=2",
+        f"storage_path={storage}", "run_name=sft-killed", "cluster.address=local", "cluster.num_cpus=2",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    # Wait for the second checkpoint (step 4), then kill the job mid-run.
+    while len(list((storage / "sft-killed").glob("checkpoint_*"))) < 2:
+        assert proc.poll() is None, "sft ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    restart = training["restarts"]
+    assert len(restart) == 1 and restart[0] >= 2
+    steps = [step for step, _ in training["train_loss"]]
+    # The step count continued from the checkpoint instead of starting again at 1.
+    assert steps == list(range(1, training["steps"] + 1))
+    assert training["steps"] > restart[0]
