@@ -194,6 +194,7 @@ def finish(
             "validation_history": state["history"],
             "train_loss": state["train_loss"],
             "restarts": state["restarts"],
+            "tokens_per_s": state.get("tokens_per_s", []),
             "train_rows": train.rows,
             "train_samples": train.samples,
             "rejected_samples": len(rejects),

@@ -152,6 +152,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "best_val_loss": None,
         "history": [],  # validation: [{step, val_loss}]
         "train_loss": [],  # [[step, loss]]
+        "tokens_per_s": [],  # [[step, real tokens/s over all workers]]
         "restarts": [],  # steps at which a run resumed from a checkpoint
     }
     checkpoint = ray.train.get_checkpoint()
@@ -213,6 +214,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 state["step"], schedule.get_last_lr()[0], engine.get_global_grad_norm()
             )
             state["train_loss"].append([state["step"], logged["loss"]])
+            state["tokens_per_s"].append([state["step"], logged["tokens_per_s"]])
             evaluate_now = config.eval_every_steps and state["step"] % config.eval_every_steps == 0
             extra = evaluate_and_maybe_save_best() if evaluate_now else {}
             save_now = state["step"] % config.checkpoint.every_steps == 0
@@ -227,7 +229,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             storage.join(config.output, "_train_state.json"),
             {
                 k: state[k]
-                for k in ("step", "epoch", "best_val_loss", "history", "train_loss", "restarts")
+                for k in (
+                    "step",
+                    "epoch",
+                    "best_val_loss",
+                    "history",
+                    "train_loss",
+                    "restarts",
+                    "tokens_per_s",
+                )
             },
         )
     if val_shard is None:
