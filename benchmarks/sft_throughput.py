@@ -49,8 +49,10 @@ def synthetic_samples(n: int, vocab: int, max_length: int, seed: int) -> list[di
     return samples
 
 
-def padding_efficiency(samples: list[dict], micro_batch: int) -> float:
-    ordered = group_by_length(samples)
+def padding_efficiency(samples: list[dict], micro_batch: int, grouped: bool = True) -> float:
+    """Non-padding share of micro-batches padded to their longest sample; ``grouped``: sorted by
+    length first, as the stage does when packing is off (else in the data's own order)."""
+    ordered = group_by_length(samples) if grouped else samples
     real = total = 0
     for i in range(0, len(ordered), micro_batch):
         r, t = efficiency(pad_batch(ordered[i : i + micro_batch], pad_id=0))
@@ -165,7 +167,7 @@ def engine_loop(rows, args, device, dtype) -> tuple[float, float]:
         engine.step()
 
     tokens_per_s, _ = run_loop(engine, rows, args, device, dtype, step)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return tokens_per_s, peak
 
 
@@ -255,6 +257,7 @@ def main() -> None:
     figures: dict[str, object] = {
         "packing_efficiency": round(real / total, 4),
         "padding_efficiency": round(padding_efficiency(samples, args.micro_batch), 4),
+        "padding_efficiency_ungrouped": round(padding_efficiency(samples, args.micro_batch, False), 4),
         "model": f"llama hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}",
         "max_length": args.max_length,
         "micro_batch": args.micro_batch,
@@ -265,7 +268,7 @@ def main() -> None:
         figures.update(
             mode="deepspeed engine (ZeRO-2), no Ray",
             tokens_per_s_deepspeed=round(engine, 1),
-            peak_memory_gib=round(peak, 2),
+            peak_memory_gib=round(peak, 2) if peak is not None else None,
             ratio_vs_plain_loop=round(engine / plain, 3),
         )
     else:
