@@ -100,13 +100,14 @@ def validation_loss(model_dir: str, validation: str, max_length: int) -> float:
     return total / tokens
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize(("zero", "packing"), [(2, True), (3, False)])
 def test_sft_trains_keeps_best_and_saves_a_loadable_model(
-    local_ray, sft_data: Path, tiny_model_dir: str, tmp_path: Path, zero: int
+    local_ray, sft_data: Path, tiny_model_dir: str, tmp_path: Path, zero: int, packing: bool
 ) -> None:
+    """ZeRO-2 with packing, ZeRO-3 with length-grouped padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = config(sft_data, tiny_model_dir, tmp_path, zero)
+    cfg = config(sft_data, tiny_model_dir, tmp_path, zero, packing=packing)
     manifest = sft.main(cfg)
     training = manifest["training"]
     losses = [loss for _, loss in training["train_loss"]]
@@ -115,6 +116,7 @@ def test_sft_trains_keeps_best_and_saves_a_loadable_model(
     history = [h["val_loss"] for h in training["validation_history"]]
     assert len(history) >= 3 and training["best_val_loss"] == min(history)
     assert manifest["kind"] == "model" and manifest["config"]["deepspeed"]["zero_stage"] == zero
+    assert list((Path(cfg.output) / "tensorboard").glob("events.out.tfevents.*"))
 
     # The folder holds the best weights: their validation loss is the best one seen in training.
     out = cfg.output

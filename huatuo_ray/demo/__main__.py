@@ -5,7 +5,8 @@
 It builds the tiny model, starts vLLM's OpenAI-compatible server on it as the local teacher (no
 API key, no network), and runs the ``jobs/tiny`` presets in order on one local Ray: ``data`` for
 the bundled consultations and cases (written for this project), then stage 1 — ``self-instruct``,
-``dialogues``, ``polish`` — and the ``mixture``. Later stages join as they land.
+``dialogues``, ``polish`` — the ``mixture``, and ``sft`` (2 Ray Train workers, DeepSpeed ZeRO-2 on
+CPU). Later stages join as they land.
 
 A tiny random model writes meaningless text: the demo shows the plumbing, not a doctor. To use a
 real teacher, change the preset's ``teacher`` block (e.g. ``teacher.base_url`` and
@@ -21,8 +22,6 @@ import os
 import time
 from pathlib import Path
 
-from huatuo_ray import artifacts
-from huatuo_ray.chat import IGNORE_INDEX, tokenize_dialogue
 from huatuo_ray.config import load_config
 from huatuo_ray.stages import STAGES
 
@@ -110,14 +109,25 @@ def main() -> None:
         overwrite="true",
     )
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train = artifacts.read_dialogues(str(out / "mixture" / "train"))
-    example = tokenize_dialogue(tokenizer, train[0].turns, max_length=512)
-    supervised = sum(label != IGNORE_INDEX for label in example.labels)
+    sft = run_stage(
+        "sft",
+        "sft.yaml",
+        out,
+        train=str(out / "mixture" / "train"),
+        validation=str(out / "mixture" / "validation"),
+        output=str(out / "models" / "sft"),
+        **{
+            "model.path": model_dir,
+            "storage_path": str(out / "ray_train"),
+            "run_name": f"sft-{int(started)}",
+        },
+    )
     print(f"\nmixture: {mixture['splits']} from {len(mixture['per_source'])} sources")
-    print(f"first training sample: {len(example.input_ids)} tokens, {supervised} supervised")
+    training = sft["training"]
+    print(
+        f"sft: {training['steps']} steps, loss {training['train_loss'][0][1]:.3f} -> "
+        f"{training['train_loss'][-1][1]:.3f}, best validation loss {training['best_val_loss']:.3f}"
+    )
     print(f"done in {time.time() - started:.0f} s; artifacts and manifests under {out}")
     print(
         "\nNote: the tiny model has random weights, so the distilled text is meaningless. For a\n"

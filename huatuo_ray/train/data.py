@@ -74,7 +74,12 @@ class PreparedSplit:
 
 
 def prepare_split(
-    uri: str, tokenizer_path: str, max_length: int, packing: bool, block_samples: int = 512
+    uri: str,
+    tokenizer_path: str,
+    max_length: int,
+    packing: bool,
+    workers: int = 1,
+    block_samples: int = 512,
 ) -> PreparedSplit:
     """Tokenise (and pack) one dialogue artifact into a materialised Ray Dataset."""
     import ray
@@ -88,7 +93,7 @@ def prepare_split(
         fn_constructor_args=(tokenizer_path, max_length, packing),
         batch_size=block_samples,
         batch_format="pyarrow",
-        concurrency=1,
+        concurrency=workers,
     )
     ds = ds.materialize()
     rejects = [json.loads(r["reject"]) for r in ds.filter(lambda r: r["reject"] != "").iter_rows()]

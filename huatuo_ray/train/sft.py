@@ -120,7 +120,9 @@ def main(config: SFTConfig) -> dict[str, Any]:
         os.path.join(config.output, "tensorboard") if "://" not in config.output else None
     )
 
-    train = prepare_split(config.train, config.model.path, config.max_length, config.packing)
+    train = prepare_split(
+        config.train, config.model.path, config.max_length, config.packing, config.tokenize_workers
+    )
     datasets = {"train": train.dataset}
     validation = None
     if config.validation:
