@@ -94,6 +94,8 @@ def prepare_split(
         batch_size=block_samples,
         batch_format="pyarrow",
         concurrency=workers,
+        # Half a CPU each: on a small cluster the read tasks still find a CPU beside them.
+        num_cpus=0.5,
     )
     ds = ds.materialize()
     rejects = [json.loads(r["reject"]) for r in ds.filter(lambda r: r["reject"] != "").iter_rows()]
