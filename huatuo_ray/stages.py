@@ -63,6 +63,18 @@ STAGES: dict[str, Stage] = {
             "hybrid SFT: Ray Train workers running DeepSpeed (ZeRO 0-3), packing, best-on-validation",
         ),
         Stage(
+            "sample",
+            "huatuo_ray.rlmf.sample",
+            "SampleConfig",
+            "RLMF: k responses per real prompt from a model (vLLM, or HF generate)",
+        ),
+        Stage(
+            "score",
+            "huatuo_ray.rlmf.score",
+            "ScoreConfig",
+            "RLMF: teacher ratings of response pairs in both orders, kept when consistent (appendix B)",
+        ),
+        Stage(
             "tiny-model",
             "huatuo_ray.models.stage",
             "TinyModelConfig",

@@ -132,6 +132,17 @@ def test_sft_trains_keeps_best_and_saves_a_loadable_model(
     # A parameter really changed from the initial model.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(base.lm_head.weight, model.lm_head.weight)
+    if zero == 3:  # weights gathered from ZeRO-3 shards: vLLM serves the folder too
+        import openai
+
+        from huatuo_ray.serve.vllm_server import vllm_server
+
+        with vllm_server(out, name="sft") as base_url:
+            client = openai.OpenAI(base_url=base_url, api_key="local")
+            reply = client.chat.completions.create(
+                model="sft", messages=[{"role": "user", "content": "头痛怎么办？"}], max_tokens=8
+            )
+            assert reply.usage.completion_tokens > 0
 
 
 def test_killed_sft_job_resumes_from_its_last_checkpoint(

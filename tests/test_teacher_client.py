@@ -163,3 +163,35 @@ def test_env_has_no_key_leak_in_usage(api_key: str) -> None:
         expected = (usage["prompt_tokens"] * 2.0 + usage["completion_tokens"] * 8.0) / 1e6
         assert usage["cost_usd"] == pytest.approx(expected, abs=1e-6)
         assert KEY not in repr(usage) and os.environ["HUATUO_TEST_KEY"] == KEY
+
+
+@pytest.mark.slow
+def test_limits_are_shared_by_all_workers_of_a_job(local_ray) -> None:
+    """Two Ray workers, one limiter actor: 600 requests/min for the job, not for each worker."""
+    import ray
+
+    from huatuo_ray.teacher.limiter import shared_limiter
+    from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
+
+    with ScriptedOpenAIServer(require_api_key=TEACHER_KEY) as server:
+        limiter = shared_limiter("test-limiter", requests_per_minute=600, tokens_per_minute=None)
+        cfg = config(server.base_url, api_key_env=TEACHER_KEY_ENV, timeout_s=5)
+
+        @ray.remote(num_cpus=0.5)
+        def worker(offset: int) -> float:
+            from huatuo_ray.teacher.limiter import RemoteLimiter
+
+            client = TeacherClient(cfg, limiter=RemoteLimiter(ray.get_actor("test-limiter")))
+            started = time.monotonic()
+            asyncio.run(ask_all(client, questions(offset + 15)[offset:]))
+            return time.monotonic() - started
+
+        started = time.monotonic()
+        ray.get([worker.remote(0), worker.remote(100)])
+        elapsed = time.monotonic() - started
+        assert ray.get(limiter.reservations.remote()) == 30
+        # 10 requests/s with a burst of 10: 30 requests need about 2 s in all. Separate limits
+        # per worker would let each pass its 15 in about 0.5 s.
+        assert elapsed >= 1.8
+        assert server.stats.succeeded == 30
+        ray.kill(limiter)

@@ -75,6 +75,21 @@ def _polish_dialogue(prompt: str) -> str:
     return "\n\n".join(out)
 
 
+def _between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[-1].split(end, 1)[0].strip()
+
+
+def _rating(prompt: str) -> str:
+    """A consistent judge: each response scored by its ROUGE-L to the standard answer."""
+    from huatuo_ray.distill.similarity import rouge_l
+
+    reference = _between(prompt, "[Standard answer]", "[End of standard answer]")
+    a = _between(prompt, "[Assistant A]", "[End of Assistant A]")
+    b = _between(prompt, "[Assistant B]", "[End of Assistant B]")
+    score_a, score_b = (1 + round(9 * rouge_l(r, reference)) for r in (a, b))
+    return f"Rating A: {score_a}; Rating B: {score_b}"
+
+
 def medical_responder(body: dict[str, Any]) -> str:
     """The answer to one chat-completions request body."""
     messages = body["messages"]
@@ -84,8 +99,7 @@ def medical_responder(body: dict[str, Any]) -> str:
     if "GARBLE" in last:
         return "……"
     if "Rating A:" in last and "[Assistant A]" in last:
-        a, b = 1 + _h(last, "a") % 10, 1 + _h(last, "b") % 10
-        return f"Rating A: {a}; Rating B: {b}"
+        return _rating(last)
     if "Assistant 1 is better than Assistant 2" in last and "[System]" in last:
         choices = structured.get("choice") or [
             "Assistant 1 is better than Assistant 2",

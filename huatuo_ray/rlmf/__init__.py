@@ -1,0 +1,1 @@
+"""Stage 3: RL from mixed feedback — sampling, teacher scoring, the reward model, PPO."""

