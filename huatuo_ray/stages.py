@@ -75,6 +75,12 @@ STAGES: dict[str, Stage] = {
             "RLMF: teacher ratings of response pairs in both orders, kept when consistent (appendix B)",
         ),
         Stage(
+            "reward-model",
+            "huatuo_ray.train.reward_model",
+            "RewardModelConfig",
+            "RLMF: a reward model on the preferences, Ray Train + DeepSpeed, Bradley-Terry loss",
+        ),
+        Stage(
             "tiny-model",
             "huatuo_ray.models.stage",
             "TinyModelConfig",

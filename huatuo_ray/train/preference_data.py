@@ -1,0 +1,106 @@
+"""Preference pairs as token rows for the reward model, on Ray Data.
+
+A preference record (from ``score``) holds the prompt turns and the chosen and rejected responses.
+Each side is tokenised as the policy will see it: the prompt with the chat template
+(:func:`~huatuo_ray.chat.encode_prompt`), then the response and EOS. A pair longer than
+``max_length`` on either side is rejected with that reason. Records are split into train and
+validation by a hash of their prompt, so one prompt never sits on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from huatuo_ray.chat import Dialogue, encode_prompt
+
+PAIR_COLUMNS = ["chosen_ids", "rejected_ids", "margin"]
+
+
+def is_validation(prompt_id: str, fraction: float, seed: int = 0) -> bool:
+    digest = hashlib.sha256(f"{seed}:split:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def encode_response(tokenizer: Any, turns: list[dict[str, str]], response: str) -> list[int]:
+    ids = encode_prompt(tokenizer, turns)
+    return (
+        ids
+        + list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        + [tokenizer.eos_token_id]
+    )
+
+
+class TokenizePairs:
+    """Ray Data callable: preference rows -> (chosen_ids, rejected_ids, margin) rows + rejects."""
+
+    def __init__(self, tokenizer_path: str, max_length: int):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.max_length = max_length
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        out = []
+        for row in batch.to_pylist():
+            record = Dialogue.from_row(row)
+            chosen = encode_response(self.tokenizer, record.turns, record.meta["chosen"])
+            rejected = encode_response(self.tokenizer, record.turns, record.meta["rejected"])
+            reject = ""
+            if max(len(chosen), len(rejected)) > self.max_length:
+                reject = json.dumps(
+                    {"where": record.id, "reason": f"pair longer than max_length={self.max_length}"}
+                )
+                chosen = rejected = []
+            out.append(
+                {
+                    "chosen_ids": chosen,
+                    "rejected_ids": rejected,
+                    "margin": float(record.meta.get("margin", 0.0)),
+                    "reject": reject,
+                }
+            )
+        return pa.Table.from_pylist(out)
+
+
+def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
+    """Chosen rows then rejected rows, right-padded to one length: (2B, L) tensors + margins."""
+    import torch
+
+    sides = [list(x) for x in batch["chosen_ids"]] + [list(x) for x in batch["rejected_ids"]]
+    longest = max(len(s) for s in sides)
+    ids = np.full((len(sides), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sides), longest), dtype=np.int64)
+    for r, s in enumerate(sides):
+        ids[r, : len(s)], mask[r, : len(s)] = s, 1
+    return {
+        "input_ids": torch.as_tensor(ids),
+        "attention_mask": torch.as_tensor(mask),
+        "margin": torch.as_tensor(np.asarray(batch["margin"], dtype=np.float32)),
+    }
+
+
+def prepare_pairs(
+    rows: list[dict[str, Any]], tokenizer_path: str, max_length: int
+) -> tuple[Any, list[dict]]:
+    """Tokenise preference rows; (materialised dataset of pairs, rejects)."""
+    import pyarrow as pa
+    import ray
+
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).map_batches(
+        TokenizePairs,
+        fn_constructor_args=(tokenizer_path, max_length),
+        batch_size=256,
+        batch_format="pyarrow",
+        concurrency=1,
+        num_cpus=0.5,
+    )
+    ds = ds.materialize()
+    rejects = [json.loads(r["reject"]) for r in ds.filter(lambda r: r["reject"] != "").iter_rows()]
+    pairs = ds.filter(lambda r: r["reject"] == "").select_columns(PAIR_COLUMNS).materialize()
+    return pairs, rejects

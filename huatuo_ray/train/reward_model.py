@@ -1,0 +1,157 @@
+"""Stage ``reward-model``: a sequence-scoring model trained on the mixed-feedback preferences.
+
+    python -m huatuo_ray reward-model --config jobs/tiny/reward-model.yaml
+
+Initialised from the SFT model (or any Hugging Face model) with a one-output head, trained on
+Ray Train + DeepSpeed with the Bradley-Terry pairwise loss (optionally with a margin from the
+teacher's rating gap, ``margin_scale``). Prompts are split into train and validation by hash;
+validation accuracy is measured each epoch and the most accurate weights are kept. The output is a
+Hugging Face folder loadable with ``AutoModelForSequenceClassification``, with the reward mean and
+std over the training pairs in its manifest (``reward_normalisation``), which PPO uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from huatuo_ray import artifacts, storage
+from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+from huatuo_ray.train.sft import CheckpointConfig, ScalingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardModelConfig:
+    """Train the reward model on preference pairs."""
+
+    preferences: str = option(help="preference artifact (the score stage's output)")
+    output: str = option(help="model artifact folder to write")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    validation_fraction: float = option(0.1, help="share of prompts held out for validation")
+    max_length: int = option(1024, help="longest prompt + response; longer pairs are rejected")
+    margin_scale: float = option(0.0, help="loss margin = this x the teacher's rating gap (0: off)")
+    micro_batch_size: int = option(4, help="pairs per worker per forward/backward")
+    global_batch_size: int = option(32, help="pairs per optimizer step over all workers")
+    epochs: int = option(2, help="passes over the training pairs")
+    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
+    norm_max_batches: int | None = option(None, help="micro-batches used for the reward statistics")
+    seed: int = option(0, help="seed of initialisation and the split")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage_path: str = option("outputs/ray_train", help="Ray Train storage (local or s3://...)")
+    run_name: str = option(
+        "reward-model", help="run name under storage_path: the same name resumes"
+    )
+    tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError("validation_fraction must be in (0, 1)")
+        if self.margin_scale < 0:
+            raise ValueError("margin_scale must be >= 0")
+
+
+def main(config: RewardModelConfig) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from huatuo_ray.runtime import connect
+    from huatuo_ray.train.preference_data import is_validation, prepare_pairs
+    from huatuo_ray.train.reward_loop import train_loop
+
+    connect(config.cluster, "reward-model")
+    if storage.exists(storage.join(config.output, artifacts.MANIFEST)):
+        return artifacts.read_manifest(config.output)
+    config.output, config.storage_path = (
+        p if "://" in p else os.path.abspath(p) for p in (config.output, config.storage_path)
+    )
+    if os.path.exists(config.model.path):
+        config.model.path = os.path.abspath(config.model.path)
+    rows = list(artifacts.iter_rows(config.preferences))
+    split: dict[str, list] = {"train": [], "validation": []}
+    for row in rows:
+        prompt_id = json.loads(row["meta"]).get("prompt_id", row["id"])
+        split[
+            "validation"
+            if is_validation(prompt_id, config.validation_fraction, config.seed)
+            else "train"
+        ].append(row)
+    if not split["train"] or not split["validation"]:
+        raise ValueError(f"{config.preferences}: too few preferences for a train/validation split")
+    prepared = {k: prepare_pairs(v, config.model.path, config.max_length) for k, v in split.items()}
+    train_pairs = prepared["train"][0].count()
+    tensorboard_dir = config.tensorboard_dir or (
+        os.path.join(config.output, "tensorboard") if "://" not in config.output else None
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config,
+            "train_pairs": train_pairs,
+            "tensorboard_dir": tensorboard_dir,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker}
+            | ({"GPU": 1} if config.scaling.use_gpu else {}),
+            placement_strategy=config.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=config.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+        ),
+        datasets={k: v[0] for k, v in prepared.items()},
+    )
+    trainer.fit()
+    state = storage.read_json(storage.join(config.output, "_train_state.json"))
+    return finish(config, prepared, state, train_pairs)
+
+
+def finish(
+    config: RewardModelConfig, prepared: dict, state: dict, train_pairs: int
+) -> dict[str, Any]:
+    import tempfile
+
+    best = storage.join(config.output, "best")
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(best, tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes(storage.join(config.output, name), f.read())
+    storage.delete(best)
+    rejects = prepared["train"][1] + prepared["validation"][1]
+    storage.write_bytes(
+        storage.join(config.output, artifacts.REJECTS),
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode(),
+    )
+    artifacts.write_model_manifest(
+        config.output,
+        "reward-model",
+        to_dict(config),
+        inputs=[artifacts.input_summary(config.preferences)],
+        head="AutoModelForSequenceClassification, num_labels=1",
+        reward_normalisation=state["reward_stats"],
+        training={
+            "steps": state["step"],
+            "best": state["best"],
+            "validation_history": state["history"],
+            "train_loss": state["train_loss"],
+            "restarts": state["restarts"],
+            "train_pairs": train_pairs,
+            "validation_pairs": prepared["validation"][0].count(),
+            "rejected_pairs": len(rejects),
+        },
+    )
+    return artifacts.read_manifest(config.output)
