@@ -114,3 +114,55 @@ def test_sample_with_vllm_cpu_engine(
     assert manifest["rows"] == 4
     assert all(len(p.meta["responses"]) == 3 for p in prompts)
     assert any(r for p in prompts for r in p.meta["responses"])
+
+
+def test_score_killed_and_resumed_pays_no_judgement_twice(
+    real_data, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from huatuo_ray.testing.openai_servers import FaultyProxy, ScriptedOpenAIServer
+    from huatuo_ray.testing.scripted_teacher import medical_responder
+    from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
+
+    run_sample(real_data[:1], tiny_model_dir, tmp_path / "samples", "hf")
+    out = tmp_path / "prefs"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, TEACHER_KEY_ENV: TEACHER_KEY}
+    with ScriptedOpenAIServer(medical_responder, latency_s=0.3, max_concurrency=2) as server:
+        with FaultyProxy(server.base_url, seed=2, fault_rate=0.2, hang_s=6.0) as proxy:
+            cmd = [
+                sys.executable, "-m", "huatuo_ray", "score",
+                "--input", str(tmp_path / "samples"), "--output", str(out),
+                f"teacher.base_url={proxy.base_url}", "teacher.model=scripted-teacher",
+                f"teacher.api_key_env={TEACHER_KEY_ENV}", "teacher.timeout_s=4.0",
+                "teacher.backoff_base_s=0.02", "teacher.backoff_max_s=0.1", "teacher.max_retries=20",
+                "workers.num_workers=1", "workers.batch_size=2",
+                "cluster.address=local", "cluster.num_cpus=2",
+            ]  # fmt: skip
+            proc = subprocess.Popen(
+                cmd, cwd=repo, env=env, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            deadline = time.time() + 120
+            while proxy.stats.delivered_ok < 10:
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            time.sleep(2)
+            cached_at_kill = len(list((out / "_teacher_cache").glob("*/*.json")))
+            res = subprocess.run(
+                cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert res.returncode == 0, res.stderr[-3000:]
+            stats = proxy.stats
+    manifest = json.loads((out / "manifest.json").read_text())
+    fb = manifest["feedback"]
+    assert fb["pairs"] == 10 * 3 and fb["unparseable"] == 0  # nothing lost
+    assert manifest["teacher"]["usage"]["cached"] >= cached_at_kill >= 8
+    assert sum(n - 1 for n in stats.delivered_ok_by_key.values()) <= 8  # only in-flight ones

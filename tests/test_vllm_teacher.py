@@ -122,3 +122,56 @@ def test_stage1_against_vllm(
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl"):
             assert TEACHER_KEY not in path.read_text(errors="ignore")
+
+
+def test_score_against_vllm(
+    local_ray, vllm_teacher: str, tiny_model_dir: str, tmp_path: Path, shared_datasets: Path
+) -> None:
+    """RLMF scoring with vLLM as the teacher: structured outputs make its ratings parseable."""
+    from huatuo_ray.config import ModelConfig
+    from huatuo_ray.rlmf import sample, score
+    from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
+
+    data = str(tmp_path / "cmd")
+    convert(
+        DataConfig(
+            source="cmd_csv",
+            input=str(
+                shared_datasets / "chinese_medical_dialogue_im" / "内科5000-6000_sample400.csv"
+            ),
+            output=data,
+            limit=4,
+        )
+    )
+    sample.main(
+        sample.SampleConfig(
+            inputs=[data],
+            output=str(tmp_path / "samples"),
+            model=ModelConfig(path=tiny_model_dir),
+            sampling=SamplingConfig(n=3, max_new_tokens=10),
+            engine=EngineConfig(backend="hf"),
+        )
+    )
+    with FaultyProxy(vllm_teacher, seed=9, fault_rate=0.25, hang_s=4.0) as proxy:
+        teacher = teacher_config(
+            proxy.base_url,
+            model="tiny-teacher",
+            structured_outputs=True,
+            max_tokens=60,
+            timeout_s=3.0,
+        )
+        manifest = score.main(
+            score.ScoreConfig(
+                input=str(tmp_path / "samples"),
+                output=str(tmp_path / "prefs"),
+                teacher=teacher,
+                workers=WorkersConfig(num_workers=1, batch_size=4, max_parse_retries=0),
+            )
+        )
+        stats = proxy.stats
+    fb = manifest["feedback"]
+    assert fb["pairs"] == 4 * 3 and fb["unparseable"] == 0  # every rating parsed
+    assert fb["kept"] + fb["ties"] + fb["inconsistent"] == 12
+    assert manifest["rows"] == fb["kept"]
+    assert set(stats.delivered_ok_by_key.values()) == {1}
+    assert manifest["teacher"]["usage"]["paid"] == 24
