@@ -5,8 +5,9 @@
 It builds the tiny model, starts vLLM's OpenAI-compatible server on it as the local teacher (no
 API key, no network), and runs the ``jobs/tiny`` presets in order on one local Ray: ``data`` for
 the bundled consultations and cases (written for this project), then stage 1 — ``self-instruct``,
-``dialogues``, ``polish`` — the ``mixture``, and ``sft`` (2 Ray Train workers, DeepSpeed ZeRO-2 on
-CPU). Later stages join as they land.
+``dialogues``, ``polish`` — the ``mixture``, ``sft`` (2 Ray Train workers, DeepSpeed ZeRO-2 on
+CPU), and the mixed feedback: ``sample``, ``score`` and the ``reward-model``. PPO and the
+evaluation stages join as they land.
 
 A tiny random model writes meaningless text: the demo shows the plumbing, not a doctor. To use a
 real teacher, change the preset's ``teacher`` block (e.g. ``teacher.base_url`` and
@@ -73,9 +74,10 @@ def main() -> None:
     d = out / "data"
     run_stage("data", "data.yaml", out, output=str(d / "consultations"), overwrite="true")
     run_stage("data", "data.cases.yaml", out, output=str(d / "cases"), overwrite="true")
+    s = out / "distill"
+    r = out / "rlmf"
     with local_teacher(model_dir) as base_url:
         teacher = {"teacher.base_url": base_url}
-        s = out / "distill"
         run_stage(
             "self-instruct", "self-instruct.yaml", out, output=str(s / "self_instruct"), **teacher
         )
@@ -95,31 +97,60 @@ def main() -> None:
             output=str(s / "polish"),
             **teacher,
         )
-    sources = (
-        "["
-        + ", ".join(f"{{path: {s / n}}}" for n in ("self_instruct", "dialogues", "polish"))
-        + "]"
-    )
-    mixture = run_stage(
-        "mixture",
-        "mixture.yaml",
+        sources = (
+            "["
+            + ", ".join(f"{{path: {s / n}}}" for n in ("self_instruct", "dialogues", "polish"))
+            + "]"
+        )
+        mixture = run_stage(
+            "mixture",
+            "mixture.yaml",
+            out,
+            output=str(out / "mixture"),
+            sources=sources,
+            overwrite="true",
+        )
+        sft_dir = str(out / "models" / "sft")
+        sft = run_stage(
+            "sft",
+            "sft.yaml",
+            out,
+            train=str(out / "mixture" / "train"),
+            validation=str(out / "mixture" / "validation"),
+            output=sft_dir,
+            **{
+                "model.path": model_dir,
+                "storage_path": str(out / "ray_train"),
+                "run_name": f"sft-{int(started)}",
+            },
+        )
+        run_stage(
+            "sample",
+            "sample.yaml",
+            out,
+            inputs=f"[{d / 'consultations'}]",
+            output=str(r / "samples"),
+            overwrite="true",
+            **{"model.path": sft_dir},
+        )
+        feedback = run_stage(
+            "score",
+            "score.yaml",
+            out,
+            input=str(r / "samples"),
+            output=str(r / "preferences"),
+            **teacher,
+        )
+    rm = run_stage(
+        "reward-model",
+        "reward-model.yaml",
         out,
-        output=str(out / "mixture"),
-        sources=sources,
-        overwrite="true",
-    )
-
-    sft = run_stage(
-        "sft",
-        "sft.yaml",
-        out,
-        train=str(out / "mixture" / "train"),
-        validation=str(out / "mixture" / "validation"),
-        output=str(out / "models" / "sft"),
+        preferences=str(r / "preferences"),
+        output=str(out / "models" / "reward"),
         **{
-            "model.path": model_dir,
+            "model.path": sft_dir,
             "storage_path": str(out / "ray_train"),
-            "run_name": f"sft-{int(started)}",
+            "run_name": f"rm-{int(started)}",
         },
     )
     print(f"\nmixture: {mixture['splits']} from {len(mixture['per_source'])} sources")
@@ -128,6 +159,13 @@ def main() -> None:
         f"sft: {training['steps']} steps, loss {training['train_loss'][0][1]:.3f} -> "
         f"{training['train_loss'][-1][1]:.3f}, best validation loss {training['best_val_loss']:.3f}"
     )
+    fb = feedback["feedback"]
+    print(
+        f"score: {fb['pairs']} pairs, {fb['kept']} kept (consistency {fb['consistency_rate']}, "
+        f"first slot won {fb['position_bias_rate']})"
+    )
+    best = rm["training"]["best"]
+    print(f"reward model: validation accuracy {best['accuracy']:.2f} at step {best['step']}")
     print(f"done in {time.time() - started:.0f} s; artifacts and manifests under {out}")
     print(
         "\nNote: the tiny model has random weights, so the distilled text is meaningless. For a\n"
