@@ -1,4 +1,4 @@
-"""The losses of RLMF, in one place: the reward model's pairwise loss (PPO's join it here).
+"""The reward model's loss (PPO's losses and the rest of its math are in :mod:`ppo_math`).
 
 Every function is plain tensor math, tested against hand-computed values.
 """
