@@ -1,0 +1,90 @@
+"""Cluster files: YAML parses, KubeRay resources have their required fields, the `ray up` config
+passes Ray's own schema, and every command in README, jobs/ and cluster/ names a real stage and
+an existing config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from huatuo_ray.config import load_config
+from huatuo_ray.stages import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def test_raycluster_has_head_cpu_and_gpu_groups_and_a_private_dashboard() -> None:
+    (cluster,) = docs(REPO / "cluster" / "kuberay" / "raycluster.yaml")
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    spec = cluster["spec"]
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP"  # reachable by port-forwarding only
+    assert head["template"]["spec"]["containers"][0]["image"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-workers", "gpu-workers"}
+    for group in groups.values():
+        for key in ("replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"):
+            assert key in group
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu = groups["gpu-workers"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(gpu["nvidia.com/gpu"]) >= 1
+    # The key comes from a Secret, never as a literal value.
+    text = (REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text()
+    assert "secretKeyRef" in text and "sk-" not in text.replace("sk-...", "")
+
+
+def test_rayjobs_one_per_stage() -> None:
+    jobs = docs(REPO / "cluster" / "kuberay" / "rayjobs.yaml")
+    names = set()
+    for job in jobs:
+        assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "huatuo-ray"}
+        names.add(job["spec"]["metadata"]["stage"])
+    assert names == set(STAGES) - {"tiny-model"}
+
+
+def test_ray_up_config_passes_rays_schema() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    validate_config(prepare_config(config))  # as `ray up` does, with Ray's defaults filled in
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+def test_runtime_env_holds_no_secret() -> None:
+    env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    secret = re.compile(r"(_KEY|_TOKEN|SECRET|PASSWORD)$|^(OPENAI|AZURE)")
+    assert not any(secret.search(k) for k in env.get("env_vars", {}))
+
+
+COMMAND = re.compile(r"python -m huatuo_ray ([a-z][a-z-]*)(?: [^\n`]*?--config[ =](\S+))?")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        REPO / "README.md",
+        *sorted((REPO / "jobs").rglob("*.yaml")),
+        *sorted((REPO / "cluster").rglob("*.yaml")),
+        REPO / "jobs" / "submit.sh",
+    ],
+    ids=lambda p: str(p.relative_to(REPO)),
+)
+def test_commands_name_real_stages_and_configs(path: Path) -> None:
+    for stage, config in COMMAND.findall(path.read_text()):
+        if stage in ("STAGE",):
+            continue
+        assert stage in STAGES, f"{path}: no stage {stage!r}"
+        if config and "<" not in config and "$" not in config:
+            config_path = REPO / config
+            assert config_path.exists(), f"{path}: no config {config}"
+            load_config(STAGES[stage].load()[0], str(config_path))
