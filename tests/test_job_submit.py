@@ -125,3 +125,29 @@ def test_teacher_stage_as_job_keeps_the_key_secret(tmp_path: Path, shared_datase
     for path in out.rglob("*"):
         if path.is_file():
             assert TEACHER_KEY.encode() not in path.read_bytes()
+
+
+def test_submit_script_runs_a_preset_with_metadata(tmp_path: Path) -> None:
+    """jobs/submit.sh STAGE CONFIG: the runtime env file, job metadata naming the stage."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out = tmp_path / "consultations"
+    with local_head() as head:
+        env = {**os.environ, **head.env, "RAY_ADDRESS": head.dashboard_url}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        res = subprocess.run(
+            ["jobs/submit.sh", "data", "jobs/tiny/data.yaml", f"output={out}"],  # waits for the job
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        client = JobSubmissionClient(head.dashboard_url)
+        (job,) = client.list_jobs()
+        assert job.status == JobStatus.SUCCEEDED
+        assert job.metadata["stage"] == "data" and job.metadata["config"] == "jobs/tiny/data.yaml"
+        assert job.entrypoint.startswith("python -m huatuo_ray data --config jobs/tiny/data.yaml")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == 8 and manifest["config"]["source"] == "jsonl"
