@@ -81,6 +81,12 @@ STAGES: dict[str, Stage] = {
             "RLMF: a reward model on the preferences, Ray Train + DeepSpeed, Bradley-Terry loss",
         ),
         Stage(
+            "benchmark",
+            "huatuo_ray.eval.benchmark",
+            "BenchmarkConfig",
+            "evaluation: zero-shot answers on QA test sets, BLEU/GLEU/ROUGE/Distinct (table 2)",
+        ),
+        Stage(
             "tiny-model",
             "huatuo_ray.models.stage",
             "TinyModelConfig",
