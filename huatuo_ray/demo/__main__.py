@@ -6,8 +6,8 @@ It builds the tiny model, starts vLLM's OpenAI-compatible server on it as the lo
 API key, no network), and runs the ``jobs/tiny`` presets in order on one local Ray: ``data`` for
 the bundled consultations and cases (written for this project), then stage 1 — ``self-instruct``,
 ``dialogues``, ``polish`` — the ``mixture``, ``sft`` (2 Ray Train workers, DeepSpeed ZeRO-2 on
-CPU), and the mixed feedback: ``sample``, ``score`` and the ``reward-model``. PPO and the
-evaluation stages join as they land.
+CPU), and the mixed feedback: ``sample``, ``score`` and the ``reward-model``, and ``benchmark``. PPO and the
+other evaluation stages join as they land.
 
 A tiny random model writes meaningless text: the demo shows the plumbing, not a doctor. To use a
 real teacher, change the preset's ``teacher`` block (e.g. ``teacher.base_url`` and
@@ -159,6 +159,14 @@ def main() -> None:
         f"sft: {training['steps']} steps, loss {training['train_loss'][0][1]:.3f} -> "
         f"{training['train_loss'][-1][1]:.3f}, best validation loss {training['best_val_loss']:.3f}"
     )
+    bench = run_stage(
+        "benchmark",
+        "benchmark.yaml",
+        out,
+        sets=f"[{{name: demo-consultations, path: {d / 'consultations'}}}]",
+        output=str(out / "eval" / "benchmark"),
+        **{"model.path": sft_dir},
+    )
     fb = feedback["feedback"]
     print(
         f"score: {fb['pairs']} pairs, {fb['kept']} kept (consistency {fb['consistency_rate']}, "
@@ -166,6 +174,11 @@ def main() -> None:
     )
     best = rm["training"]["best"]
     print(f"reward model: validation accuracy {best['accuracy']:.2f} at step {best['step']}")
+    scores = bench["metrics"]["demo-consultations"]
+    print(
+        "benchmark: "
+        + ", ".join(f"{k} {scores[k]:.1f}" for k in ("BLEU-1", "ROUGE-L", "Distinct-2"))
+    )
     print(f"done in {time.time() - started:.0f} s; artifacts and manifests under {out}")
     print(
         "\nNote: the tiny model has random weights, so the distilled text is meaningless. For a\n"
