@@ -21,6 +21,7 @@ from typing import Any
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+from huatuo_ray.train.ray_trainer import fit, promote_best
 from huatuo_ray.train.sft import CheckpointConfig, ScalingConfig
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,6 @@ class RewardModelConfig:
 
 
 def main(config: RewardModelConfig) -> dict[str, Any]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from huatuo_ray.runtime import connect
     from huatuo_ray.train.preference_data import is_validation, prepare_pairs
     from huatuo_ray.train.reward_loop import train_loop
@@ -92,50 +90,19 @@ def main(config: RewardModelConfig) -> dict[str, Any]:
     tensorboard_dir = config.tensorboard_dir or (
         os.path.join(config.output, "tensorboard") if "://" not in config.output else None
     )
-    trainer = TorchTrainer(
+    fit(
         train_loop,
-        train_loop_config={
-            "config": config,
-            "train_pairs": train_pairs,
-            "tensorboard_dir": tensorboard_dir,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker}
-            | ({"GPU": 1} if config.scaling.use_gpu else {}),
-            placement_strategy=config.scaling.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.run_name,
-            storage_path=config.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
-        ),
-        datasets={k: v[0] for k, v in prepared.items()},
+        {"config": config, "train_pairs": train_pairs, "tensorboard_dir": tensorboard_dir},
+        config,
+        {k: v[0] for k, v in prepared.items()},
     )
-    trainer.fit()
-    state = storage.read_json(storage.join(config.output, "_train_state.json"))
-    return finish(config, prepared, state, train_pairs)
+    return finish(config, prepared, train_pairs)
 
 
-def finish(
-    config: RewardModelConfig, prepared: dict, state: dict, train_pairs: int
-) -> dict[str, Any]:
-    import tempfile
-
-    best = storage.join(config.output, "best")
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.download_dir(best, tmp)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                storage.write_bytes(storage.join(config.output, name), f.read())
-    storage.delete(best)
+def finish(config: RewardModelConfig, prepared: dict, train_pairs: int) -> dict[str, Any]:
+    """Move the best weights into place as the model artifact and write its manifest."""
     rejects = prepared["train"][1] + prepared["validation"][1]
-    storage.write_bytes(
-        storage.join(config.output, artifacts.REJECTS),
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode(),
-    )
+    state = promote_best(config.output, rejects)
     artifacts.write_model_manifest(
         config.output,
         "reward-model",

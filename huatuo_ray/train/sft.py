@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.lora import LoRAConfig
+from huatuo_ray.train.ray_trainer import fit, promote_best
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,6 @@ def _absolute(path: str) -> str:
 
 
 def main(config: SFTConfig) -> dict[str, Any]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from huatuo_ray.runtime import connect
     from huatuo_ray.train.data import prepare_split
     from huatuo_ray.train.sft_loop import train_loop
@@ -137,52 +134,24 @@ def main(config: SFTConfig) -> dict[str, Any]:
         len(train.rejects),
     )
 
-    trainer = TorchTrainer(
+    result = fit(
         train_loop,
-        train_loop_config={
+        {
             "config": config,
             "train_rows": train.rows,
             "has_validation": validation is not None,
             "tensorboard_dir": tensorboard_dir,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker}
-            | ({"GPU": 1} if config.scaling.use_gpu else {}),
-            placement_strategy=config.scaling.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.run_name,
-            storage_path=config.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
-        ),
-        datasets=datasets,
+        config,
+        datasets,
     )
-    result = trainer.fit()
-    state = storage.read_json(storage.join(config.output, "_train_state.json"))
-    return finish(config, train, validation, state, result)
+    return finish(config, train, validation, result)
 
 
-def finish(
-    config: SFTConfig, train: Any, validation: Any, state: dict, result: Any
-) -> dict[str, Any]:
+def finish(config: SFTConfig, train: Any, validation: Any, result: Any) -> dict[str, Any]:
     """Move the best weights into place as the model artifact and write its manifest."""
-    import tempfile
-
-    best = storage.join(config.output, "best")
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.download_dir(best, tmp)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                storage.write_bytes(storage.join(config.output, name), f.read())
-    storage.delete(best)
     rejects = train.rejects + (validation.rejects if validation else [])
-    storage.write_bytes(
-        storage.join(config.output, artifacts.REJECTS),
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode(),
-    )
+    state = promote_best(config.output, rejects)
     artifacts.write_model_manifest(
         config.output,
         "sft",
