@@ -197,11 +197,27 @@ def _build(cls: type, raw: Any, prefix: str, origin: dict[str, str], default_ori
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{default_origin}: missing required key {dotted!r}")
             continue
-        kwargs[name] = _coerce(hints[name], raw[name], dotted, origin, default_origin)
+        value = raw[name]
+        if (
+            dataclasses.is_dataclass(hints[name])
+            and f.default_factory is not dataclasses.MISSING
+            and isinstance(value, dict)
+        ):
+            # A section given in part keeps this stage's defaults for the rest (e.g. PPO's
+            # constant learning rate), not the section class's own defaults.
+            value = _merged(to_dict(f.default_factory()), value)
+        kwargs[name] = _coerce(hints[name], value, dotted, origin, default_origin)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _coerce(tp: Any, value: Any, dotted: str, origin: dict[str, str], default_origin: str) -> Any:
@@ -275,17 +291,23 @@ def _coerce(tp: Any, value: Any, dotted: str, origin: dict[str, str], default_or
 # --------------------------------------------------------------------------- help and dumps
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per leaf field: ``key (type, default) help`` for ``--help``."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per leaf field: ``key (type, default) help`` for ``--help``. Defaults of a
+    section come from the enclosing field's factory when it has one (a stage's own defaults)."""
     lines: list[str] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
+            section = getattr(defaults, f.name, None) if defaults is not None else None
+            if section is None and f.default_factory is not dataclasses.MISSING:
+                section = f.default_factory()
             lines.append(f"  [{prefix}{f.name}] {(tp.__doc__ or '').strip().splitlines()[0]}")
-            lines += describe(tp, f"{prefix}{f.name}.")
+            lines += describe(tp, f"{prefix}{f.name}.", section)
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = repr(getattr(defaults, f.name))
+        elif f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             default = repr(f.default_factory())

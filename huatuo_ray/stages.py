@@ -81,6 +81,12 @@ STAGES: dict[str, Stage] = {
             "RLMF: a reward model on the preferences, Ray Train + DeepSpeed, Bradley-Terry loss",
         ),
         Stage(
+            "ppo",
+            "huatuo_ray.rlmf.ppo",
+            "PPOConfig",
+            "RLMF: PPO on the reward model with a KL penalty; Ray actor groups, vLLM rollouts",
+        ),
+        Stage(
             "benchmark",
             "huatuo_ray.eval.benchmark",
             "BenchmarkConfig",

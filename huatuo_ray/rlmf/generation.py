@@ -38,11 +38,16 @@ class Sample:
     token_ids: list[int]
     text: str
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
+    logprobs: list[float] | None = None  # of each sampled token, when asked for (raw logits)
 
 
 class Generator(Protocol):
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: list[int],
+        logprobs: bool = False,
     ) -> list[list[Sample]]: ...
 
 
@@ -90,11 +95,17 @@ class VLLMGenerator:
             enforce_eager=engine.enforce_eager or not on_gpu,
             max_model_len=engine.max_model_len,
             seed=0,
+            # PPO pushes new weights into the engine through these worker methods.
+            worker_extension_cls="huatuo_ray.rlmf.weight_sync.VLLMWeightReceiver",
         )
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: list[int],
+        logprobs: bool = False,
     ) -> list[list[Sample]]:
         from vllm import SamplingParams
 
@@ -105,6 +116,7 @@ class VLLMGenerator:
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
                 seed=seed,
+                logprobs=0 if logprobs else None,  # 0: just the sampled token's
             )
             for seed in seeds
         ]
@@ -112,7 +124,17 @@ class VLLMGenerator:
             [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
         )
         return [
-            [Sample(list(c.token_ids), c.text, c.finish_reason == "stop") for c in out.outputs]
+            [
+                Sample(
+                    list(c.token_ids),
+                    c.text,
+                    c.finish_reason == "stop",
+                    [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
+                    if logprobs
+                    else None,
+                )
+                for c in out.outputs
+            ]
             for out in outputs
         ]
 
@@ -131,7 +153,11 @@ class HFGenerator:
         self.model.eval()
 
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: list[int],
+        logprobs: bool = False,
     ) -> list[list[Sample]]:
         import torch
 
@@ -151,15 +177,23 @@ class HFGenerator:
                     max_new_tokens=sampling.max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=eos,
+                    return_dict_in_generate=True,
+                    output_logits=logprobs,
                 )
+            token_logprobs = None
+            if logprobs:  # raw logits, as vLLM reports them
+                logits = torch.stack(out.logits, dim=1).float()
+                new = out.sequences[:, len(prompt) :]
+                token_logprobs = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
             samples = []
-            for row in out[:, len(prompt) :].tolist():
+            for i, row in enumerate(out.sequences[:, len(prompt) :].tolist()):
                 finished = eos in row
                 tokens = row[: row.index(eos) + 1] if finished else row
                 text = self.tokenizer.decode(
                     [t for t in tokens if t != eos], skip_special_tokens=True
                 )
-                samples.append(Sample(tokens, text, finished))
+                lps = token_logprobs[i, : len(tokens)].tolist() if logprobs else None
+                samples.append(Sample(tokens, text, finished, lps))
             results.append(samples)
         return results
 

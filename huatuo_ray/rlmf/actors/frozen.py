@@ -1,0 +1,78 @@
+"""The frozen models: the reference (pi_0, for the KL term) and the reward model (r_RM).
+
+Neither trains, so a group of them is plain data parallelism: the driver hands each worker a
+share of the rows. No DeepSpeed engine; weights in the inference dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from huatuo_ray.config import ModelConfig
+from huatuo_ray.rlmf.actors.base import ModelWorker
+from huatuo_ray.rlmf.experience import Experience
+from huatuo_ray.rlmf.model_ops import ValueModel, forward_logits, last_token_scores, token_logprobs
+
+
+class ReferenceWorker(ModelWorker):
+    """The frozen SFT model, for full fine-tuning (with top layers only, the policy's frozen
+    trunk serves the reference and this group is not created)."""
+
+    def __init__(self, model: ModelConfig, temperature: float):
+        from transformers import AutoModelForCausalLM
+
+        self.temperature = temperature
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model.path, dtype=self.dtype(model), trust_remote_code=model.trust_remote_code
+        )
+        self.model.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def log_probs(self, exp: Experience) -> torch.Tensor:
+        d = self.device
+        exp = exp.select(slice(None))
+        exp.sequences, exp.attention_mask = exp.sequences.to(d), exp.attention_mask.to(d)
+        logits = forward_logits(self.model, exp)
+        return token_logprobs(logits, exp.sequences[:, exp.prompt_width :], self.temperature).cpu()
+
+
+def reward_normalisation(model_path: str) -> dict[str, float]:
+    """The reward model's score mean and std over its training pairs (its manifest), or 0/1."""
+    path = os.path.join(model_path, "manifest.json")
+    stats: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f).get("reward_normalisation") or {}
+    return {"mean": float(stats.get("mean", 0.0)), "std": float(stats.get("std", 1.0)) or 1.0}
+
+
+class RewardWorker(ModelWorker):
+    """The frozen reward model: the score at each sequence's last real token, normalised with
+    the mean and std the reward-model stage measured, so beta means the same for any RM."""
+
+    def __init__(self, model: ModelConfig, normalise: bool):
+        from transformers import AutoModelForSequenceClassification
+
+        inner = AutoModelForSequenceClassification.from_pretrained(
+            model.path,
+            num_labels=1,
+            dtype=self.dtype(model),
+            trust_remote_code=model.trust_remote_code,
+        )
+        self.model = ValueModel(inner).to(self.device).eval().requires_grad_(False)
+        self.stats = reward_normalisation(model.path) if normalise else {"mean": 0.0, "std": 1.0}
+
+    def normalisation(self) -> dict[str, float]:
+        return self.stats
+
+    @torch.no_grad()
+    def scores(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised scores, raw scores), (B,) each."""
+        d = self.device
+        values = self.model(exp.sequences.to(d), exp.attention_mask.to(d), exp.position_ids.to(d))
+        raw = last_token_scores(values, exp.select(slice(None))).cpu()
+        return (raw - self.stats["mean"]) / self.stats["std"], raw

@@ -1,0 +1,134 @@
+"""Policy worker: the model being trained, a DeepSpeed engine; it also serves the reference
+log-probs through its frozen trunk when only the top layers train, and sends new weights to the
+rollout engines."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from huatuo_ray.rlmf import weight_sync
+from huatuo_ray.rlmf.actors.trainable import TrainableWorker
+from huatuo_ray.rlmf.experience import Experience
+from huatuo_ray.rlmf.model_ops import (
+    FrozenTrunkReference,
+    forward_logits,
+    freeze_bottom,
+    token_logprobs,
+)
+from huatuo_ray.rlmf.ppo_math import entropy_from_logits, masked_mean, policy_loss
+
+
+class PolicyWorker(TrainableWorker):
+    def build(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_config = self.config.model
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            model_config.path, trust_remote_code=model_config.trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_config.path,
+            dtype=self.dtype(model_config),
+            trust_remote_code=model_config.trust_remote_code,
+        )
+        if self.role.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.trainable = freeze_bottom(
+            model, self.role.trainable_layers, self.role.trainable_modules
+        )
+        # Taken now, from the SFT weights: the reference is pi_0 even after a resume.
+        self.reference = (
+            FrozenTrunkReference(model, self.role.trainable_layers).to(self.device)
+            if self.config.reference.frozen_trunk
+            else None
+        )
+        return model
+
+    def log_probs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Policy log-probs of the sampled tokens, and the reference's from the frozen trunk."""
+        exp = self._to_device(exp)
+        temperature = self.config.sampling.temperature
+        self.engine.eval()
+        with torch.no_grad():
+            if self.reference is None:
+                logits = forward_logits(self.engine, exp)
+                return token_logprobs(logits, exp.responses, temperature).cpu(), None
+            with self.reference.capture():
+                logits = forward_logits(self.engine, exp)
+            ref_logits = self.reference.logits()[:, exp.prompt_width - 1 : -1]
+            return (
+                token_logprobs(logits, exp.responses, temperature).cpu(),
+                token_logprobs(ref_logits, exp.responses, temperature).cpu(),
+            )
+
+    def micro_loss(self, micro: Experience) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = forward_logits(self.engine, micro)
+        logprobs = token_logprobs(logits, micro.responses, self.config.sampling.temperature)
+        loss, stats = policy_loss(
+            logprobs, micro.logprobs, micro.advantages, micro.action_mask, self.config.clip_ratio
+        )
+        entropy = masked_mean(entropy_from_logits(logits.detach()), micro.action_mask)
+        return loss, {
+            "policy_loss": float(loss.detach()),
+            "entropy": float(entropy),
+            "clip_fraction": float(stats["clip_fraction"]),
+            "approx_kl": float(stats["approx_kl"]),
+        }
+
+    # ---------------------------------------------------------------- weight sync
+
+    def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        keep = set(self.trainable)
+        return [(n, p) for n, p in self.engine.module.named_parameters() if n in keep]
+
+    def weight_specs(self) -> list[weight_sync.ParamSpec]:
+        return [
+            weight_sync.ParamSpec(
+                n,
+                str(p.dtype).removeprefix("torch."),
+                tuple(getattr(p, "ds_shape", p.shape)),  # ZeRO-3 keeps the full shape here
+            )
+            for n, p in self._trainable_named()
+        ]
+
+    def join_sync_group(self, addr: str, port: int, world: int, backend: str) -> None:
+        if self.rank == 0:
+            self.sync_group = weight_sync.join_group(addr, port, 0, world, backend)
+
+    def _gathered(self, param: torch.nn.Parameter) -> Any:
+        import contextlib
+
+        import deepspeed
+
+        if self.role.deepspeed.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters([param])
+        return contextlib.nullcontext()
+
+    def broadcast_weights(self) -> float:
+        """Rank 0 broadcasts each trainable tensor (all ranks gather under ZeRO-3); seconds."""
+        started = time.perf_counter()
+        for _, param in self._trainable_named():
+            with self._gathered(param):
+                if self.rank == 0:
+                    weight_sync.broadcast(self.sync_group, param.data)
+        return time.perf_counter() - started
+
+    def weights_to_object_store(self) -> list[Any]:
+        """The object-store path: [ObjectRef of [(name, tensor)]] from rank 0, [] elsewhere."""
+        import ray
+
+        named = []
+        for name, param in self._trainable_named():
+            with self._gathered(param):
+                if self.rank == 0:
+                    named.append((name, param.data.detach().cpu().clone()))
+        return [ray.put(named)] if self.rank == 0 else []
+
+    def save_model(self, uri: str) -> None:
+        """The policy as a Hugging Face folder that transformers and vLLM load."""
+        from huatuo_ray.train.checkpointing import save_hf_model
+
+        save_hf_model(self.engine, self.tokenizer, uri, self.rank, self.role.deepspeed.zero_stage)

@@ -1,0 +1,138 @@
+"""What crosses actor boundaries in PPO: a rollout batch laid out once, then filled in by actors.
+
+Layout (one row per sample): the prompt is left-padded to the longest prompt of the batch and the
+response right-padded to the longest response, so every response starts at column
+``prompt_width`` and response-level tensors are plain ``(batch, response_width)`` slices::
+
+    sequences       <pad> <pad> p0 p1 p2 | r0 r1 r2 </s> <pad>
+    attention_mask    0     0   1  1  1  |  1  1  1   1    0
+    action_mask                          |  1  1  1   1    0
+
+``position_ids`` count real tokens only, so a left-padded prompt sees the positions it would
+see alone. Every actor reads the same :class:`Experience`; each adds the fields it owns
+(log-probs, values, scores), and the driver adds rewards and advantages with
+:mod:`~huatuo_ray.rlmf.ppo_math`. Tensors stay on the CPU between actors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Experience:
+    sequences: torch.Tensor  # (B, P + R) token ids
+    attention_mask: torch.Tensor  # (B, P + R) 1 on real tokens
+    action_mask: torch.Tensor  # (B, R) 1 on response tokens, EOS included
+    prompt_width: int  # P: the column where responses start
+    finished: torch.Tensor  # (B,) bool: the response ended with EOS
+    rollout_logprobs: torch.Tensor | None = None  # (B, R) the rollout engine's, raw logits
+    logprobs: torch.Tensor | None = None  # (B, R) policy at sampling time ("old")
+    ref_logprobs: torch.Tensor | None = None  # (B, R) frozen SFT model
+    values: torch.Tensor | None = None  # (B, R) critic at sampling time
+    scores: torch.Tensor | None = None  # (B,) normalised reward-model score
+    raw_scores: torch.Tensor | None = None  # (B,) the reward model's own score
+    kl: torch.Tensor | None = None  # (B, R) per-token KL estimate
+    rewards: torch.Tensor | None = None  # (B, R) -beta * KL, plus the score on the last token
+    advantages: torch.Tensor | None = None  # (B, R) whitened GAE advantages
+    returns: torch.Tensor | None = None  # (B, R) GAE returns (value targets)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_width :]
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def select(self, rows: torch.Tensor | slice) -> Experience:
+        """The rows ``rows`` of every tensor field."""
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name)[rows]
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
+
+    def shards(self, n: int) -> list[Experience]:
+        """``n`` near-equal contiguous parts, one per data-parallel worker."""
+        bounds = torch.linspace(0, len(self), n + 1).round().long().tolist()
+        return [self.select(slice(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+    def minibatches(self, size: int, generator: torch.Generator) -> list[Experience]:
+        """A shuffled split into parts of ``size`` rows (the last may be smaller)."""
+        order = torch.randperm(len(self), generator=generator)
+        return [self.select(order[i : i + size]) for i in range(0, len(self), size)]
+
+
+def make_experience(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    finished: list[bool],
+    pad_id: int,
+    rollout_logprobs: list[list[float]] | None = None,
+) -> Experience:
+    """Lay prompts and sampled responses (token ids, EOS included when sampled) out as above."""
+    if not prompts or len(prompts) != len(responses):
+        raise ValueError("need one response per prompt, and at least one")
+    width = max(len(p) for p in prompts)
+    length = max(1, max(len(r) for r in responses))
+    rows = len(prompts)
+    sequences = torch.full((rows, width + length), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, width + length), dtype=torch.long)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        sequences[i, width - len(prompt) : width] = torch.tensor(prompt)
+        attention[i, width - len(prompt) : width] = 1
+        if response:
+            sequences[i, width : width + len(response)] = torch.tensor(response)
+            attention[i, width : width + len(response)] = 1
+    engine_logprobs = None
+    if rollout_logprobs is not None:
+        engine_logprobs = torch.zeros((rows, length))
+        for i, lps in enumerate(rollout_logprobs):
+            engine_logprobs[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    return Experience(
+        sequences=sequences,
+        attention_mask=attention,
+        action_mask=attention[:, width:].clone(),
+        prompt_width=width,
+        finished=torch.tensor(finished, dtype=torch.bool),
+        rollout_logprobs=engine_logprobs,
+    )
+
+
+def concat(parts: list[Experience], pad_id: int) -> Experience:
+    """One Experience from several (e.g. the chunks of a rollout), re-padded to common widths."""
+    width = max(p.prompt_width for p in parts)
+    length = max(p.action_mask.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor, left: int, right: int, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    fields: dict[str, list[torch.Tensor]] = {}
+    for p in parts:
+        left, right = width - p.prompt_width, length - p.action_mask.shape[1]
+        for f in dataclasses.fields(Experience):
+            value = getattr(p, f.name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            if f.name == "sequences":
+                value = pad(value, left, right, pad_id)
+            elif f.name == "attention_mask":
+                value = pad(value, left, right, 0)
+            elif value.dim() == 2:  # response-level
+                value = pad(value, 0, right, 0)
+            fields.setdefault(f.name, []).append(value)
+    missing = [f.name for f in dataclasses.fields(Experience) if f.name != "prompt_width"]
+    merged = {k: torch.cat(v) for k, v in fields.items()}
+    for name in missing:
+        merged.setdefault(name, None)
+    return Experience(prompt_width=width, **merged)

@@ -1,0 +1,699 @@
+"""Stage ``ppo``: RLMF's last step, PPO against the reward model with a KL penalty to the SFT model.
+
+    python -m huatuo_ray ppo --config jobs/tiny/ppo.yaml
+
+The driver (this file, no GPU) places the actor groups (:mod:`~huatuo_ray.rlmf.actors`) and runs
+one iteration after another:
+
+1. **rollout**: ``rollout_size`` prompts (the paper: 64) go to the rollout engines in chunks of
+   ``rollout.chunk_size`` (8); each engine samples one response per prompt;
+2. **experience**: for each chunk, in parallel, the policy's log-probs of the sampled tokens
+   (plus the reference's, from its frozen trunk or a separate reference group), the critic's
+   values and the reward model's normalised score; the driver then computes the per-token KL,
+   r = r_RM - beta * KL, GAE advantages and returns (:mod:`~huatuo_ray.rlmf.ppo_math`);
+3. **train**: policy and critic, concurrently, run ``ppo_epochs`` over shuffled minibatches;
+4. **sync**: the policy's trainable weights go to every rollout engine
+   (:mod:`~huatuo_ray.rlmf.weight_sync`); then the KL controller updates beta.
+
+Responses cut at ``sampling.max_new_tokens`` (no EOS) keep their reward-model score unless
+``reward.unfinished_score`` is set, in which case that (normalised) score replaces it: the
+reward model never saw cut answers, and a fixed penalty teaches the policy to finish.
+
+Checkpoints (every ``checkpoint.every_iterations``): policy and critic DeepSpeed states (weights,
+optimizer, LR schedule) and the driver's state (iteration, beta, prompt position, metrics) in
+``OUTPUT/checkpoints/iter_N``; ``latest`` names the newest complete one. Rerunning the same
+command resumes from it. Every random choice derives from ``seed`` and the iteration (prompt order,
+sampling seeds, minibatch shuffles), so a resumed run draws what the original would have drawn.
+``OUTPUT`` must be a filesystem path every node sees (a shared mount on a cluster).
+
+Output: the final policy as a Hugging Face folder in ``OUTPUT`` (vLLM loads it), ``metrics.jsonl``
+(one line per iteration) and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from huatuo_ray import artifacts, storage
+from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.rlmf.actors.group import Resources
+from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
+from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _ppo_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0)  # the paper: constant 1e-6
+
+
+@dataclass
+class PolicyConfig:
+    """The policy group (the model is the top-level ``model``)."""
+
+    trainable_layers: int | None = option(
+        2, help="train only the top N decoder layers (paper: 2); null: the whole model"
+    )
+    trainable_modules: list[str] = option(
+        ["model.norm", "lm_head"], help="modules trained besides those layers (name prefixes)"
+    )
+    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
+    optim: OptimConfig = field(default_factory=_ppo_optim)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class CriticConfig:
+    """The critic group: per-token values, initialised from the reward model by default."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # empty path: reward.model
+    trainable_layers: int | None = option(2, help="train only the top N layers; null: all")
+    trainable_modules: list[str] = option(
+        ["model.norm", "score"], help="modules trained besides those layers"
+    )
+    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_ratio=0.0))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class ReferenceConfig:
+    """pi_0 for the KL term."""
+
+    mode: Literal["auto", "frozen_trunk", "separate"] = option(
+        "auto",
+        help="frozen_trunk: the policy's frozen bottom layers + a frozen copy of its top (needs "
+        "trainable_layers, ZeRO <= 2); separate: a reference group; auto: frozen_trunk when it can",
+    )
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def frozen_trunk(self) -> bool:
+        return self.mode == "frozen_trunk"
+
+
+@dataclass
+class RewardConfig:
+    """The frozen reward model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    normalise: bool = option(True, help="(score - mean) / std with the RM manifest's statistics")
+    unfinished_score: float | None = option(
+        None, help="normalised score given to responses cut at max_new_tokens (null: keep the RM's)"
+    )
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout engines."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    resources: Resources = field(default_factory=Resources)
+    strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = option(
+        "SPREAD", help="placement of the engines over nodes"
+    )
+    chunk_size: int = option(8, help="prompts per generation call (paper: 8)")
+
+
+@dataclass
+class KLConfig:
+    """The KL penalty."""
+
+    init_beta: float = option(0.1, help="initial KL coefficient (paper: 0.1)")
+    target: float | None = option(None, help="adaptive controller's target KL; null: fixed beta")
+    horizon: int = option(10_000, help="adaptive controller's horizon in samples")
+    estimator: Literal["k1", "k2", "k3"] = option("k1", help="per-token KL estimate (trlx: k1)")
+
+
+@dataclass
+class CheckpointEvery:
+    """Checkpoints of the run."""
+
+    every_iterations: int = option(10, help="checkpoint every N iterations (and at the end)")
+    keep: int = option(2, help="checkpoints kept (the newest)")
+
+
+@dataclass
+class PPOConfig:
+    """PPO on the reward model (RLMF step 5)."""
+
+    inputs: list[str] = option(help="dialogue artifacts of real data: the RL prompts")
+    output: str = option(help="folder to write (a filesystem path every node sees)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(n=1, temperature=1.0, top_p=1.0)
+    )
+    kl: KLConfig = field(default_factory=KLConfig)
+    weight_sync: Literal["broadcast", "object_store"] = option(
+        "broadcast", help="broadcast: NCCL/gloo group; object_store: through Ray's object store"
+    )
+    iterations: int = option(100, help="PPO iterations (rollout + update)")
+    rollout_size: int = option(64, help="prompts per iteration (paper: 64)")
+    minibatch_size: int = option(8, help="rows per optimizer step over all workers")
+    micro_batch_size: int = option(4, help="rows per forward/backward per worker")
+    ppo_epochs: int = option(4, help="passes over each rollout (paper: 4)")
+    clip_ratio: float = option(0.2, help="PPO policy ratio clip")
+    value_clip: float = option(0.2, help="value clip around the old values")
+    gamma: float = option(1.0, help="discount")
+    lam: float = option(0.95, help="GAE lambda")
+    whiten_advantages: bool = option(True, help="whiten advantages over the rollout")
+    max_prompt_tokens: int = option(1024, help="longer prompts are rejected")
+    last_turn_only: bool = option(False, help="one prompt per dialogue (its last doctor turn)")
+    colocate: list[list[str]] = option(
+        [], help="groups sharing GPUs, e.g. [[policy, reference], [critic, reward]]"
+    )
+    checkpoint: CheckpointEvery = field(default_factory=CheckpointEvery)
+    seed: int = option(0, help="seed of prompt order, sampling and minibatch shuffles")
+    tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        workers = self.policy.resources.workers
+        if self.rollout_size % self.minibatch_size:
+            raise ValueError("rollout_size must be a multiple of minibatch_size")
+        for group in ("policy", "critic"):
+            n = getattr(self, group).resources.workers
+            if self.minibatch_size % (self.micro_batch_size * n):
+                raise ValueError(
+                    f"minibatch_size must be a multiple of micro_batch_size x {group} workers"
+                )
+        if self.rollout.chunk_size % workers or self.rollout_size % self.rollout.chunk_size:
+            raise ValueError(
+                "rollout_size must be a multiple of rollout.chunk_size, itself a multiple of the"
+                " policy workers"
+            )
+        if self.sampling.n != 1:
+            raise ValueError("PPO samples one response per prompt (sampling.n: 1)")
+        groups = {"policy", "critic", "reference", "reward", "rollout"}
+        for names in self.colocate:
+            if not set(names) <= groups - {"rollout"}:
+                raise ValueError(f"colocate: {names} (groups: policy, critic, reference, reward)")
+        if self.reference.mode == "auto":
+            can = self.policy.trainable_layers is not None and self.policy.deepspeed.zero_stage < 3
+            self.reference.mode = "frozen_trunk" if can else "separate"
+        if self.reference.frozen_trunk and (
+            self.policy.trainable_layers is None or self.policy.deepspeed.zero_stage == 3
+        ):
+            raise ValueError(
+                "reference.mode frozen_trunk needs policy.trainable_layers and ZeRO <= 2"
+            )
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def main(config: PPOConfig) -> dict[str, Any]:
+    import ray
+    import torch
+    from transformers import AutoTokenizer
+
+    from huatuo_ray.rlmf import ppo_math
+    from huatuo_ray.rlmf.experience import concat, make_experience
+    from huatuo_ray.runtime import connect
+
+    connect(config.cluster, "ppo")
+    if storage.exists(os.path.join(config.output, artifacts.MANIFEST)):
+        return artifacts.read_manifest(config.output)
+    _absolute_paths(config)
+    os.makedirs(config.output, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    prompts = PromptStream(config, tokenizer)
+
+    iterations_steps = (
+        config.iterations * config.ppo_epochs * (config.rollout_size // config.minibatch_size)
+    )
+    groups = place_actor_groups(config)
+    ray.get(
+        groups["policy"].setup_distributed(iterations_steps)
+        + groups["critic"].setup_distributed(iterations_steps)
+    )
+    sync = WeightSync(config, groups)
+
+    state = load_latest_checkpoint(config, groups, prompts)
+    if state["iteration"] > 0:
+        sync.push()  # the engines still hold the SFT weights
+    kl_control = ppo_math.KLController(state["beta"], config.kl.target, config.kl.horizon)
+    metrics = PPOMetrics(config)
+
+    while state["iteration"] < config.iterations:
+        iteration = state["iteration"]
+        times: dict[str, float] = {}
+
+        # 1. rollout: chunks of prompts over the engines
+        started = time.perf_counter()
+        batch = prompts.next_batch(config.rollout_size)
+        chunks = [
+            batch[i : i + config.rollout.chunk_size]
+            for i in range(0, len(batch), config.rollout.chunk_size)
+        ]
+        engines = groups["rollout"].workers
+        pending = [
+            engines[i % len(engines)].generate.remote(
+                [p.ids for p in chunk], [p.seed(config.seed, iteration) for p in chunk]
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+        samples = ray.get(pending)
+        times["generate_s"] = time.perf_counter() - started
+
+        # 2. experience: log-probs, values and scores per chunk, then rewards and advantages
+        started = time.perf_counter()
+        parts = []
+        for chunk, outs in zip(chunks, samples):
+            exp = make_experience(
+                [p.ids for p in chunk],
+                [o.token_ids for o in outs],
+                [o.finished for o in outs],
+                pad_id,
+                [o.logprobs for o in outs],
+            )
+            parts.append((exp, experience_calls(groups, exp, config.reference.frozen_trunk)))
+        filled = []
+        for exp, calls in parts:
+            fill_experience(exp, {k: ray.get(v) for k, v in calls.items()})
+            filled.append(exp)
+        exp = concat(filled, pad_id)
+        if config.reward.unfinished_score is not None:
+            exp.scores = torch.where(
+                exp.finished, exp.scores, torch.tensor(config.reward.unfinished_score)
+            )
+        mask = exp.action_mask.float()
+        exp.kl = ppo_math.kl_estimate(exp.logprobs, exp.ref_logprobs, config.kl.estimator) * mask
+        exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, kl_control.beta)
+        exp.advantages, exp.returns = ppo_math.gae(
+            exp.rewards, exp.values, mask, config.gamma, config.lam
+        )
+        if config.whiten_advantages:
+            exp.advantages = ppo_math.masked_whiten(exp.advantages, mask)
+        times["experience_s"] = time.perf_counter() - started
+
+        # 3. train policy and critic concurrently on the same rows
+        started = time.perf_counter()
+        policy_refs = groups["policy"].call_shards(
+            "train", exp.shards(len(groups["policy"])), iteration
+        )
+        critic_refs = groups["critic"].call_shards(
+            "train", exp.shards(len(groups["critic"])), iteration
+        )
+        stats = ray.get(policy_refs + critic_refs)  # rank 0's are already means over ranks
+        policy_stats, critic_stats = stats[0], stats[len(policy_refs)]
+        times["train_s"] = time.perf_counter() - started
+
+        # 4. weight sync, then the KL controller
+        started = time.perf_counter()
+        sync.push()
+        times["sync_s"] = time.perf_counter() - started
+        sequence_kl = float(exp.kl.sum(-1).mean())
+        beta = kl_control.beta
+        kl_control.update(sequence_kl, len(exp))
+
+        state["iteration"] = iteration + 1
+        state["beta"] = kl_control.beta
+        state["position"] = prompts.position
+        record = metrics.log(
+            iteration + 1, exp, beta, sequence_kl, policy_stats, critic_stats, times
+        )
+        state["history"].append(record)
+        done = state["iteration"] == config.iterations
+        if done or state["iteration"] % config.checkpoint.every_iterations == 0:
+            save_checkpoint(config, groups, state)
+
+    metrics.close()
+    return finish(config, groups, state, prompts)
+
+
+# --------------------------------------------------------------------------- the wiring
+
+
+def _absolute_paths(config: PPOConfig) -> None:
+    """Actors run in other working directories: local paths become absolute."""
+    if "://" in config.output:
+        raise ValueError("ppo: output must be a filesystem path (checkpoints are written there)")
+    config.output = os.path.abspath(config.output)
+    if not config.critic.model.path:
+        config.critic.model = ModelConfig(**vars(config.reward.model))
+    for m in (config.model, config.reward.model, config.critic.model):
+        if os.path.exists(m.path):
+            m.path = os.path.abspath(m.path)
+    if config.tensorboard_dir is None:
+        config.tensorboard_dir = os.path.join(config.output, "tensorboard")
+
+
+def place_actor_groups(config: PPOConfig) -> dict[str, Any]:
+    """Create every group on its placement group (colocated groups share one)."""
+    from huatuo_ray.rlmf.actors.critic import CriticWorker
+    from huatuo_ray.rlmf.actors.frozen import ReferenceWorker, RewardWorker
+    from huatuo_ray.rlmf.actors.group import ActorGroup, colocated_placement
+    from huatuo_ray.rlmf.actors.policy import PolicyWorker
+    from huatuo_ray.rlmf.actors.rollout import RolloutWorker
+
+    resources = {
+        "policy": config.policy.resources,
+        "critic": config.critic.resources,
+        "reference": config.reference.resources,
+        "reward": config.reward.resources,
+    }
+    shared: dict[str, tuple[Any, float]] = {}
+    for names in config.colocate:
+        if config.reference.frozen_trunk:
+            names = [n for n in names if n != "reference"]
+        if len(names) > 1:
+            placement = colocated_placement(names, resources)
+            shared.update({n: placement for n in names})
+
+    def group(name: str, actor_class: type, *args: Any) -> Any:
+        placement, share = shared.get(name, (None, 1.0))
+        return ActorGroup(name, actor_class, resources[name], args, placement, share)
+
+    groups = {
+        "policy": group("policy", PolicyWorker, config, config.policy),
+        "critic": group("critic", CriticWorker, config, config.critic),
+        "reward": group("reward", RewardWorker, config.reward.model, config.reward.normalise),
+    }
+    if not config.reference.frozen_trunk:
+        groups["reference"] = group(
+            "reference", ReferenceWorker, config.model, config.sampling.temperature
+        )
+    groups["rollout"] = ActorGroup(
+        "rollout",
+        RolloutWorker,
+        config.rollout.resources,
+        (config.model.path, config.rollout.engine, config.sampling),
+        strategy=config.rollout.strategy,
+        # vLLM's engine in the actor's own process (its multiprocessing engine cannot take
+        # weights in place on CPUs, and one process per engine is simpler to place).
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    return groups
+
+
+def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> dict[str, list]:
+    """Start every model's part of one chunk's experience, each group over its workers."""
+
+    def sharded(name: str, method: str) -> list:
+        return groups[name].call_shards(method, exp.shards(len(groups[name])))
+
+    calls = {
+        "policy": sharded("policy", "log_probs"),
+        "critic": sharded("critic", "values"),
+        "reward": sharded("reward", "scores"),
+    }
+    if not frozen_trunk:
+        calls["reference"] = sharded("reference", "log_probs")
+    return calls
+
+
+def fill_experience(exp: Any, results: dict[str, list]) -> None:
+    """Put the models' answers (lists over each group's shards) into ``exp``."""
+    import torch
+
+    exp.logprobs = torch.cat([lp for lp, _ in results["policy"]])
+    if "reference" in results:
+        exp.ref_logprobs = torch.cat(results["reference"])
+    else:
+        exp.ref_logprobs = torch.cat([ref for _, ref in results["policy"]])
+    exp.values = torch.cat(results["critic"])
+    exp.scores = torch.cat([s for s, _ in results["reward"]])
+    exp.raw_scores = torch.cat([r for _, r in results["reward"]])
+
+
+class WeightSync:
+    """Policy -> rollout engines, by broadcast group or object store; ``push()`` returns seconds."""
+
+    def __init__(self, config: PPOConfig, groups: dict[str, Any]):
+        import ray
+
+        self.method = config.weight_sync
+        self.policy, self.rollout = groups["policy"], groups["rollout"]
+        if self.method != "broadcast":
+            return
+        self.specs = ray.get(self.policy.workers[0].weight_specs.remote())
+        tp = config.rollout.engine.tensor_parallel_size
+        world = 1 + tp * len(self.rollout)
+        addr, port = ray.get(self.policy.workers[0].address.remote())
+        on_gpu = config.rollout.resources.num_gpus > 0 and config.policy.resources.num_gpus > 0
+        backend = "nccl" if on_gpu else "gloo"
+        ray.get(
+            self.policy.call("join_sync_group", addr, port, world, backend)
+            + [
+                w.join_sync_group.remote(addr, port, 1 + i * tp, world, backend)
+                for i, w in enumerate(self.rollout.workers)
+            ]
+        )
+
+    def push(self) -> float:
+        import ray
+
+        started = time.perf_counter()
+        if self.method == "broadcast":
+            ray.get(
+                self.policy.call("broadcast_weights")
+                + self.rollout.call("receive_broadcast", self.specs)
+            )
+        else:
+            refs = [r for rs in ray.get(self.policy.call("weights_to_object_store")) for r in rs]
+            ray.get(self.rollout.call("load_weights", refs[0]))
+        return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class Prompt:
+    id: str
+    ids: list[int]
+
+    def seed(self, base: int, iteration: int) -> int:
+        from huatuo_ray.rlmf.generation import prompt_seed
+
+        return prompt_seed(base, f"{iteration}:{self.id}")
+
+
+class PromptStream:
+    """The RL prompts in a seeded order per epoch; ``position`` = (epoch, index) resumes it."""
+
+    def __init__(self, config: PPOConfig, tokenizer: Any):
+        from huatuo_ray.chat import encode_prompt
+        from huatuo_ray.rlmf.rl_prompts import rl_prompts
+
+        self.seed = config.seed
+        self.prompts: list[Prompt] = []
+        self.rejects: list[dict[str, str]] = []
+        records = (d for uri in config.inputs for d in artifacts.read_dialogues(uri))
+        for prompt in rl_prompts(records, config.last_turn_only):
+            ids = encode_prompt(tokenizer, prompt.turns)
+            if len(ids) > config.max_prompt_tokens:
+                self.rejects.append(
+                    {"id": prompt.id, "reason": f"prompt of {len(ids)} tokens > max_prompt_tokens"}
+                )
+                continue
+            self.prompts.append(Prompt(prompt.id, ids))
+        if not self.prompts:
+            raise ValueError(f"ppo: no usable prompts in {config.inputs}")
+        log.warning("ppo: %d prompts (%d rejected)", len(self.prompts), len(self.rejects))
+        self.position = [0, 0]
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[Prompt]:
+        batch = []
+        epoch, index = self.position
+        order = self._order(epoch)
+        while len(batch) < size:
+            if index == len(order):
+                epoch, index = epoch + 1, 0
+                order = self._order(epoch)
+            batch.append(self.prompts[order[index]])
+            index += 1
+        self.position = [epoch, index]
+        return batch
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(config: PPOConfig) -> str:
+    return os.path.join(config.output, "checkpoints")
+
+
+def save_checkpoint(config: PPOConfig, groups: dict[str, Any], state: dict[str, Any]) -> None:
+    """Policy and critic shards, then the driver's state, then ``latest``: a crash at any point
+    leaves the previous checkpoint as the newest complete one."""
+    import ray
+
+    root = _checkpoints(config)
+    folder = os.path.join(root, f"iter_{state['iteration']:06d}")
+    ray.get(
+        groups["policy"].call("save_checkpoint", os.path.join(folder, "policy"))
+        + groups["critic"].call("save_checkpoint", os.path.join(folder, "critic"))
+    )
+    storage.write_json(os.path.join(folder, "state.json"), state)
+    tmp = os.path.join(root, "latest.tmp")
+    with open(tmp, "w") as f:
+        f.write(os.path.basename(folder))
+    os.replace(tmp, os.path.join(root, "latest"))
+    kept = sorted(d for d in os.listdir(root) if d.startswith("iter_"))
+    for old in kept[: -config.checkpoint.keep]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    log.warning("ppo: checkpoint %s", folder)
+
+
+def load_latest_checkpoint(
+    config: PPOConfig, groups: dict[str, Any], prompts: PromptStream
+) -> dict[str, Any]:
+    import ray
+
+    latest = os.path.join(_checkpoints(config), "latest")
+    if not os.path.exists(latest):
+        return {"iteration": 0, "beta": config.kl.init_beta, "position": [0, 0], "history": [],
+                "restarts": []}  # fmt: skip
+    with open(latest) as f:
+        folder = os.path.join(_checkpoints(config), f.read().strip())
+    ray.get(
+        groups["policy"].call("load_checkpoint", os.path.join(folder, "policy"))
+        + groups["critic"].call("load_checkpoint", os.path.join(folder, "critic"))
+    )
+    state = storage.read_json(os.path.join(folder, "state.json"))
+    state["restarts"].append(state["iteration"])
+    prompts.position = list(state["position"])
+    log.warning("ppo: resumed from %s (iteration %d)", folder, state["iteration"])
+    return state
+
+
+# --------------------------------------------------------------------------- metrics and output
+
+
+class PPOMetrics:
+    """Per-iteration figures to TensorBoard, the Ray dashboard, the terminal and metrics.jsonl."""
+
+    def __init__(self, config: PPOConfig):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.config = config
+        self.writer = SummaryWriter(config.tensorboard_dir)
+        self.started = time.time()
+        self.first: int | None = None
+
+    def log(
+        self,
+        iteration: int,
+        exp: Any,
+        beta: float,
+        sequence_kl: float,
+        policy_stats: dict[str, float],
+        critic_stats: dict[str, float],
+        times: dict[str, float],
+    ) -> dict[str, Any]:
+        from huatuo_ray import metrics as ray_metrics
+        from huatuo_ray.rlmf import ppo_math
+
+        lengths = exp.action_mask.sum(-1).float()
+        record = {
+            "iteration": iteration,
+            "reward_mean": float(exp.scores.mean()),
+            "reward_std": float(exp.scores.std()) if len(exp) > 1 else 0.0,
+            "raw_score_mean": float(exp.raw_scores.mean()),
+            "kl": sequence_kl,
+            "beta": beta,
+            "response_length": float(lengths.mean()),
+            # Rollout engine vs policy on the same tokens: near 0 when the engines hold the
+            # policy's weights (exact comparison at temperature 1; the engines report raw logits).
+            "rollout_logprob_gap": float(
+                ppo_math.masked_mean(
+                    (exp.rollout_logprobs - exp.logprobs).abs(), exp.action_mask.float()
+                )
+            ),
+            "finished_fraction": float(exp.finished.float().mean()),
+            **policy_stats,
+            **{k: v for k, v in critic_stats.items() if k != "lr"},
+            **times,
+            "rollout_tokens_per_s": float(lengths.sum()) / max(times["generate_s"], 1e-9),
+            "samples_per_s": len(exp) / max(sum(times.values()), 1e-9),
+        }
+        for name, value in record.items():
+            if name != "iteration":
+                self.writer.add_scalar(f"ppo/{name}", value, iteration)
+        for name in ("reward_mean", "kl", "entropy", "sync_s", "samples_per_s"):
+            ray_metrics.gauge(f"ppo_{name}", record[name], "ppo")
+        ray_metrics.gauge("progress_fraction", iteration / self.config.iterations, "ppo")
+        if self.first is None:
+            self.first = iteration - 1
+        done = iteration - self.first
+        eta = (time.time() - self.started) / done * (self.config.iterations - iteration)
+        log.warning(
+            "ppo %d/%d reward %.3f±%.3f kl %.3f beta %.3f entropy %.2f clip %.3f vloss %.4f len %.1f"
+            " gap %.1e | gen %.1fs exp %.1fs train %.1fs sync %.2fs | ETA %.0fs",
+            iteration, self.config.iterations, record["reward_mean"], record["reward_std"],
+            sequence_kl, beta, record["entropy"], record["clip_fraction"], record["value_loss"],
+            record["response_length"], record["rollout_logprob_gap"], times["generate_s"], times["experience_s"],
+            times["train_s"], times["sync_s"], eta,
+        )  # fmt: skip
+        with open(os.path.join(self.config.output, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def finish(
+    config: PPOConfig, groups: dict[str, Any], state: dict[str, Any], prompts: PromptStream
+) -> dict[str, Any]:
+    """The final policy as a Hugging Face folder in OUTPUT, the rejects and the manifest."""
+    import ray
+
+    final = os.path.join(config.output, "_final")
+    ray.get(groups["policy"].call("save_model", final))
+    for name in os.listdir(final):
+        os.replace(os.path.join(final, name), os.path.join(config.output, name))
+    os.rmdir(final)
+    with open(os.path.join(config.output, artifacts.REJECTS), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in prompts.rejects)
+    # metrics.jsonl may hold lines of iterations redone after a crash: rewrite it from the state.
+    with open(os.path.join(config.output, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in state["history"])
+    normalisation = ray.get(groups["reward"].workers[0].normalisation.remote())
+    artifacts.write_model_manifest(
+        config.output,
+        "ppo",
+        to_dict(config),
+        inputs=[artifacts.input_summary(u) for u in config.inputs],
+        head="AutoModelForCausalLM",
+        reference=config.reference.mode,
+        reward_normalisation=normalisation,
+        training={
+            "iterations": state["iteration"],
+            "final_beta": state["beta"],
+            "restarts": state["restarts"],
+            "prompts": len(prompts.prompts),
+            "rejected_prompts": len(prompts.rejects),
+            "first": state["history"][0] if state["history"] else None,
+            "last": state["history"][-1] if state["history"] else None,
+        },
+    )
+    return artifacts.read_manifest(config.output)
