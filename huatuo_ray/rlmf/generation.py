@@ -25,6 +25,7 @@ class SamplingConfig:
     n: int = option(4, help="responses per prompt")
     temperature: float = option(1.0, help="sampling temperature")
     top_p: float = option(0.9, help="nucleus sampling")
+    top_k: int = option(0, help="sample from the k likeliest tokens only; 0: off")
     max_new_tokens: int = option(256, help="longest response in tokens")
     seed: int = option(0, help="base seed; each prompt's seed is derived from it and the prompt id")
 
@@ -114,6 +115,7 @@ class VLLMGenerator:
                 n=sampling.n,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1,
                 max_tokens=sampling.max_new_tokens,
                 seed=seed,
                 logprobs=0 if logprobs else None,  # 0: just the sampled token's
@@ -129,9 +131,7 @@ class VLLMGenerator:
                     list(c.token_ids),
                     c.text,
                     c.finish_reason == "stop",
-                    [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
-                    if logprobs
-                    else None,
+                    [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] if logprobs else None,
                 )
                 for c in out.outputs
             ]
@@ -174,6 +174,7 @@ class HFGenerator:
                     do_sample=sampling.temperature > 0,
                     temperature=sampling.temperature or None,
                     top_p=sampling.top_p,
+                    top_k=sampling.top_k,  # 0: off (transformers would default to 50)
                     max_new_tokens=sampling.max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=eos,

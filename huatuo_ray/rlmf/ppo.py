@@ -221,12 +221,8 @@ class PPOConfig:
 
 
 def main(config: PPOConfig) -> dict[str, Any]:
-    import ray
-    import torch
     from transformers import AutoTokenizer
 
-    from huatuo_ray.rlmf import ppo_math
-    from huatuo_ray.rlmf.experience import concat, make_experience
     from huatuo_ray.runtime import connect
 
     connect(config.cluster, "ppo")
@@ -240,14 +236,31 @@ def main(config: PPOConfig) -> dict[str, Any]:
     )
     prompts = PromptStream(config, tokenizer)
 
-    iterations_steps = (
+    total_steps = (  # optimizer steps, for the LR schedule
         config.iterations * config.ppo_epochs * (config.rollout_size // config.minibatch_size)
     )
     groups = place_actor_groups(config)
+    try:
+        return run(config, groups, prompts, pad_id, total_steps)
+    finally:
+        for group in groups.values():
+            group.shutdown()
+
+
+def run(
+    config: PPOConfig, groups: dict[str, Any], prompts: PromptStream, pad_id: int, total_steps: int
+) -> dict[str, Any]:
+    """Set the groups up, resume if there is a checkpoint, then iterate."""
+    import ray
+
+    from huatuo_ray.rlmf import ppo_math
+    from huatuo_ray.rlmf.experience import concat, make_experience
+
     ray.get(
-        groups["policy"].setup_distributed(iterations_steps)
-        + groups["critic"].setup_distributed(iterations_steps)
+        groups["policy"].setup_distributed(total_steps)
+        + groups["critic"].setup_distributed(total_steps)
     )
+    placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
     sync = WeightSync(config, groups)
 
     state = load_latest_checkpoint(config, groups, prompts)
@@ -294,18 +307,7 @@ def main(config: PPOConfig) -> dict[str, Any]:
             fill_experience(exp, {k: ray.get(v) for k, v in calls.items()})
             filled.append(exp)
         exp = concat(filled, pad_id)
-        if config.reward.unfinished_score is not None:
-            exp.scores = torch.where(
-                exp.finished, exp.scores, torch.tensor(config.reward.unfinished_score)
-            )
-        mask = exp.action_mask.float()
-        exp.kl = ppo_math.kl_estimate(exp.logprobs, exp.ref_logprobs, config.kl.estimator) * mask
-        exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, kl_control.beta)
-        exp.advantages, exp.returns = ppo_math.gae(
-            exp.rewards, exp.values, mask, config.gamma, config.lam
-        )
-        if config.whiten_advantages:
-            exp.advantages = ppo_math.masked_whiten(exp.advantages, mask)
+        add_rewards_and_advantages(exp, kl_control.beta, config)
         times["experience_s"] = time.perf_counter() - started
 
         # 3. train policy and critic concurrently on the same rows
@@ -340,7 +342,27 @@ def main(config: PPOConfig) -> dict[str, Any]:
             save_checkpoint(config, groups, state)
 
     metrics.close()
-    return finish(config, groups, state, prompts)
+    return finish(config, groups, state, prompts, placement)
+
+
+def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
+    """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
+    whitened advantages; cut responses take ``reward.unfinished_score`` when it is set."""
+    import torch
+
+    from huatuo_ray.rlmf import ppo_math
+
+    if config.reward.unfinished_score is not None:
+        penalty = torch.tensor(config.reward.unfinished_score, dtype=exp.scores.dtype)
+        exp.scores = torch.where(exp.finished, exp.scores, penalty)
+    mask = exp.action_mask.float()
+    exp.kl = ppo_math.kl_estimate(exp.logprobs, exp.ref_logprobs, config.kl.estimator) * mask
+    exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, beta)
+    exp.advantages, exp.returns = ppo_math.gae(
+        exp.rewards, exp.values, mask, config.gamma, config.lam
+    )
+    if config.whiten_advantages:
+        exp.advantages = ppo_math.masked_whiten(exp.advantages, mask)
 
 
 # --------------------------------------------------------------------------- the wiring
@@ -662,7 +684,11 @@ class PPOMetrics:
 
 
 def finish(
-    config: PPOConfig, groups: dict[str, Any], state: dict[str, Any], prompts: PromptStream
+    config: PPOConfig,
+    groups: dict[str, Any],
+    state: dict[str, Any],
+    prompts: PromptStream,
+    placement: dict[str, list[str]],
 ) -> dict[str, Any]:
     """The final policy as a Hugging Face folder in OUTPUT, the rejects and the manifest."""
     import ray
@@ -686,6 +712,7 @@ def finish(
         head="AutoModelForCausalLM",
         reference=config.reference.mode,
         reward_normalisation=normalisation,
+        placement=placement,  # node id of each worker, per group
         training={
             "iterations": state["iteration"],
             "final_beta": state["beta"],

@@ -75,6 +75,18 @@ class ActorGroup:
             for i in range(resources.workers)
         ]
 
+    def shutdown(self) -> None:
+        """Kill the workers and free their placement group (shared ones: by the last user)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w)
+        try:
+            remove_placement_group(self.placement)
+        except Exception:  # noqa: BLE001 - already removed with a colocated group
+            pass
+
     def __len__(self) -> int:
         return len(self.workers)
 

@@ -1,0 +1,151 @@
+"""PPO's parts without Ray: the Experience layout, freezing, the frozen-trunk reference against a
+real second model, values and scores read from the right tokens, the hand-built reward model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from huatuo_ray.rlmf.experience import concat, make_experience
+from huatuo_ray.rlmf.model_ops import (
+    FrozenTrunkReference,
+    ValueModel,
+    forward_logits,
+    freeze_bottom,
+    last_token_scores,
+    response_values,
+    token_logprobs,
+)
+
+PAD = 2
+
+
+def test_experience_layout_left_pads_prompts_and_right_pads_responses() -> None:
+    exp = make_experience(
+        [[5, 6, 7], [8]],
+        [[9, 1], [10, 11, 12]],
+        [True, False],
+        PAD,
+        [[-1.0, -2.0], [-3.0, -4.0, -5.0]],
+    )
+    assert exp.prompt_width == 3
+    assert exp.sequences.tolist() == [[5, 6, 7, 9, 1, PAD], [PAD, PAD, 8, 10, 11, 12]]
+    assert exp.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert exp.action_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert exp.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert exp.responses.tolist() == [[9, 1, PAD], [10, 11, 12]]
+    assert exp.rollout_logprobs.tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
+    assert exp.finished.tolist() == [True, False]
+
+
+def test_concat_repads_chunks_and_shards_split_rows() -> None:
+    a = make_experience([[5, 6]], [[9]], [True], PAD)
+    b = make_experience([[7]], [[10, 11, 12]], [False], PAD)
+    a.values, b.values = torch.tensor([[0.5]]), torch.tensor([[1.0, 2.0, 3.0]])
+    a.scores, b.scores = torch.tensor([1.0]), torch.tensor([2.0])
+    both = concat([a, b], PAD)
+    assert both.prompt_width == 2
+    assert both.sequences.tolist() == [[5, 6, 9, PAD, PAD], [PAD, 7, 10, 11, 12]]
+    assert both.attention_mask.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert both.values.tolist() == [[0.5, 0.0, 0.0], [1.0, 2.0, 3.0]]
+    assert both.scores.tolist() == [1.0, 2.0]
+    assert both.logprobs is None
+    halves = both.shards(2)
+    assert [h.sequences.tolist() for h in halves] == [
+        [both.sequences[0].tolist()],
+        [both.sequences[1].tolist()],
+    ]
+    parts = both.minibatches(1, torch.Generator().manual_seed(0))
+    assert sorted(p.scores.item() for p in parts) == [1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def test_freeze_bottom_trains_top_layers_and_named_modules(policy) -> None:
+    model = copy.deepcopy(policy)
+    names = freeze_bottom(model, 1, ["model.norm", "lm_head"])
+    assert names and all(n.startswith(("model.layers.1.", "model.norm", "lm_head")) for n in names)
+    assert not any(p.requires_grad for p in model.model.layers[0].parameters())
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert freeze_bottom(model, None, []) == [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match="no module"):
+        freeze_bottom(model, 1, ["model.nope"])
+    with pytest.raises(ValueError, match="layers"):
+        freeze_bottom(model, 3, [])
+
+
+def test_frozen_trunk_reference_equals_a_separate_reference_model(policy) -> None:
+    """Train the top layer away from pi_0, then compare the hydra's reference log-probs with the
+    untouched model's: the trunk is shared, the copy holds pi_0's top."""
+    reference_model = copy.deepcopy(policy).eval()
+    model = copy.deepcopy(policy)
+    freeze_bottom(model, 1, ["model.norm", "lm_head"])
+    hydra = FrozenTrunkReference(model, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    exp = make_experience(
+        [[0, 50, 60, 70], [0, 80]], [[11, 12, 13, 1], [14, 15]], [True, False], PAD
+    )
+    with torch.no_grad(), hydra.capture():
+        policy_logits = forward_logits(model, exp)
+    ref_logits = hydra.logits()[:, exp.prompt_width - 1 : -1]
+    with torch.no_grad():
+        expected = forward_logits(reference_model, exp)
+    mask = exp.action_mask.bool()
+    got = token_logprobs(ref_logits, exp.responses, 1.0)[mask]
+    want = token_logprobs(expected, exp.responses, 1.0)[mask]
+    assert torch.allclose(got, want, atol=1e-5)
+    moved = token_logprobs(policy_logits, exp.responses, 1.0)[mask]
+    assert (moved - want).abs().max() > 1e-3  # the policy itself did move
+
+
+def test_frozen_trunk_refuses_trainable_weights_below_the_branch(policy) -> None:
+    model = copy.deepcopy(policy)
+    freeze_bottom(model, 1, ["model.embed_tokens"])
+    with pytest.raises(ValueError, match="separate"):
+        FrozenTrunkReference(model, 1)
+
+
+def test_values_and_scores_are_read_at_the_right_tokens(tiny_model_dir: str, tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from huatuo_ray.models.tiny import build_tiny_reward_model
+
+    path = build_tiny_reward_model(str(tmp_path / "rm"), tokenizer_dir=tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    values_model = ValueModel(model)
+    exp = make_experience([[0, 50, 60], [0, 80]], [[11, 12, 1], [14]], [True, False], PAD)
+    with torch.no_grad():
+        values = values_model(exp.sequences, exp.attention_mask, exp.position_ids)
+        scores = last_token_scores(values, exp)
+        # The classifier's own pooled score of each row alone, without padding.
+        alone = [model(torch.tensor([[0, 50, 60, 11, 12, 1]])).logits.item(),
+                 model(torch.tensor([[0, 80, 14]])).logits.item()]  # fmt: skip
+    assert scores.tolist() == pytest.approx(alone, abs=1e-5)
+    per_token = response_values(values, exp)
+    assert per_token.shape == exp.action_mask.shape
+    # V(s_0) of row 0 is read at its last prompt token (column 2).
+    assert per_token[0, 0].item() == pytest.approx(values[0, 2].item())
+
+
+def test_target_token_reward_model_prefers_the_target(tiny_model_dir: str, tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from huatuo_ray.testing.target_reward import build_target_token_reward_model
+
+    path = build_target_token_reward_model(str(tmp_path / "target"), tiny_model_dir, 100)
+    model = ValueModel(AutoModelForSequenceClassification.from_pretrained(path)).eval()
+    responses = [[100, 100, 100, 1], [100, 6, 7, 1], [5, 6, 7, 1]]
+    exp = make_experience([[0, 50, 60]] * 3, responses, [True] * 3, PAD)
+    with torch.no_grad():
+        scores = last_token_scores(model(exp.sequences, exp.attention_mask, exp.position_ids), exp)
+    assert scores[0] > scores[1] > scores[2]
