@@ -125,7 +125,10 @@ def test_ppo_with_hf_rollouts_raises_the_reward(
         ppo_config(ppo_inputs, tiny_model_dir, out, "hf", weight_sync="object_store")
     )
     assert manifest["stage"] == "ppo" and manifest["reference"] == "frozen_trunk"
-    assert manifest["training"]["iterations"] == 16 and manifest["training"]["prompts"] + manifest["training"]["rejected_prompts"] == 40
+    assert (
+        manifest["training"]["iterations"] == 16
+        and manifest["training"]["prompts"] + manifest["training"]["rejected_prompts"] == 40
+    )
     check_learning(out, 16)
     check_only_top_layers_moved(out, tiny_model_dir)
     assert sorted(os.listdir(out / "checkpoints")) == ["iter_000008", "iter_000016", "latest"]
@@ -206,3 +209,30 @@ def test_killed_ppo_job_resumes_from_its_checkpoint(
         after = history[before["iteration"] - 1]
         for key in ("reward_mean", "kl", "response_length"):
             assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.cluster
+def test_ppo_on_two_nodes_spreads_rollouts_and_runs_data_parallel_groups(
+    ppo_inputs, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    prompts, reward = ppo_inputs
+    out = tmp_path / "ppo-2nodes"
+    res = subprocess.run(
+        [sys.executable, "-m", "tests.ppo_two_nodes", prompts, reward, tiny_model_dir, str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("MANIFEST "))
+    manifest = json.loads(line.removeprefix("MANIFEST "))
+    assert manifest["training"]["iterations"] == 3
+    assert manifest["reference"] == "separate"
+    placement = manifest["placement"]
+    assert len(manifest["nodes"]) == 2
+    assert set(placement["rollout"]) == set(manifest["nodes"])  # one engine on each node
+    assert len(placement["policy"]) == len(placement["critic"]) == 2
+    assert len(placement["reference"]) == 1
+    # Colocated: reward worker i shares critic worker i's bundle, hence its node.
+    assert placement["reward"] == placement["critic"]
+    # Rollouts still came from the policy's weights after each sync, across nodes.
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(h["rollout_logprob_gap"] for h in history) < 1e-4
