@@ -27,10 +27,11 @@ def main() -> None:
         two = Resources(workers=2, num_cpus=0.25)
         config = ppo_config((prompts, reward), model, out, "hf", iterations=3, ppo_epochs=1,
                             micro_batch_size=4, cluster=ClusterConfig(address=cluster.address))  # fmt: skip
-        # Two ranks in the policy and critic worlds, a separate reference, the reward model
-        # sharing the critic's bundles, two rollout engines spread over the nodes.
+        # Two ranks in the policy (ZeRO-3: sharded weights, gathered for each sync) and critic
+        # (ZeRO-2) worlds, a separate reference (ZeRO-3 has no frozen trunk to share), the reward
+        # model sharing the critic's bundles, two rollout engines spread over the nodes.
         config.policy.resources = config.critic.resources = config.reward.resources = two
-        config.policy.deepspeed.zero_stage = config.critic.deepspeed.zero_stage = 2
+        config.policy.deepspeed.zero_stage, config.critic.deepspeed.zero_stage = 3, 2
         config.reference.mode = "separate"
         config.colocate = [["critic", "reward"]]
         config.rollout.resources = two

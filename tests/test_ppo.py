@@ -236,3 +236,5 @@ def test_ppo_on_two_nodes_spreads_rollouts_and_runs_data_parallel_groups(
     # Rollouts still came from the policy's weights after each sync, across nodes.
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(h["rollout_logprob_gap"] for h in history) < 1e-4
+    # The ZeRO-3 policy's shards were gathered into one Hugging Face folder.
+    check_only_top_layers_moved(out, tiny_model_dir)
