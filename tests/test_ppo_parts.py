@@ -149,3 +149,61 @@ def test_target_token_reward_model_prefers_the_target(tiny_model_dir: str, tmp_p
     with torch.no_grad():
         scores = last_token_scores(model(exp.sequences, exp.attention_mask, exp.position_ids), exp)
     assert scores[0] > scores[1] > scores[2]
+
+
+def _ppo_config(**overrides):
+    from huatuo_ray.rlmf.ppo import PPOConfig
+
+    return PPOConfig(inputs=["x"], output="y", **overrides)
+
+
+def test_rewards_and_advantages_by_hand() -> None:
+    from huatuo_ray.rlmf.ppo import RewardConfig, add_rewards_and_advantages
+
+    config = _ppo_config(reward=RewardConfig(unfinished_score=-1.0), gamma=1.0, lam=0.5,
+                         whiten_advantages=False)  # fmt: skip
+    exp = make_experience([[5], [5]], [[7, 8], [7, 1]], [False, True], PAD)
+    exp.logprobs = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]])
+    exp.ref_logprobs = torch.tensor([[-1.5, -2.0], [-1.0, -1.5]])
+    exp.values = torch.tensor([[0.5, 0.25], [0.0, 0.0]])
+    exp.scores = torch.tensor([2.0, 3.0])
+    add_rewards_and_advantages(exp, 0.1, config)
+    # Row 0 was cut at the length limit: its score 2.0 becomes the penalty -1.0.
+    assert exp.scores.tolist() == [-1.0, 3.0]
+    assert exp.kl.tolist() == [[0.5, 0.0], [0.0, 0.5]]
+    assert torch.allclose(exp.rewards, torch.tensor([[-0.05, -1.0], [0.0, 2.95]]))
+    # Row 0: delta_1 = -1 - 0.25 = -1.25; delta_0 = -0.05 + 0.25 - 0.5 = -0.3;
+    # A_0 = -0.3 + 0.5 * -1.25 = -0.925; returns = A + V.
+    assert torch.allclose(exp.advantages[0], torch.tensor([-0.925, -1.25]))
+    assert torch.allclose(exp.returns[0], torch.tensor([-0.425, -1.0]))
+    assert torch.allclose(exp.advantages[1], torch.tensor([1.475, 2.95]))
+
+
+def test_ppo_config_checks_batch_terms_and_resolves_the_reference() -> None:
+    from huatuo_ray.rlmf.ppo import PolicyConfig
+    from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig
+
+    assert _ppo_config().reference.mode == "frozen_trunk"  # the paper's top-2-layers setting
+    full = _ppo_config(policy=PolicyConfig(trainable_layers=None))
+    assert full.reference.mode == "separate"
+    zero3 = _ppo_config(policy=PolicyConfig(deepspeed=DeepSpeedConfig(zero_stage=3)))
+    assert zero3.reference.mode == "separate"
+    with pytest.raises(ValueError, match="minibatch_size"):
+        _ppo_config(rollout_size=60)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _ppo_config(micro_batch_size=3)
+    with pytest.raises(ValueError, match="colocate"):
+        _ppo_config(colocate=[["policy", "rollout"]])
+
+
+def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path) -> None:
+    from huatuo_ray.config import load_config
+    from huatuo_ray.rlmf.ppo import PPOConfig
+
+    path = tmp_path / "ppo.yaml"
+    path.write_text("inputs: [a]\noutput: b\npolicy:\n  optim: {lr: 1.0e-3}\n")
+    config = load_config(PPOConfig, str(path), ["critic.optim.weight_decay=0.1"])
+    assert config.policy.optim.lr == 1e-3
+    # PPO's constant schedule stays (OptimConfig's own defaults would warm up and decay).
+    assert (config.policy.optim.warmup_ratio, config.policy.optim.min_lr_ratio) == (0.0, 1.0)
+    assert (config.critic.optim.lr, config.critic.optim.weight_decay) == (5e-6, 0.1)
