@@ -26,6 +26,7 @@ class SamplingConfig:
     temperature: float = option(1.0, help="sampling temperature")
     top_p: float = option(0.9, help="nucleus sampling")
     top_k: int = option(0, help="sample from the k likeliest tokens only; 0: off")
+    ignore_eos: bool = option(False, help="always sample max_new_tokens (benchmarks)")
     max_new_tokens: int = option(256, help="longest response in tokens")
     seed: int = option(0, help="base seed; each prompt's seed is derived from it and the prompt id")
 
@@ -62,6 +63,11 @@ class EngineConfig:
     tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine")
     enforce_eager: bool = option(False, help="vLLM: no CUDA graphs (always on CPU)")
     max_model_len: int | None = option(None, help="vLLM: longest prompt + response")
+    hf_batch_prompts: bool = option(
+        False,
+        help="HF: all prompts of a call in one left-padded batch (faster; seeded per call, "
+        "not per prompt)",
+    )
 
 
 def vllm_available() -> bool:
@@ -117,6 +123,7 @@ class VLLMGenerator:
                 top_p=sampling.top_p,
                 top_k=sampling.top_k if sampling.top_k > 0 else -1,
                 max_tokens=sampling.max_new_tokens,
+                ignore_eos=sampling.ignore_eos,
                 seed=seed,
                 logprobs=0 if logprobs else None,  # 0: just the sampled token's
             )
@@ -151,6 +158,7 @@ class HFGenerator:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
+        self.batch_prompts = engine.hf_batch_prompts
 
     def generate(
         self,
@@ -161,42 +169,62 @@ class HFGenerator:
     ) -> list[list[Sample]]:
         import torch
 
+        if self.batch_prompts:
+            # One call for all prompts, seeded by all their seeds: reproducible for the same
+            # prompts in the same order (PPO's chunks), not per prompt.
+            torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
+            flat = self._generate(prompts, sampling, logprobs)
+        else:
+            flat = []
+            for prompt, seed in zip(prompts, seeds):
+                torch.manual_seed(seed)
+                flat += self._generate([prompt], sampling, logprobs)
+        n = sampling.n
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, logprobs: bool
+    ) -> list[Sample]:
+        """``n`` samples of each prompt, prompt by prompt, in one left-padded batch."""
+        import torch
+
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        results = []
-        for prompt, seed in zip(prompts, seeds):
-            torch.manual_seed(seed)
-            ids = torch.tensor([prompt] * sampling.n, device=self.device)
-            with torch.no_grad():
-                out = self.model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=sampling.temperature > 0,
-                    temperature=sampling.temperature or None,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k,  # 0: off (transformers would default to 50)
-                    max_new_tokens=sampling.max_new_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    return_dict_in_generate=True,
-                    output_logits=logprobs,
-                )
-            token_logprobs = None
-            if logprobs:  # raw logits, as vLLM reports them
-                logits = torch.stack(out.logits, dim=1).float()
-                new = out.sequences[:, len(prompt) :]
-                token_logprobs = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
-            samples = []
-            for i, row in enumerate(out.sequences[:, len(prompt) :].tolist()):
-                finished = eos in row
-                tokens = row[: row.index(eos) + 1] if finished else row
-                text = self.tokenizer.decode(
-                    [t for t in tokens if t != eos], skip_special_tokens=True
-                )
-                lps = token_logprobs[i, : len(tokens)].tolist() if logprobs else None
-                samples.append(Sample(tokens, text, finished, lps))
-            results.append(samples)
-        return results
+        rows = [p for p in prompts for _ in range(sampling.n)]
+        width = max(len(p) for p in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(rows):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        with torch.no_grad():
+            out = self.model.generate(
+                ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                do_sample=sampling.temperature > 0,
+                temperature=sampling.temperature or None,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,  # 0: off (transformers would default to 50)
+                max_new_tokens=sampling.max_new_tokens,
+                min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                return_dict_in_generate=True,
+                output_logits=logprobs,
+            )
+        new = out.sequences[:, width:]
+        token_logprobs = None
+        if logprobs:  # raw logits, as vLLM reports them
+            logits = torch.stack(out.logits, dim=1).float()
+            token_logprobs = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+        samples = []
+        for i, row in enumerate(new.tolist()):
+            finished = eos in row
+            tokens = row[: row.index(eos) + 1] if finished else row
+            text = self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+            lps = token_logprobs[i, : len(tokens)].tolist() if logprobs else None
+            samples.append(Sample(tokens, text, finished, lps))
+        return samples
 
 
 def prompt_seed(base: int, prompt_id: str) -> int:

@@ -120,7 +120,7 @@ class RewardConfig:
 class RolloutConfig:
     """The rollout engines."""
 
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(hf_batch_prompts=True))
     resources: Resources = field(default_factory=Resources)
     strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = option(
         "SPREAD", help="placement of the engines over nodes"
