@@ -6,8 +6,8 @@ It builds the tiny model, starts vLLM's OpenAI-compatible server on it as the lo
 API key, no network), and runs the ``jobs/tiny`` presets in order on one local Ray: ``data`` for
 the bundled consultations and cases (written for this project), then stage 1 — ``self-instruct``,
 ``dialogues``, ``polish`` — the ``mixture``, ``sft`` (2 Ray Train workers, DeepSpeed ZeRO-2 on
-CPU), and the mixed feedback: ``sample``, ``score`` and the ``reward-model``, and ``benchmark``. PPO and the
-other evaluation stages join as they land.
+CPU), the mixed feedback — ``sample``, ``score``, the ``reward-model`` — then ``ppo`` (rollout, policy,
+critic and reward actor groups) and ``benchmark``. The other evaluation stages join as they land.
 
 A tiny random model writes meaningless text: the demo shows the plumbing, not a doctor. To use a
 real teacher, change the preset's ``teacher`` block (e.g. ``teacher.base_url`` and
@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -153,6 +154,16 @@ def main() -> None:
             "run_name": f"rm-{int(started)}",
         },
     )
+    ppo_dir = out / "models" / "ppo"
+    shutil.rmtree(ppo_dir, ignore_errors=True)  # a fresh SFT model: no checkpoint to resume
+    rl = run_stage(
+        "ppo",
+        "ppo.yaml",
+        out,
+        inputs=f"[{d / 'consultations'}]",
+        output=str(ppo_dir),
+        **{"model.path": sft_dir, "reward.model.path": str(out / "models" / "reward")},
+    )
     print(f"\nmixture: {mixture['splits']} from {len(mixture['per_source'])} sources")
     training = sft["training"]
     print(
@@ -174,6 +185,11 @@ def main() -> None:
     )
     best = rm["training"]["best"]
     print(f"reward model: validation accuracy {best['accuracy']:.2f} at step {best['step']}")
+    first, last = rl["training"]["first"], rl["training"]["last"]
+    print(
+        f"ppo: {rl['training']['iterations']} iterations, reward {first['reward_mean']:.2f} -> "
+        f"{last['reward_mean']:.2f}, KL {last['kl']:.2f}, sync {last['sync_s'] * 1000:.0f} ms"
+    )
     scores = bench["metrics"]["demo-consultations"]
     print(
         "benchmark: "

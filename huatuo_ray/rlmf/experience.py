@@ -62,6 +62,17 @@ class Experience:
             },
         )
 
+    def to(self, device: torch.device | str) -> Experience:
+        """The same rows with every tensor on ``device``."""
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
+
     def shards(self, n: int) -> list[Experience]:
         """``n`` near-equal contiguous parts, one per data-parallel worker."""
         bounds = torch.linspace(0, len(self), n + 1).round().long().tolist()

@@ -28,7 +28,7 @@ class CriticWorker(TrainableWorker):
         return ValueModel(model)
 
     def values(self, exp: Experience) -> torch.Tensor:
-        exp = self._to_device(exp)
+        exp = exp.to(self.device)
         self.engine.eval()
         with torch.no_grad():
             values = self.engine(exp.sequences, exp.attention_mask, exp.position_ids)

