@@ -81,13 +81,14 @@ def test_freeze_bottom_trains_top_layers_and_named_modules(policy) -> None:
         freeze_bottom(model, 3, [])
 
 
-def test_frozen_trunk_reference_equals_a_separate_reference_model(policy) -> None:
-    """Train the top layer away from pi_0, then compare the hydra's reference log-probs with the
+@pytest.mark.parametrize("top", [1, 2])
+def test_frozen_trunk_reference_equals_a_separate_reference_model(policy, top: int) -> None:
+    """Train the top layers away from pi_0, then compare the hydra's reference log-probs with the
     untouched model's: the trunk is shared, the copy holds pi_0's top."""
     reference_model = copy.deepcopy(policy).eval()
     model = copy.deepcopy(policy)
-    freeze_bottom(model, 1, ["model.norm", "lm_head"])
-    hydra = FrozenTrunkReference(model, 1)
+    freeze_bottom(model, top, ["model.norm", "lm_head"])
+    hydra = FrozenTrunkReference(model, top)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -97,7 +98,8 @@ def test_frozen_trunk_reference_equals_a_separate_reference_model(policy) -> Non
     )
     with torch.no_grad(), hydra.capture():
         policy_logits = forward_logits(model, exp)
-    ref_logits = hydra.logits()[:, exp.prompt_width - 1 : -1]
+    width = exp.action_mask.shape[1]
+    ref_logits = hydra.logits(keep=width + 1)[:, :-1]
     with torch.no_grad():
         expected = forward_logits(reference_model, exp)
     mask = exp.action_mask.bool()
@@ -113,6 +115,14 @@ def test_frozen_trunk_refuses_trainable_weights_below_the_branch(policy) -> None
     freeze_bottom(model, 1, ["model.embed_tokens"])
     with pytest.raises(ValueError, match="separate"):
         FrozenTrunkReference(model, 1)
+    # A head tied to the input embeddings would train the trunk through the head.
+    tied = copy.deepcopy(policy)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    freeze_bottom(tied, 1, ["model.norm", "lm_head"])
+    with pytest.raises(ValueError, match="separate"):
+        FrozenTrunkReference(tied, 1)
+    with pytest.raises(ValueError, match=">= 1"):
+        FrozenTrunkReference(copy.deepcopy(policy), 0)
 
 
 def test_values_and_scores_are_read_at_the_right_tokens(tiny_model_dir: str, tmp_path) -> None:
@@ -180,14 +190,30 @@ def test_rewards_and_advantages_by_hand() -> None:
 
 
 def test_ppo_config_checks_batch_terms_and_resolves_the_reference() -> None:
-    from huatuo_ray.rlmf.ppo import PolicyConfig
+    from huatuo_ray.rlmf.ppo import (
+        CheckpointEvery,
+        PolicyConfig,
+        ReferenceConfig,
+        resolve_reference,
+    )
     from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig
 
-    assert _ppo_config().reference.mode == "frozen_trunk"  # the paper's top-2-layers setting
+    # The paper's top-2-layers setting shares the trunk, unless the head is tied to it.
+    assert resolve_reference(_ppo_config(), tied_embeddings=False) == "frozen_trunk"
+    assert resolve_reference(_ppo_config(), tied_embeddings=True) == "separate"
     full = _ppo_config(policy=PolicyConfig(trainable_layers=None))
-    assert full.reference.mode == "separate"
+    assert resolve_reference(full, False) == "separate"
     zero3 = _ppo_config(policy=PolicyConfig(deepspeed=DeepSpeedConfig(zero_stage=3)))
-    assert zero3.reference.mode == "separate"
+    assert resolve_reference(zero3, False) == "separate"
+    with pytest.raises(ValueError, match="ZeRO"):
+        _ppo_config(policy=PolicyConfig(deepspeed=DeepSpeedConfig(zero_stage=3)),
+                    reference=ReferenceConfig(mode="frozen_trunk"))  # fmt: skip
+    with pytest.raises(ValueError, match="ties its head"):
+        resolve_reference(_ppo_config(reference=ReferenceConfig(mode="frozen_trunk")), True)
+    with pytest.raises(ValueError, match="each in one list"):
+        _ppo_config(colocate=[["critic", "reward"], ["reward", "policy"]])
+    with pytest.raises(ValueError, match="keep"):
+        _ppo_config(checkpoint=CheckpointEvery(every_iterations=1, keep=0))
     with pytest.raises(ValueError, match="minibatch_size"):
         _ppo_config(rollout_size=60)
     with pytest.raises(ValueError, match="micro_batch_size"):

@@ -104,6 +104,9 @@ class VLLMGenerator:
             seed=0,
             # PPO pushes new weights into the engine through these worker methods.
             worker_extension_cls="huatuo_ray.rlmf.weight_sync.VLLMWeightReceiver",
+            # Inside a Ray actor vLLM would place its TP workers with Ray, on GPUs the actor
+            # already holds; its own processes use exactly the GPUs Ray gave the actor.
+            **({"distributed_executor_backend": "mp"} if engine.tensor_parallel_size > 1 else {}),
         )
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -10,7 +10,8 @@ the reference model's bottom layers. :class:`FrozenTrunkReference` keeps a froze
 top N layers, the final norm and the head, taken from the SFT weights; one policy forward pass
 records the hidden states entering layer L-N, and the copy finishes the reference forward from
 there. The reference log-probs then cost N layers instead of a second model, and no second model
-sits in memory. It is exact: the test compares it with a separate reference model.
+sits in memory. It is exact (a test compares it with a separate reference model); it needs an untied head and
+ZeRO <= 2, which :func:`~huatuo_ray.rlmf.ppo.resolve_reference` checks.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not lists:
         raise ValueError(f"{type(model).__name__}: no decoder layer list found")
     return max(lists, key=len)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """No dropout while training PPO: the old log-probs and values were computed without it, so
+    the first step's ratio must be exactly 1 (trlx and OpenRLHF do the same)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
 
 
 def freeze_bottom(
@@ -65,14 +78,17 @@ def freeze_bottom(
 
 
 def forward_logits(model: Any, exp: Experience) -> torch.Tensor:
-    """Logits predicting each response token: (B, R, vocab)."""
+    """Logits predicting each response token: (B, R, vocab). Only those positions go through
+    the LM head (the prompt's logits would cost B x P x vocab for nothing)."""
+    width = exp.action_mask.shape[1]
     out = model(
         input_ids=exp.sequences,
         attention_mask=exp.attention_mask,
         position_ids=exp.position_ids,
         use_cache=False,
+        logits_to_keep=width + 1,
     )
-    return out.logits[:, exp.prompt_width - 1 : -1]
+    return out.logits[:, -width - 1 : -1]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -84,71 +100,90 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 class FrozenTrunkReference:
     """The reference model as: the policy's frozen bottom layers + a frozen copy of the rest.
 
-    ``capture()`` wraps one policy forward pass and records what enters the first trainable layer;
-    ``logits()`` runs the frozen copies of the top layers, the final norm and the head on it.
+    ``capture()`` wraps one policy forward pass and records what enters each trainable layer
+    (hidden states for the first; masks and rotary embeddings for each, since models may mix
+    layer types); ``logits()`` runs the frozen copies of the top layers, the final norm and the
+    head on it. Build it before any training step, from pi_0's weights, in the dtype the policy
+    runs in.
     """
 
     def __init__(self, model: nn.Module, trainable_layers: int):
+        if trainable_layers < 1:
+            raise ValueError("the frozen-trunk reference needs trainable_layers >= 1")
         layers = decoder_layers(model)
         self.first = len(layers) - trainable_layers
         self.layers = [layers[i] for i in range(self.first, len(layers))]
         base = getattr(model, "base_model", model)
-        self.norm_name = next(n for n in ("norm", "final_layernorm", "ln_f") if hasattr(base, n))
-        self.norm = getattr(base, self.norm_name)
+        norm_name = next((n for n in ("norm", "final_layernorm", "ln_f") if hasattr(base, n)), None)
+        if norm_name is None:
+            raise ValueError(
+                f"{type(model).__name__}: no final norm found; use reference: separate"
+            )
+        self.norm = getattr(base, norm_name)
         self.head = model.get_output_embeddings()
         copied = nn.ModuleList([*self.layers, self.norm, self.head])
-        frozen = copy.deepcopy(copied).requires_grad_(False).eval()
-        self.frozen_layers = list(frozen)[: len(self.layers)]
-        self.frozen_norm, self.frozen_head = frozen[-2], frozen[-1]
-        # Everything that trains must be inside the copy: otherwise the trunk drifts from pi_0.
+        # Everything that trains must be inside the copy, and nothing in the copy may be shared
+        # with the trunk (a head tied to the input embeddings): else the trunk drifts from pi_0.
         copied_ids = {id(p) for p in copied.parameters()}
-        trunk = [p for n, p in model.named_parameters() if id(p) not in copied_ids]
-        trainable_trunk = [p for p in trunk if p.requires_grad]
-        shared = {id(p) for p in trunk} & {id(p) for p in self.head.parameters()}
-        if trainable_trunk or shared:
+        trunk = [p for _, p in model.named_parameters() if id(p) not in copied_ids]
+        embeddings = model.get_input_embeddings()
+        tied = embeddings is not None and any(
+            p is q for p in self.head.parameters() for q in embeddings.parameters()
+        )
+        if tied or any(p.requires_grad for p in trunk):
             raise ValueError(
                 "the frozen-trunk reference needs every trainable weight in the top layers, the"
                 " final norm or an untied head; use reference: separate"
             )
-        self._captured: tuple[tuple, dict] | None = None
+        frozen = copy.deepcopy(copied).requires_grad_(False).eval()
+        self.frozen_layers = list(frozen)[: len(self.layers)]
+        self.frozen_norm, self.frozen_head = frozen[-2], frozen[-1]
+        self._captured: list[tuple[tuple, dict] | None] = [None] * len(self.layers)
 
     def capture(self) -> Any:
-        """A context manager recording the inputs of the first trainable layer."""
-        reference = self
-
-        class _Capture:
-            def __enter__(self_inner) -> None:
-                def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-                    reference._captured = (args, kwargs)
-
-                self_inner.handle = reference.layers[0].register_forward_pre_hook(
-                    hook, with_kwargs=True
-                )
-
-            def __exit__(self_inner, *exc: Any) -> None:
-                self_inner.handle.remove()
-
-        return _Capture()
+        """A context manager recording the inputs of every trainable layer."""
+        return _Capture(self)
 
     @torch.no_grad()
-    def logits(self) -> torch.Tensor:
-        if self._captured is None:
+    def logits(self, keep: int | None = None) -> torch.Tensor:
+        """The reference's logits at the captured positions (the last ``keep`` ones only)."""
+        if any(c is None for c in self._captured):
             raise RuntimeError("no policy forward pass captured")
-        args, kwargs = self._captured
-        hidden, rest = args[0], args[1:]
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        if "hidden_states" in self._captured[1]:
-            hidden = self._captured[1]["hidden_states"]
-        for layer in self.frozen_layers:
-            out = layer(hidden, *rest, **kwargs)
+        hidden = None
+        for layer, (args, kwargs) in zip(self.frozen_layers, self._captured):
+            kwargs = dict(kwargs)
+            if hidden is None:  # the first trainable layer's input: the shared trunk's output
+                hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+            else:
+                kwargs.pop("hidden_states", None)
+            out = layer(hidden, *args[1:], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        self._captured = None
+        self._captured = [None] * len(self.layers)
+        if keep is not None:
+            hidden = hidden[:, -keep:]
         return self.frozen_head(self.frozen_norm(hidden))
 
-    def to(self, device: Any) -> FrozenTrunkReference:
+    def to(self, device: Any, dtype: torch.dtype | None = None) -> FrozenTrunkReference:
         for m in (*self.frozen_layers, self.frozen_norm, self.frozen_head):
-            m.to(device)
+            m.to(device=device, dtype=dtype)
         return self
+
+
+class _Capture:
+    def __init__(self, reference: FrozenTrunkReference):
+        self.reference, self.handles = reference, []
+
+    def __enter__(self) -> None:
+        for i, layer in enumerate(self.reference.layers):
+
+            def hook(_module: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+                self.reference._captured[i] = (args, kwargs)
+
+            self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class ValueModel(nn.Module):
@@ -156,9 +191,15 @@ class ValueModel(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
-        self.backbone = model.base_model
-        self.head = getattr(model, "score", None) or model.classifier
+        self.model = model  # the only submodule: state dicts and checkpoints hold it once
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.base_model
+
+    @property
+    def head(self) -> nn.Module:
+        return getattr(self.model, "score", None) or self.model.classifier
 
     def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any) -> torch.Tensor:
         hidden = self.backbone(

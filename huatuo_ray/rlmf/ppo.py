@@ -181,7 +181,9 @@ class PPOConfig:
         [], help="groups sharing GPUs, e.g. [[policy, reference], [critic, reward]]"
     )
     checkpoint: CheckpointEvery = field(default_factory=CheckpointEvery)
-    seed: int = option(0, help="seed of prompt order, sampling and minibatch shuffles")
+    seed: int = option(
+        0, help="seed of the prompt order and minibatch shuffles (sampling.seed: of the samples)"
+    )
     tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -200,28 +202,52 @@ class PPOConfig:
                 "rollout_size must be a multiple of rollout.chunk_size, itself a multiple of the"
                 " policy workers"
             )
+        for group in ("critic", "reference", "reward"):
+            if getattr(self, group).resources.workers > self.rollout.chunk_size:
+                raise ValueError(f"{group}: more workers than rollout.chunk_size rows to share")
         if self.sampling.n != 1:
             raise ValueError("PPO samples one response per prompt (sampling.n: 1)")
-        groups = {"policy", "critic", "reference", "reward", "rollout"}
-        for names in self.colocate:
-            if not set(names) <= groups - {"rollout"}:
-                raise ValueError(f"colocate: {names} (groups: policy, critic, reference, reward)")
-        if self.reference.mode == "auto":
-            can = self.policy.trainable_layers is not None and self.policy.deepspeed.zero_stage < 3
-            self.reference.mode = "frozen_trunk" if can else "separate"
-        if self.reference.frozen_trunk and (
-            self.policy.trainable_layers is None or self.policy.deepspeed.zero_stage == 3
+        rollout = self.rollout
+        if (
+            rollout.resources.num_gpus
+            and rollout.resources.num_gpus != rollout.engine.tensor_parallel_size
         ):
+            raise ValueError("rollout.resources.num_gpus must equal engine.tensor_parallel_size")
+        if self.checkpoint.every_iterations < 1 or self.checkpoint.keep < 1:
+            raise ValueError("checkpoint.every_iterations and checkpoint.keep must be >= 1")
+        groups = {"policy", "critic", "reference", "reward"}
+        named = [n for names in self.colocate for n in names]
+        if not set(named) <= groups or len(named) != len(set(named)):
             raise ValueError(
-                "reference.mode frozen_trunk needs policy.trainable_layers and ZeRO <= 2"
+                f"colocate: {self.colocate}: groups among policy, critic, reference, reward,"
+                " each in one list at most"
             )
+        if self.reference.mode == "frozen_trunk" and not _frozen_trunk_possible(self):
+            raise ValueError(
+                "reference.mode frozen_trunk needs policy.trainable_layers >= 1 and ZeRO <= 2"
+            )
+
+
+def _frozen_trunk_possible(config: PPOConfig) -> bool:
+    layers = config.policy.trainable_layers
+    return layers is not None and layers >= 1 and config.policy.deepspeed.zero_stage < 3
+
+
+def resolve_reference(config: PPOConfig, tied_embeddings: bool) -> str:
+    """``auto`` -> frozen_trunk when only top layers train under ZeRO <= 2 and the head is not
+    tied to the input embeddings (the trunk would then train); else a separate reference."""
+    if config.reference.mode == "frozen_trunk" and tied_embeddings:
+        raise ValueError("reference.mode frozen_trunk: the model ties its head to its embeddings")
+    if config.reference.mode != "auto":
+        return config.reference.mode
+    return "frozen_trunk" if _frozen_trunk_possible(config) and not tied_embeddings else "separate"
 
 
 # --------------------------------------------------------------------------- the recipe
 
 
 def main(config: PPOConfig) -> dict[str, Any]:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from huatuo_ray.runtime import connect
 
@@ -231,6 +257,12 @@ def main(config: PPOConfig) -> dict[str, Any]:
     _absolute_paths(config)
     os.makedirs(config.output, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    model_config = AutoConfig.from_pretrained(
+        config.model.path, trust_remote_code=config.model.trust_remote_code
+    )
+    config.reference.mode = resolve_reference(
+        config, bool(getattr(model_config, "tie_word_embeddings", False))
+    )
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -239,10 +271,11 @@ def main(config: PPOConfig) -> dict[str, Any]:
     total_steps = (  # optimizer steps, for the LR schedule
         config.iterations * config.ppo_epochs * (config.rollout_size // config.minibatch_size)
     )
-    groups = place_actor_groups(config)
+    groups: dict[str, Any] = {}
     try:
+        place_actor_groups(config, groups)
         return run(config, groups, prompts, pad_id, total_steps)
-    finally:
+    finally:  # also when placing failed half-way
         for group in groups.values():
             group.shutdown()
 
@@ -283,7 +316,7 @@ def run(
         engines = groups["rollout"].workers
         pending = [
             engines[i % len(engines)].generate.remote(
-                [p.ids for p in chunk], [p.seed(config.seed, iteration) for p in chunk]
+                [p.ids for p in chunk], [p.seed(config.sampling.seed, iteration) for p in chunk]
             )
             for i, chunk in enumerate(chunks)
         ]
@@ -382,8 +415,8 @@ def _absolute_paths(config: PPOConfig) -> None:
         config.tensorboard_dir = os.path.join(config.output, "tensorboard")
 
 
-def place_actor_groups(config: PPOConfig) -> dict[str, Any]:
-    """Create every group on its placement group (colocated groups share one)."""
+def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
+    """Create every group into ``groups`` on its placement group (colocated groups share one)."""
     from huatuo_ray.rlmf.actors.critic import CriticWorker
     from huatuo_ray.rlmf.actors.frozen import ReferenceWorker, RewardWorker
     from huatuo_ray.rlmf.actors.group import ActorGroup, colocated_placement
@@ -408,11 +441,9 @@ def place_actor_groups(config: PPOConfig) -> dict[str, Any]:
         placement, share = shared.get(name, (None, 1.0))
         return ActorGroup(name, actor_class, resources[name], args, placement, share)
 
-    groups = {
-        "policy": group("policy", PolicyWorker, config, config.policy),
-        "critic": group("critic", CriticWorker, config, config.critic),
-        "reward": group("reward", RewardWorker, config.reward.model, config.reward.normalise),
-    }
+    groups["policy"] = group("policy", PolicyWorker, config, config.policy)
+    groups["critic"] = group("critic", CriticWorker, config, config.critic)
+    groups["reward"] = group("reward", RewardWorker, config.reward.model, config.reward.normalise)
     if not config.reference.frozen_trunk:
         groups["reference"] = group(
             "reference", ReferenceWorker, config.model, config.sampling.temperature
@@ -427,7 +458,6 @@ def place_actor_groups(config: PPOConfig) -> dict[str, Any]:
         # weights in place on CPUs, and one process per engine is simpler to place).
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
-    return groups
 
 
 def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> dict[str, list]:
@@ -471,16 +501,17 @@ class WeightSync:
         if self.method != "broadcast":
             return
         self.specs = ray.get(self.policy.workers[0].weight_specs.remote())
-        tp = config.rollout.engine.tensor_parallel_size
-        world = 1 + tp * len(self.rollout)
+        ranks = ray.get(self.rollout.call("engine_ranks"))  # TP ranks of each engine (HF: 1)
+        offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        world = 1 + sum(ranks)
         addr, port = ray.get(self.policy.workers[0].address.remote())
         on_gpu = config.rollout.resources.num_gpus > 0 and config.policy.resources.num_gpus > 0
         backend = "nccl" if on_gpu else "gloo"
         ray.get(
             self.policy.call("join_sync_group", addr, port, world, backend)
             + [
-                w.join_sync_group.remote(addr, port, 1 + i * tp, world, backend)
-                for i, w in enumerate(self.rollout.workers)
+                w.join_sync_group.remote(addr, port, offset, world, backend)
+                for offset, w in zip(offsets, self.rollout.workers)
             ]
         )
 

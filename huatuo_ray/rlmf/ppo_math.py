@@ -40,10 +40,13 @@ def masked_whiten(
 def kl_estimate(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1"
 ) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from sampled tokens' log-probs.
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman's notes).
 
-    k1: log r (unbiased, can be negative; trlx's choice); k2: (log r)^2 / 2; k3: (r - 1) - log r
-    with r = pi_ref / pi ... written here with log r = logprobs - ref_logprobs (Schulman's notes).
+    With log_ratio = log pi(x) - log pi_ref(x):
+    k1 = log_ratio (unbiased, can be negative; trlx's choice);
+    k2 = log_ratio^2 / 2 (biased, low variance);
+    k3 = (exp(-log_ratio) - 1) + log_ratio, i.e. (q - 1) - log q with q = pi_ref / pi
+    (unbiased and never negative).
     """
     log_ratio = logprobs - ref_logprobs
     if kind == "k1":

@@ -91,6 +91,12 @@ class VLLMWeightReceiver:
     def _huatuo_reload(self, named: list[tuple[str, torch.Tensor]]) -> int:
         # vLLM repacks some weights after loading (CPU kernels, quantisation); its in-place
         # reload restores the loaders first, so a plain model.load_weights would fail there.
+        # It also lists every weight not sent, i.e. the whole frozen trunk, on each update.
+        import logging
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(
+            lambda record: "were not loaded" not in record.getMessage()
+        )
         self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
         return len(named)
 

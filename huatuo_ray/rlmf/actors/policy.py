@@ -39,13 +39,17 @@ class PolicyWorker(TrainableWorker):
         self.trainable = freeze_bottom(
             model, self.role.trainable_layers, self.role.trainable_modules
         )
-        # Taken now, from the SFT weights: the reference is pi_0 even after a resume.
-        self.reference = (
-            FrozenTrunkReference(model, self.role.trainable_layers).to(self.device)
-            if self.config.reference.frozen_trunk
-            else None
-        )
         return model
+
+    def engine_ready(self) -> None:
+        # Taken now, from the SFT weights in the engine's dtype and device: the reference is
+        # pi_0 even after a resume (checkpoints are loaded after this).
+        self.reference = None
+        if self.config.reference.frozen_trunk:
+            module = self.engine.module
+            dtype = next(module.parameters()).dtype
+            self.reference = FrozenTrunkReference(module, self.role.trainable_layers)
+            self.reference.to(self.device, dtype)
 
     def log_probs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Policy log-probs of the sampled tokens, and the reference's from the frozen trunk."""
@@ -58,7 +62,8 @@ class PolicyWorker(TrainableWorker):
                 return token_logprobs(logits, exp.responses, temperature).cpu(), None
             with self.reference.capture():
                 logits = forward_logits(self.engine, exp)
-            ref_logits = self.reference.logits()[:, exp.prompt_width - 1 : -1]
+            width = exp.action_mask.shape[1]
+            ref_logits = self.reference.logits(keep=width + 1)[:, :-1]
             return (
                 token_logprobs(logits, exp.responses, temperature).cpu(),
                 token_logprobs(ref_logits, exp.responses, temperature).cpu(),
@@ -70,7 +75,10 @@ class PolicyWorker(TrainableWorker):
         loss, stats = policy_loss(
             logprobs, micro.logprobs, micro.advantages, micro.action_mask, self.config.clip_ratio
         )
-        entropy = masked_mean(entropy_from_logits(logits.detach()), micro.action_mask)
+        temperature = self.config.sampling.temperature
+        entropy = masked_mean(
+            entropy_from_logits(logits.detach() / max(temperature, 1e-6)), micro.action_mask
+        )
         return loss, {
             "policy_loss": float(loss.detach()),
             "entropy": float(entropy),

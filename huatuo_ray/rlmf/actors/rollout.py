@@ -20,6 +20,7 @@ from huatuo_ray.rlmf.generation import (
 class RolloutWorker(ModelWorker):
     def __init__(self, model_path: str, engine: EngineConfig, sampling: SamplingConfig):
         self.generator = make_generator(model_path, engine)
+        self.tensor_parallel_size = engine.tensor_parallel_size
         self.sampling = sampling
         self.sync_group: Any = None
 
@@ -34,6 +35,12 @@ class RolloutWorker(ModelWorker):
         return [s[0] for s in self.generator.generate(prompts, one, seeds, logprobs=True)]
 
     # ---------------------------------------------------------------- weight sync
+
+    def engine_ranks(self) -> int:
+        """Processes of this engine that join the weight-sync group (vLLM: one per TP rank)."""
+        if isinstance(self.generator, HFGenerator):
+            return 1
+        return self.tensor_parallel_size
 
     def join_sync_group(self, addr: str, port: int, rank: int, world: int, backend: str) -> None:
         if isinstance(self.generator, HFGenerator):

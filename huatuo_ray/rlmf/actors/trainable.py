@@ -16,6 +16,7 @@ import torch
 
 from huatuo_ray.rlmf.actors.base import ModelWorker, all_reduce_mean, deepspeed_engine
 from huatuo_ray.rlmf.experience import Experience
+from huatuo_ray.rlmf.model_ops import disable_dropout
 
 TAG = "deepspeed"
 
@@ -37,6 +38,7 @@ class TrainableWorker(ModelWorker):
         self.init_distributed(addr, port, rank, world)
         torch.manual_seed(self.config.seed)
         module = self.build()
+        disable_dropout(module)
         c = self.config
         self.accumulation = c.minibatch_size // (c.micro_batch_size * world)
         self.engine, self.schedule = deepspeed_engine(
@@ -48,7 +50,11 @@ class TrainableWorker(ModelWorker):
             total_steps,
             self.device.type == "cuda",
         )
+        self.engine_ready()
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    def engine_ready(self) -> None:
+        """Called once the engine holds the initial weights, before any step or restore."""
 
     def train(self, exp: Experience, iteration: int) -> dict[str, float]:
         """``ppo_epochs`` passes over this worker's share of the rollout; mean stats."""
@@ -78,15 +84,23 @@ class TrainableWorker(ModelWorker):
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, folder: str) -> None:
-        """Every rank writes its shards (collective); rank 0 adds the LR schedule."""
-        self.engine.save_checkpoint(folder, tag=TAG)
+        """Every rank writes its shards (collective); rank 0 adds the LR schedule. Frozen
+        weights are left out: they come back from the model the run started from."""
+        self.engine.save_checkpoint(folder, tag=TAG, exclude_frozen_parameters=True)
         if self.rank == 0:
             torch.save(self.schedule.state_dict(), os.path.join(folder, "schedule.pt"))
             with open(os.path.join(folder, "worker.json"), "w") as f:
                 json.dump({"world_size": self.world_size}, f)
 
     def load_checkpoint(self, folder: str) -> None:
-        path, _ = self.engine.load_checkpoint(folder, tag=TAG)
+        with open(os.path.join(folder, "worker.json")) as f:
+            saved = json.load(f)["world_size"]
+        if saved != self.world_size:
+            raise ValueError(
+                f"{folder} was written by {saved} workers, this group has {self.world_size}:"
+                " resume with the same resources.workers"
+            )
+        path, _ = self.engine.load_checkpoint(folder, tag=TAG, load_module_strict=False)
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {folder}")
         self.schedule.load_state_dict(
