@@ -75,7 +75,7 @@ class TeacherConfig:
     api_key_env: str = option(
         "OPENAI_API_KEY",
         help="name of the environment variable holding the key (pass it to a Ray job with "
-        "--runtime-env-json, never in the config)",
+        "--runtime-env-json, never in the config); empty: an endpoint that checks no key",
     )
     max_concurrency: int = option(16, help="requests in flight per worker process")
     requests_per_minute: float | None = option(

@@ -16,11 +16,12 @@ class Stage:
     module: str
     config: str
     summary: str
+    entry: str = "main"  # the recipe's function
 
     def load(self) -> tuple[type, object]:
         """(config class, main function) of the stage."""
         mod = importlib.import_module(self.module)
-        return getattr(mod, self.config), mod.main
+        return getattr(mod, self.config), getattr(mod, self.entry)
 
 
 STAGES: dict[str, Stage] = {
@@ -91,6 +92,38 @@ STAGES: dict[str, Stage] = {
             "huatuo_ray.eval.benchmark",
             "BenchmarkConfig",
             "evaluation: zero-shot answers on QA test sets, BLEU/GLEU/ROUGE/Distinct (table 2)",
+        ),
+        Stage(
+            "judge",
+            "huatuo_ray.eval.judge",
+            "JudgeConfig",
+            "evaluation: the teacher compares two models' answers pairwise, seeded position switch (D)",
+        ),
+        Stage(
+            "consult",
+            "huatuo_ray.eval.consult",
+            "ConsultConfig",
+            "evaluation: the teacher plays the patient of a real case, the model under test the doctor",
+        ),
+        Stage(
+            "doctor-export",
+            "huatuo_ray.eval.doctors",
+            "DoctorExportConfig",
+            "evaluation: anonymised, order-scrambled pairs (CSV + HTML form) for doctors to rate",
+            entry="export_main",
+        ),
+        Stage(
+            "doctor-import",
+            "huatuo_ray.eval.doctors",
+            "DoctorImportConfig",
+            "evaluation: doctors' votes unscrambled into win/tie/loss tables",
+            entry="import_main",
+        ),
+        Stage(
+            "report",
+            "huatuo_ray.eval.report",
+            "ReportConfig",
+            "evaluation: one HTML + Markdown report: metric and win/tie/loss tables, charts, curves",
         ),
         Stage(
             "tiny-model",

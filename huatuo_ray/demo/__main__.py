@@ -164,12 +164,6 @@ def main() -> None:
         output=str(ppo_dir),
         **{"model.path": sft_dir, "reward.model.path": str(out / "models" / "reward")},
     )
-    print(f"\nmixture: {mixture['splits']} from {len(mixture['per_source'])} sources")
-    training = sft["training"]
-    print(
-        f"sft: {training['steps']} steps, loss {training['train_loss'][0][1]:.3f} -> "
-        f"{training['train_loss'][-1][1]:.3f}, best validation loss {training['best_val_loss']:.3f}"
-    )
     bench = run_stage(
         "benchmark",
         "benchmark.yaml",
@@ -177,6 +171,63 @@ def main() -> None:
         sets=f"[{{name: demo-consultations, path: {d / 'consultations'}}}]",
         output=str(out / "eval" / "benchmark"),
         **{"model.path": sft_dir},
+    )
+    e = out / "eval"
+    ppo_model = str(ppo_dir)
+    with local_teacher(model_dir) as base_url:
+        teacher = {"teacher.base_url": base_url}
+        models = {"a.model": ppo_model, "b.model": sft_dir}
+        single = run_stage(
+            "judge",
+            "judge.yaml",
+            out,
+            questions=str(d / "consultations"),
+            output=str(e / "judge"),
+            overwrite="true",
+            **models,
+            **teacher,
+        )
+        for name, path in (("PPO", ppo_model), ("SFT", sft_dir)):
+            run_stage(
+                "consult",
+                "consult.yaml",
+                out,
+                cases=str(d / "cases"),
+                name=name,
+                doctor_model=path,
+                output=str(e / f"consult-{name.lower()}"),
+                overwrite="true",
+                **teacher,
+            )
+        multi = run_stage(
+            "judge", "judge.consult.yaml", out, output=str(e / "judge-consult"),
+            overwrite="true", **{"a.answers": str(e / "consult-ppo"),
+                                 "b.answers": str(e / "consult-sft")}, **teacher,
+        )  # fmt: skip
+    run_stage(
+        "doctor-export",
+        "doctor-export.yaml",
+        out,
+        pairs=str(e / "judge-consult"),
+        output=str(e / "doctors" / "for-raters"),
+        key_output=str(e / "doctors" / "private"),
+    )
+    models_dir = out / "models"
+    made = run_stage(
+        "report", "report.yaml", out, output=str(e / "report"),
+        benchmarks=f"[{e / 'benchmark'}]",
+        comparisons=f"[{{title: 'Single-turn: PPO vs SFT (table 4)', path: {e / 'judge'}}}, "
+        f"{{title: 'Consultations: PPO vs SFT (table 5)', path: {e / 'judge-consult'}}}]",
+        training="[" + ", ".join(f"{{title: {t}, path: {models_dir / m / 'tensorboard'}}}"
+                                 for t, m in (("SFT", "sft"), ("reward model", "reward"),
+                                              ("PPO", "ppo"))) + "]",
+        models=f"[{models_dir / 'sft'}, {models_dir / 'reward'}, {ppo_dir}]",
+    )  # fmt: skip
+    print(f"\nmixture: {mixture['splits']} from {len(mixture['per_source'])} sources")
+    training = sft["training"]
+    print(
+        f"sft: {training['steps']} steps, loss {training['train_loss'][0][1]:.3f} -> "
+        f"{training['train_loss'][-1][1]:.3f}, best validation loss {training['best_val_loss']:.3f}"
     )
     fb = feedback["feedback"]
     print(
@@ -195,6 +246,12 @@ def main() -> None:
         "benchmark: "
         + ", ".join(f"{k} {scores[k]:.1f}" for k in ("BLEU-1", "ROUGE-L", "Distinct-2"))
     )
+    for title, result in (("single-turn", single), ("consultations", multi)):
+        overall = result["results"]["table"].get("overall", {})
+        print(f"judge ({title}): PPO vs SFT win/tie/loss {overall.get('win', 0)}/"
+              f"{overall.get('tie', 0)}/{overall.get('loss', 0)}")  # fmt: skip
+    print(f"doctor evaluation form: {e / 'doctors' / 'for-raters' / 'form.html'}")
+    print(f"\nreport: {made['report']}")
     print(f"done in {time.time() - started:.0f} s; artifacts and manifests under {out}")
     print(
         "\nNote: the tiny model has random weights, so the distilled text is meaningless. For a\n"

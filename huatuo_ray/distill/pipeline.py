@@ -64,6 +64,7 @@ class TeacherMapper:
         limiter_name: str | None,
         fn_kwargs: dict[str, Any],
         stage: str,
+        agents: dict[str, TeacherConfig] | None = None,
     ):
         import ray
 
@@ -71,9 +72,15 @@ class TeacherMapper:
         from huatuo_ray.teacher.limiter import RemoteLimiter
 
         self.fn = _load_fn(fn_path)
-        self.fn_kwargs, self.stage = fn_kwargs, stage
+        self.fn_kwargs, self.stage = dict(fn_kwargs), stage
         limiter = RemoteLimiter(ray.get_actor(limiter_name)) if limiter_name else None
         self.teacher = TeacherClient(teacher, ResponseCache(cache_uri), limiter)
+        # Other endpoints the record function talks to (e.g. the model under test in ``consult``),
+        # passed to it by name; each keeps its own answer cache (not the teacher's limits).
+        for name, agent in (agents or {}).items():
+            self.fn_kwargs[name] = TeacherClient(
+                agent, ResponseCache(storage.join(cache_uri, name))
+            )
 
     async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         # gather() runs each row in its own task (its own context): this usage is the row's alone.
@@ -132,8 +139,10 @@ def run_teacher_map(
     fn_kwargs: dict[str, Any] | None = None,
     limiter_name: str | None = None,
     stage: str = "teacher",
+    agents: dict[str, TeacherConfig] | None = None,
 ) -> MapResult:
-    """Run the record function over ``rows`` on a pool of ``workers`` actors."""
+    """Run the record function over ``rows`` on a pool of ``workers`` actors. ``agents``: more
+    OpenAI-compatible endpoints, each given to the record function as a client of that name."""
     import pyarrow as pa
     import ray
 
@@ -151,6 +160,7 @@ def run_teacher_map(
             limiter_name,
             fn_kwargs or {},
             stage,
+            agents,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",

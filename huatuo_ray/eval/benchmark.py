@@ -20,8 +20,9 @@ from typing import Literal
 from huatuo_ray import artifacts, storage
 from huatuo_ray.chat import encode_prompt
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.eval.answers import generate_answers
 from huatuo_ray.eval.metrics import METRICS, score_corpus
-from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
+from huatuo_ray.rlmf.generation import EngineConfig
 
 
 @dataclass
@@ -48,26 +49,6 @@ class BenchmarkConfig:
     gpus_per_engine: float = option(0, help="GPUs per engine")
     batch_size: int = option(16, help="questions per engine call")
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-
-
-def _answer(rows: list[dict], config: BenchmarkConfig, model_path: str) -> list[dict]:
-    import pyarrow as pa
-    import ray
-
-    from huatuo_ray.rlmf.sample import SampleBatch
-
-    greedy = SamplingConfig(n=1, temperature=0.0, top_p=1.0, max_new_tokens=config.max_new_tokens)
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).map_batches(
-        SampleBatch,
-        fn_constructor_args=(model_path, config.engine, greedy),
-        batch_size=config.batch_size,
-        batch_format="pyarrow",
-        concurrency=config.engines,
-        num_gpus=config.gpus_per_engine,
-        num_cpus=0.5 if not config.gpus_per_engine else 1,
-        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
-    )
-    return sorted(ds.iter_rows(), key=lambda r: r["id"])
 
 
 def main(config: BenchmarkConfig) -> dict:
@@ -101,7 +82,15 @@ def main(config: BenchmarkConfig) -> dict:
                          "meta": json.dumps(meta, ensure_ascii=False), "prompt_ids": ids, "seed": 0})  # fmt: skip
             if config.limit and len(rows) >= config.limit:
                 break
-        answered = _answer(rows, config, model_path)
+        answered = generate_answers(
+            rows,
+            model_path,
+            config.engine,
+            config.max_new_tokens,
+            config.engines,
+            config.gpus_per_engine,
+            config.batch_size,
+        )
         predictions, references = [], []
         for row in answered:
             meta = json.loads(row["meta"])

@@ -101,7 +101,7 @@ class TinyConfig:
     num_heads: int = 2
     intermediate_size: int = 128
     vocab_size: int = 2000
-    max_position_embeddings: int = 1024
+    max_position_embeddings: int = 4096  # room for the English judge prompt (appendix D)
     seed: int = 0
 
     def __post_init__(self) -> None:

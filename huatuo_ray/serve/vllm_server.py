@@ -8,6 +8,7 @@ host memory kept for the KV cache.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -32,13 +33,15 @@ def vllm_server(
 ) -> Iterator[str]:
     """Start ``python -m vllm.entrypoints.openai.api_server``; yield its base URL; stop it."""
     port = port or free_port()
+    with open(Path(model_dir) / "config.json") as f:
+        context = min(4096, int(json.load(f).get("max_position_embeddings", 1024)))
     log_path = Path(model_dir).parent / f"vllm-{port}.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_dir, "--served-model-name", name,
         "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
-        "--max-model-len", "1024",
+        "--max-model-len", str(context),
     ]  # fmt: skip
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

@@ -79,6 +79,8 @@ RECORD_USAGE: ContextVar[Usage | None] = ContextVar("record_usage", default=None
 
 
 def api_key(config: TeacherConfig) -> str:
+    if not config.api_key_env:  # a local endpoint that checks no key (vLLM's server, ``serve``)
+        return "no-key"
     key = os.environ.get(config.api_key_env)
     if not key:
         raise TeacherError(

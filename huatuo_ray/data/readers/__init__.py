@@ -13,6 +13,7 @@ from huatuo_ray.data.readers import (
     cmd_csv,
     cmedqa2,
     huatuo26m,
+    huatuo_answers,
     jsonl,
     kuake_qic,
     meddialog,
@@ -29,6 +30,7 @@ READERS: dict[str, Callable[[str], ReadResult]] = {
     "meddialog": meddialog.read,
     "meddialog_cases": meddialog_cases.read,
     "kuake_qic": kuake_qic.read,
+    "huatuo_answers": huatuo_answers.read,
     "cmd_csv": cmd_csv.read,
     "jsonl": jsonl.read,
     "parquet": parquet.read,
@@ -45,6 +47,8 @@ SOURCE_HELP: dict[str, str] = {
     "meddialog_cases": "HuatuoGPT Med-dialog_100.json or HuatuoGPT-II huatuo100_conv/*.json "
     "(file or folder)",
     "kuake_qic": "CBLUE KUAKE-QIC JSON array of {id, query, label?} (file or folder of .json)",
+    "huatuo_answers": "HuatuoGPT-II huatuo100_inst/<model>.json: stored answers "
+    "{id, label, query, model_output} (file or folder)",
     "cmd_csv": "Toyhom Chinese-medical-dialogue-data GB18030 CSV (department,title,ask,answer) "
     "or a folder of .csv",
     "jsonl": "JSONL of {id, source, turns|messages, meta} dialogues (file or folder of .jsonl)",

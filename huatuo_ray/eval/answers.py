@@ -1,0 +1,65 @@
+"""A model's answers to questions, and the conversations the judges compare.
+
+``generate_answers`` runs the model over prompt rows on Ray Data generation actors (vLLM, or HF
+``generate``), greedily, as the ``benchmark`` stage and the ``judge`` stage do.
+``conversation`` reads a candidate's record as the conversation it had: the record's turns, plus
+``meta.prediction`` when the record holds a generated answer beside its prompt (the
+``benchmark``/``judge`` output shape).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huatuo_ray.chat import Dialogue
+from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
+
+
+def generate_answers(
+    rows: list[dict[str, Any]],
+    model_path: str,
+    engine: EngineConfig,
+    max_new_tokens: int,
+    engines: int = 1,
+    gpus_per_engine: float = 0,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Rows with ``prompt_ids`` and ``seed`` in; the same rows with ``meta.responses`` (one
+    greedy answer) and ``meta.finished`` out, sorted by id."""
+    import pyarrow as pa
+    import ray
+
+    from huatuo_ray.rlmf.sample import SampleBatch
+
+    if not rows:
+        return []
+    greedy = SamplingConfig(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).map_batches(
+        SampleBatch,
+        fn_constructor_args=(model_path, engine, greedy),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=engines,
+        num_gpus=gpus_per_engine,
+        num_cpus=0.5 if not gpus_per_engine else 1,
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
+    )
+    return sorted(ds.iter_rows(), key=lambda r: r["id"])
+
+
+def conversation(record: Dialogue) -> list[dict[str, str]]:
+    """The conversation a candidate had: turns (+ its generated answer, when stored aside)."""
+    turns = [dict(t) for t in record.turns if t["role"] != "system"]
+    prediction = record.meta.get("prediction")
+    if isinstance(prediction, str):
+        turns.append({"role": "assistant", "content": prediction})
+    return turns
+
+
+def field_of(record: Dialogue, path: str) -> Any:
+    """``id``, ``source`` or ``meta.<key>`` of a record (None when absent)."""
+    if path in ("id", "source"):
+        return getattr(record, path)
+    if path.startswith("meta."):
+        return record.meta.get(path[len("meta.") :])
+    raise ValueError(f"{path!r}: expected id, source or meta.<key>")
