@@ -7,7 +7,9 @@ API key, no network), and runs the ``jobs/tiny`` presets in order on one local R
 the bundled consultations and cases (written for this project), then stage 1 — ``self-instruct``,
 ``dialogues``, ``polish`` — the ``mixture``, ``sft`` (2 Ray Train workers, DeepSpeed ZeRO-2 on
 CPU), the mixed feedback — ``sample``, ``score``, the ``reward-model`` — then ``ppo`` (rollout, policy,
-critic and reward actor groups) and ``benchmark``. The other evaluation stages join as they land.
+critic and reward actor groups), and the evaluation: ``benchmark``, ``judge`` (single-turn, PPO vs
+SFT), ``consult`` for both models (each served by vLLM for the run, the teacher as patient), a
+``judge`` of the consultations, ``doctor-export`` (the form for human raters) and the ``report``.
 
 A tiny random model writes meaningless text: the demo shows the plumbing, not a doctor. To use a
 real teacher, change the preset's ``teacher`` block (e.g. ``teacher.base_url`` and
@@ -32,13 +34,13 @@ JOBS = REPO / "jobs" / "tiny"
 LOCAL_KEY_ENV = "HUATUO_LOCAL_TEACHER_KEY"
 
 
-def run_stage(name: str, preset: str, out: Path, **overrides: str) -> dict:
+def run_stage(stage: str, preset: str, out: Path, **overrides: str) -> dict:
     """Run one preset of ``jobs/tiny`` with its outputs moved under ``out``."""
-    config_cls, run = STAGES[name].load()
+    config_cls, run = STAGES[stage].load()
     config = load_config(config_cls, str(JOBS / preset), [f"{k}={v}" for k, v in overrides.items()])
     started = time.time()
     result = run(config)
-    print(f"  {name:<14} {preset:<22} {time.time() - started:6.1f} s")
+    print(f"  {stage:<14} {preset:<22} {time.time() - started:6.1f} s")
     return result
 
 

@@ -206,8 +206,9 @@ class HFGenerator:
                 attention_mask=mask.to(self.device),
                 do_sample=sampling.temperature > 0,
                 temperature=sampling.temperature or None,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,  # 0: off (transformers would default to 50)
+                # 0: off (transformers would default to 50); no sampling flags when greedy
+                top_k=sampling.top_k if sampling.temperature > 0 else None,
+                top_p=sampling.top_p if sampling.temperature > 0 else None,
                 max_new_tokens=sampling.max_new_tokens,
                 min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None,
                 pad_token_id=pad,
