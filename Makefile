@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pip's own build of DeepSpeed must not try to compile CUDA/C++ ops: they are built on first use.
 export DS_BUILD_OPS := 0
 
-.PHONY: install test lint format demo clean
+.PHONY: install test test-pipeline lint format demo clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not pipeline"
+
+# The whole tiny recipe submitted as Ray jobs to a local `ray start` head (about 6 minutes).
+test-pipeline: install
+	$(BIN)/python -m pytest -q tests -m pipeline
 
 lint: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks

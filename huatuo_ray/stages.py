@@ -126,6 +126,24 @@ STAGES: dict[str, Stage] = {
             "evaluation: one HTML + Markdown report: metric and win/tie/loss tables, charts, curves",
         ),
         Stage(
+            "serve",
+            "huatuo_ray.serve.endpoint",
+            "ServeConfig",
+            "a model behind an OpenAI-compatible chat endpoint on Ray Serve (vLLM or HF replicas)",
+        ),
+        Stage(
+            "chat",
+            "huatuo_ray.serve.chat_client",
+            "ChatConfig",
+            "a terminal chat with a served model, keeping the multi-turn history",
+        ),
+        Stage(
+            "pipeline",
+            "huatuo_ray.pipeline",
+            "PipelineConfig",
+            "run stages one after another as Ray jobs, each when the previous left its artifact",
+        ),
+        Stage(
             "tiny-model",
             "huatuo_ray.models.stage",
             "TinyModelConfig",

@@ -21,6 +21,7 @@ NAMES = {
     "cmedqa2",
     "webmedqa",
     "huatuo26m",
+    "huatuo_answers",
     "meddialog",
     "meddialog_cases",
     "kuake_qic",
@@ -650,3 +651,22 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     assert records[0] == good[0]
     assert records[1].turns == good[1].turns
     assert reasons(rejects) == {"part-0.parquet#2": "turn 0 (user) is empty"}
+
+
+# --- huatuo_answers ------------------------------------------------------------------------------
+
+
+def test_huatuo_answers_reads_stored_model_outputs(shared_datasets: Path, tmp_path: Path) -> None:
+    inst = shared_datasets / "huatuogpt2_eval" / "huatuo100_inst"
+    records = [r for r in READERS["huatuo_answers"](str(inst)) if not isinstance(r, Reject)]
+    assert len(records) == 200  # 100 answers each from GPT-4 and HuatuoGPT2-7B
+    first = records[0]
+    assert [t["role"] for t in first.turns] == ["user", "assistant"]
+    assert first.meta["model"] in {"GPT4", "HuatuoGPT2-7B"} and first.meta["label"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "s1", "query": "头痛？"}, {"id": "s1", "query": "q", "model_output": "a"},'
+                      ' {"id": "s1", "query": "q", "model_output": "b"}, 3]')  # fmt: skip
+    rows = list(READERS["huatuo_answers"](str(broken)))
+    reasons = [r.reason for r in rows if isinstance(r, Reject)]
+    assert len(rows) == 4 and len(reasons) == 3
+    assert "missing id, query or model_output" in reasons[0] and "duplicate" in reasons[1]
