@@ -1,7 +1,7 @@
 """Polish on a two-node ``ray.cluster_utils.Cluster`` while the worker node is removed mid-run
 (run by test_cluster_nodes in its own process). Prints a JSON line ``RESULT {...}``.
 
-    python -m tests.stage1_node_loss SINGLE DIALOGUES OUTPUT
+    python -m tests.stage1_node_loss INPUT OUTPUT
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, teacher_config
 
 
 def main() -> None:
-    single, dialogues, out = sys.argv[1:4]
+    source, out = sys.argv[1:3]
     os.environ[TEACHER_KEY_ENV] = TEACHER_KEY
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # The head can hold the stage's actors once the worker node is gone.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     results = {}
@@ -40,16 +41,15 @@ def main() -> None:
             manifests = []
 
             def run() -> None:
-                for source in (single, dialogues):
-                    manifests.append(polish_main(PolishConfig(
-                        input=source, output=str(Path(out) / Path(source).name),
-                        teacher=teacher_config(server.base_url, timeout_s=5.0),
-                        workers=WorkersConfig(num_workers=2, batch_size=4, max_parse_retries=1),
-                        cluster=ClusterConfig(address=cluster.address))))  # fmt: skip
+                manifests.append(polish_main(PolishConfig(
+                    input=source, output=out,
+                    teacher=teacher_config(server.base_url, timeout_s=5.0),
+                    workers=WorkersConfig(num_workers=2, batch_size=4, max_parse_retries=1),
+                    cluster=ClusterConfig(address=cluster.address))))  # fmt: skip
 
             thread = threading.Thread(target=run)
             thread.start()
-            cache = Path(out) / Path(single).name / CACHE_DIR
+            cache = Path(out) / CACHE_DIR
             deadline = time.time() + 120
             while len(list(cache.rglob("*.json"))) < 6:
                 assert time.time() < deadline and thread.is_alive()
