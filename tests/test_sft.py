@@ -154,7 +154,7 @@ def test_killed_sft_job_resumes_from_its_last_checkpoint(
         sys.executable, "-m", "huatuo_ray", "sft",
         "--train", str(sft_data / "train"), "--validation", str(sft_data / "validation"),
         "--output", str(out), f"model.path={tiny_model_dir}", "max_length=192",
-        "micro_batch_size=2", "global_batch_size=8", "epochs=2", "optim.lr=3e-3",
+        "micro_batch_size=2", "global_batch_size=8", "epochs=1", "optim.lr=3e-3",
         "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "checkpoint.every_steps=2",
         f"storage_path={storage}", "run_name=sft-killed", "cluster.address=local", "cluster.num_cpus=2",
     ]  # fmt: skip
