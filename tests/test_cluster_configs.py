@@ -26,6 +26,7 @@ def test_raycluster_has_head_cpu_and_gpu_groups_and_a_private_dashboard() -> Non
     spec = cluster["spec"]
     head = spec["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP"  # reachable by port-forwarding only
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}  # Ray token auth stays on
     assert head["template"]["spec"]["containers"][0]["image"]
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert set(groups) == {"cpu-workers", "gpu-workers"}
