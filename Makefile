@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pip's own build of DeepSpeed must not try to compile CUDA/C++ ops: they are built on first use.
 export DS_BUILD_OPS := 0
 
-.PHONY: install test test-pipeline lint format demo clean
+.PHONY: install test test-system lint format demo clean
 
 install: $(VENV)/.installed
 
@@ -23,11 +23,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
-	$(BIN)/python -m pytest -q tests -m "not pipeline"
+	$(BIN)/python -m pytest -q tests -m "not system" --durations=10
 
-# The whole tiny recipe submitted as Ray jobs to a local `ray start` head (about 6 minutes).
-test-pipeline: install
-	$(BIN)/python -m pytest -q tests -m pipeline
+# System checks: the whole tiny recipe as Ray jobs on a `ray start` head, PPO on two nodes, a
+# stage losing a worker node (about 8 minutes; CI runs them after `make test`).
+test-system: install
+	$(BIN)/python -m pytest -q tests -m system --durations=10
 
 lint: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks

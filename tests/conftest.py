@@ -30,6 +30,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_tiny_causal_lm(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
+@pytest.fixture(scope="session")
+def vllm_tiny(tiny_model_dir: str):
+    """vLLM's OpenAI-compatible server on the tiny model (model name ``tiny-teacher``), started
+    at first use and shared by the tests that need a real vLLM teacher (idle, it uses ~1% CPU)."""
+    from huatuo_ray.serve.vllm_server import vllm_server
+
+    with vllm_server(tiny_model_dir) as base_url:
+        yield base_url
+
+
 TEACHER_KEY = "sk-test-teacher-secret-42"
 TEACHER_KEY_ENV = "HUATUO_TEST_KEY"
 

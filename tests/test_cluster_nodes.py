@@ -15,7 +15,7 @@ import pytest
 from huatuo_ray import artifacts
 from tests.test_polish import real_inputs
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.system, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parents[1]
 
 

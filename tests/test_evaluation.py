@@ -132,15 +132,6 @@ def test_judge_both_orders_exposes_a_position_biased_judge(
     assert overall["inconsistent"] == 24 and overall["n"] == 0
 
 
-@pytest.fixture(scope="module")
-def vllm_tiny(tiny_model_dir: str):
-    """vLLM's server on the tiny model: the teacher, and the doctor under test."""
-    from huatuo_ray.serve.vllm_server import vllm_server
-
-    with vllm_server(tiny_model_dir) as base_url:
-        yield base_url
-
-
 def vllm_teacher(base_url: str, **kw) -> TeacherConfig:
     values = dict(base_url=base_url, model="tiny-teacher", api_key_env="",
                   structured_outputs=True, max_tokens=200, timeout_s=60)  # fmt: skip

@@ -1,7 +1,7 @@
 """The whole tiny recipe as Ray jobs on a real `ray start` head: every stage of
 jobs/tiny/pipeline.yaml submitted through the job API, each waiting for the one before; every
 artifact checked; the teacher key found in no job's logs, info or metadata, nor in Ray's session
-logs. About 6 minutes: marked `pipeline`, run by `make test-pipeline` (and CI)."""
+logs. About 6 minutes: marked `system`, run by `make test-system` (and CI)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_resolved_step_configs_round_trip(tmp_path: Path) -> None:
             assert values["teacher"]["base_url"] == "http://x/v1"
 
 
-@pytest.mark.pipeline
+@pytest.mark.system
 @pytest.mark.cluster
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)

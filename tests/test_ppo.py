@@ -217,6 +217,7 @@ def test_killed_ppo_job_resumes_from_its_checkpoint(
 
 
 @pytest.mark.cluster
+@pytest.mark.system
 def test_ppo_on_two_nodes_spreads_rollouts_and_runs_data_parallel_groups(
     ppo_inputs, tiny_model_dir: str, tmp_path: Path
 ) -> None:

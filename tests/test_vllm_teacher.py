@@ -14,17 +14,15 @@ from huatuo_ray import artifacts
 from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.distill import dialogues, polish, self_instruct
 from huatuo_ray.distill.common import WorkersConfig
-from huatuo_ray.serve.vllm_server import vllm_server
 from huatuo_ray.testing.openai_servers import FaultyProxy
 from tests.conftest import TEACHER_KEY, teacher_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def vllm_teacher(tiny_model_dir: str):
-    with vllm_server(tiny_model_dir) as base_url:
-        yield base_url
+@pytest.fixture()
+def vllm_teacher(vllm_tiny: str) -> str:
+    return vllm_tiny  # the session's vLLM server (conftest)
 
 
 def test_stage1_against_vllm(
