@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from huatuo_ray.chat import Dialogue
@@ -24,8 +25,8 @@ def generate_answers(
     gpus_per_engine: float = 0,
     batch_size: int = 16,
 ) -> list[dict[str, Any]]:
-    """Rows with ``prompt_ids`` and ``seed`` in; the same rows with ``meta.responses`` (one
-    greedy answer) and ``meta.finished`` out, sorted by id."""
+    """Rows with ``prompt_ids`` and ``seed`` in; the same rows with ``meta.prediction`` (one
+    greedy answer) out, sorted by id."""
     import pyarrow as pa
     import ray
 
@@ -44,7 +45,13 @@ def generate_answers(
         num_cpus=0.5 if not gpus_per_engine else 1,
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
     )
-    return sorted(ds.iter_rows(), key=lambda r: r["id"])
+    answered = []
+    for row in sorted(ds.iter_rows(), key=lambda r: r["id"]):
+        meta = json.loads(row["meta"])
+        meta["prediction"] = meta.pop("responses")[0]
+        meta.pop("finished", None)
+        answered.append({**row, "meta": json.dumps(meta, ensure_ascii=False)})
+    return answered
 
 
 def conversation(record: Dialogue) -> list[dict[str, str]]:

@@ -94,8 +94,6 @@ def main(config: BenchmarkConfig) -> dict:
         predictions, references = [], []
         for row in answered:
             meta = json.loads(row["meta"])
-            meta["prediction"] = meta.pop("responses")[0]
-            meta.pop("finished", None)
             predictions.append(meta["prediction"])
             references.append(meta["reference"])
             writer.write(

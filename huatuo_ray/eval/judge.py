@@ -141,8 +141,6 @@ def candidate_records(
     records = []
     for row in answered:
         meta = json.loads(row["meta"])
-        meta["prediction"] = meta.pop("responses")[0]
-        meta.pop("finished", None)
         records.append(Dialogue(row["id"], row["source"], list(row["turns"]), meta))
     return records
 
