@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from huatuo_ray import artifacts  # noqa: E402
-from huatuo_ray.chat import Dialogue  # noqa: E402
 from huatuo_ray.config import ClusterConfig, ModelConfig  # noqa: E402
+from huatuo_ray.dialogue import Dialogue  # noqa: E402
+from huatuo_ray.inference.generation import EngineConfig, SamplingConfig  # noqa: E402
 from huatuo_ray.models.tiny import (  # noqa: E402
     TinyConfig,
     build_tiny_causal_lm,
@@ -38,7 +39,6 @@ from huatuo_ray.models.tiny import (  # noqa: E402
 )
 from huatuo_ray.rlmf import ppo  # noqa: E402
 from huatuo_ray.rlmf.actors.group import Resources  # noqa: E402
-from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig  # noqa: E402
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig  # noqa: E402
 
 PARTS = ("generate_s", "experience_s", "train_s", "sync_s")
@@ -68,19 +68,29 @@ def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
         inputs=[os.path.join(root, "prompts")],
         output=os.path.join(root, f"out-{backend}"),
         model=ModelConfig(path=os.path.join(root, "policy")),
-        reward=ppo.RewardConfig(model=ModelConfig(path=os.path.join(root, "reward")),
-                                resources=res("reward")),  # fmt: skip
+        reward=ppo.RewardConfig(
+            model=ModelConfig(path=os.path.join(root, "reward")), resources=res("reward")
+        ),  # fmt: skip
         critic=ppo.CriticConfig(deepspeed=ds, resources=res("critic")),
-        policy=ppo.PolicyConfig(trainable_layers=2, deepspeed=ds, resources=res("policy"),
-                                optim=OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0)),  # fmt: skip
+        policy=ppo.PolicyConfig(
+            trainable_layers=2,
+            deepspeed=ds,
+            resources=res("policy"),
+            optim=OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0),
+        ),  # fmt: skip
         rollout=ppo.RolloutConfig(
-            engine=EngineConfig(backend=backend, max_model_len=1024, hf_batch_prompts=True,
-                                gpu_memory_utilization=0.4),  # fmt: skip
+            engine=EngineConfig(
+                backend=backend,
+                max_model_len=1024,
+                hf_batch_prompts=True,
+                gpu_memory_utilization=0.4,
+            ),  # fmt: skip
             resources=res("rollout"),
             chunk_size=args.chunk,
         ),
-        sampling=SamplingConfig(n=1, temperature=1.0, top_p=1.0, ignore_eos=True,
-                                max_new_tokens=args.response_tokens),  # fmt: skip
+        sampling=SamplingConfig(
+            n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_new_tokens=args.response_tokens
+        ),  # fmt: skip
         iterations=args.iterations,
         rollout_size=args.rollout,
         minibatch_size=args.chunk,

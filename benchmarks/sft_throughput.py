@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huatuo_ray.chat import IGNORE_INDEX  # noqa: E402
+from huatuo_ray.dialogue import IGNORE_INDEX  # noqa: E402
 from huatuo_ray.train.packing import block_causal_mask, efficiency, group_by_length, pack, pad_batch  # noqa: E402
 
 
@@ -174,7 +174,7 @@ def engine_loop(rows, args, device, dtype) -> tuple[float, float]:
 def stage_inputs(args: argparse.Namespace) -> tuple[Path, str, list[dict]]:
     """The tiny model and dialogues built from the bundled corpus, and their tokenised samples."""
     from huatuo_ray import artifacts
-    from huatuo_ray.chat import Dialogue, turn
+    from huatuo_ray.dialogue import Dialogue, turn
     from huatuo_ray.models.tiny import TinyConfig, build_tiny_causal_lm, demo_corpus
 
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
@@ -191,7 +191,7 @@ def stage_inputs(args: argparse.Namespace) -> tuple[Path, str, list[dict]]:
     artifacts.write_all(str(work / "data"), records, "benchmark", {})
     from transformers import AutoTokenizer
 
-    from huatuo_ray.chat import tokenize_dialogue
+    from huatuo_ray.dialogue import tokenize_dialogue
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = []
@@ -257,7 +257,9 @@ def main() -> None:
     figures: dict[str, object] = {
         "packing_efficiency": round(real / total, 4),
         "padding_efficiency": round(padding_efficiency(samples, args.micro_batch), 4),
-        "padding_efficiency_ungrouped": round(padding_efficiency(samples, args.micro_batch, False), 4),
+        "padding_efficiency_ungrouped": round(
+            padding_efficiency(samples, args.micro_batch, False), 4
+        ),
         "model": f"llama hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}",
         "max_length": args.max_length,
         "micro_batch": args.micro_batch,

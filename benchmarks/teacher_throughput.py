@@ -19,15 +19,20 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import openai
 
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.config import TeacherConfig
-from huatuo_ray.distill.pipeline import run_teacher_map
-from huatuo_ray.testing.openai_servers import ScriptedOpenAIServer
+from huatuo_ray.dialogue import Dialogue, turn
+from huatuo_ray.distill.self_instruct import answer_record
+from huatuo_ray.teacher.stage import run_teacher_map
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the loopback server lives in tests/
+from tests.support.openai_servers import ScriptedOpenAIServer  # noqa: E402
 
 KEY = "sk-benchmark"
 
@@ -84,7 +89,7 @@ def main() -> None:
         started = time.perf_counter()
         result = run_teacher_map(
             rows(args.requests),
-            "huatuo_ray.distill.self_instruct.answer_record",
+            answer_record,
             teacher,
             output,
             workers=args.workers,

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from huatuo_ray import storage
-from huatuo_ray.chat import Dialogue
+from huatuo_ray.dialogue import Dialogue
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

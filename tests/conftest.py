@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def vllm_tiny(tiny_model_dir: str):
     """vLLM's OpenAI-compatible server on the tiny model (model name ``tiny-teacher``), started
     at first use and shared by the tests that need a real vLLM teacher (idle, it uses ~1% CPU)."""
-    from huatuo_ray.serve.vllm_server import vllm_server
+    from huatuo_ray.inference.openai_server import vllm_server
 
     with vllm_server(tiny_model_dir) as base_url:
         yield base_url
@@ -63,7 +63,7 @@ class RecordingResponder:
     def __init__(self) -> None:
         import threading
 
-        from huatuo_ray.testing.scripted_teacher import medical_responder
+        from tests.support.scripted_teacher import medical_responder
 
         self.bodies: list[dict] = []
         self._lock = threading.Lock()
@@ -78,7 +78,7 @@ class RecordingResponder:
 @pytest.fixture()
 def faulty_teacher():
     """(server, proxy, responder): the scripted teacher behind a proxy faulting 25% of requests."""
-    from huatuo_ray.testing.openai_servers import FaultyProxy, ScriptedOpenAIServer
+    from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
 
     responder = RecordingResponder()
     with ScriptedOpenAIServer(responder, require_api_key=TEACHER_KEY) as server:

@@ -17,13 +17,12 @@ import ray
 from ray.cluster_utils import Cluster
 
 from huatuo_ray.config import ClusterConfig
-from huatuo_ray.distill.common import WorkersConfig
-from huatuo_ray.distill.pipeline import CACHE_DIR
 from huatuo_ray.distill.polish import PolishConfig
 from huatuo_ray.distill.polish import main as polish_main
-from huatuo_ray.testing.openai_servers import ScriptedOpenAIServer
-from huatuo_ray.testing.scripted_teacher import medical_responder
+from huatuo_ray.teacher.stage import CACHE_DIR, WorkersConfig
 from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, teacher_config
+from tests.support.openai_servers import ScriptedOpenAIServer
+from tests.support.scripted_teacher import medical_responder
 
 
 def main() -> None:

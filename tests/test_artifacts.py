@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.chat import Dialogue, turn
+from huatuo_ray.dialogue import Dialogue, turn
 
 
 def dialogue(i: int) -> Dialogue:

@@ -11,8 +11,8 @@ from huatuo_ray import artifacts
 from huatuo_ray.config import ModelConfig
 from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.eval import benchmark
-from huatuo_ray.eval.metrics import METRICS, score_corpus
-from huatuo_ray.rlmf.generation import EngineConfig
+from huatuo_ray.eval.text_metrics import METRICS, score_corpus
+from huatuo_ray.inference.generation import EngineConfig
 
 pytestmark = pytest.mark.slow
 

@@ -38,7 +38,7 @@ def test_help_lists_every_stage() -> None:
 def test_import_is_light() -> None:
     """`import huatuo_ray` and `--help` must not pull in Ray, torch, DeepSpeed or vLLM."""
     code = (
-        "import sys, huatuo_ray, huatuo_ray.__main__, huatuo_ray.config, huatuo_ray.chat;"
+        "import sys, huatuo_ray, huatuo_ray.__main__, huatuo_ray.config, huatuo_ray.dialogue;"
         "import huatuo_ray.data.convert, huatuo_ray.models.stage;"
         "heavy = [m for m in ('ray', 'torch', 'deepspeed', 'vllm', 'transformers') if m in sys.modules];"
         "print(heavy)"

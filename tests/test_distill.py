@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from huatuo_ray import artifacts
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.convert import DataConfig, convert
+from huatuo_ray.data.similarity import normalise, rouge_l
+from huatuo_ray.dialogue import Dialogue, turn
 from huatuo_ray.distill import dialogues, mixture, self_instruct
-from huatuo_ray.distill.common import WorkersConfig
-from huatuo_ray.distill.similarity import normalise, rouge_l
 from huatuo_ray.teacher.prompts import DOCTOR, PATIENT
+from huatuo_ray.teacher.stage import WorkersConfig
 from tests.conftest import TEACHER_KEY, teacher_config
 
 pytestmark = pytest.mark.slow

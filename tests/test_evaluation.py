@@ -15,12 +15,12 @@ import pytest
 
 from huatuo_ray.config import ModelConfig, TeacherConfig
 from huatuo_ray.data.convert import DataConfig, convert
-from huatuo_ray.distill.common import WorkersConfig
 from huatuo_ray.eval import benchmark, consult, doctors, judge, report
 from huatuo_ray.eval.tally import tally
-from huatuo_ray.rlmf.generation import EngineConfig
-from huatuo_ray.testing.openai_servers import ScriptedOpenAIServer
+from huatuo_ray.inference.generation import EngineConfig
+from huatuo_ray.teacher.stage import WorkersConfig
 from tests.conftest import teacher_config
+from tests.support.openai_servers import ScriptedOpenAIServer
 
 pytestmark = pytest.mark.slow
 ASSISTANT = re.compile(r"\[Assistant (\d)\]\n(.*?)\n\[End of Assistant \d\]", re.S)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from huatuo_ray.chat import turn
+from huatuo_ray.dialogue import turn
 from huatuo_ray.teacher import grammars, parsers
 
 

@@ -78,9 +78,9 @@ def test_teacher_stage_as_job_keeps_the_key_secret(tmp_path: Path, shared_datase
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from huatuo_ray.data.convert import DataConfig, convert
-    from huatuo_ray.testing.openai_servers import ScriptedOpenAIServer
-    from huatuo_ray.testing.scripted_teacher import medical_responder
     from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
+    from tests.support.openai_servers import ScriptedOpenAIServer
+    from tests.support.scripted_teacher import medical_responder
 
     source = tmp_path / "cmd"
     convert(

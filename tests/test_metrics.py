@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from huatuo_ray.eval.metrics import (
+from huatuo_ray.eval.text_metrics import (
     bleu_n,
     distinct_n,
     gleu,

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from huatuo_ray.testing.openai_servers import (
+from tests.support.openai_servers import (
     FAULT_KINDS,
     FaultyProxy,
     ScriptedHTTPError,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from huatuo_ray.chat import IGNORE_INDEX
+from huatuo_ray.dialogue import IGNORE_INDEX
 from huatuo_ray.train.deepspeed_setup import gradient_accumulation, warmup_cosine
 from huatuo_ray.train.packing import block_causal_mask, efficiency, pack, pad_batch
 

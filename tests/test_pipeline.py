@@ -43,7 +43,7 @@ def test_resolved_step_configs_round_trip(tmp_path: Path) -> None:
 def test_tiny_recipe_as_a_chain_of_ray_jobs(tmp_path: Path, tiny_model_dir: str) -> None:
     from ray.job_submission import JobSubmissionClient
 
-    from huatuo_ray.serve.vllm_server import vllm_server
+    from huatuo_ray.inference.openai_server import vllm_server
 
     root = tmp_path / "shared"
     with vllm_server(tiny_model_dir) as teacher_url:

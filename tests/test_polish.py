@@ -15,12 +15,12 @@ import pytest
 from huatuo_ray import artifacts
 from huatuo_ray.config import TeacherConfig
 from huatuo_ray.data.convert import DataConfig, convert
-from huatuo_ray.distill.common import WorkersConfig
 from huatuo_ray.distill.polish import PolishConfig
 from huatuo_ray.distill.polish import main as polish_main
-from huatuo_ray.testing.openai_servers import FaultyProxy, ScriptedOpenAIServer
-from huatuo_ray.testing.scripted_teacher import MAX_POLISH_TURNS, medical_responder
+from huatuo_ray.teacher.stage import WorkersConfig
 from tests.conftest import TEACHER_KEY, teacher_config  # noqa: E402
+from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
+from tests.support.scripted_teacher import MAX_POLISH_TURNS, medical_responder
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = TEACHER_KEY

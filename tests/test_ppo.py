@@ -17,9 +17,9 @@ import pytest
 
 from huatuo_ray.config import ClusterConfig, ModelConfig
 from huatuo_ray.data.convert import DataConfig, convert
+from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.rlmf import ppo
 from huatuo_ray.rlmf.actors.group import Resources
-from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def ppo_inputs(
     tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path, tiny_model_dir: str
 ):
     """(RL prompt artifact from real consultations, the target-token reward model)."""
-    from huatuo_ray.testing.target_reward import build_target_token_reward_model
+    from tests.support.target_reward import build_target_token_reward_model
 
     root = tmp_path_factory.mktemp("ppo")
     convert(
@@ -153,7 +153,7 @@ def test_ppo_with_vllm_rollouts_raises_the_reward_and_vllm_loads_the_result(
 
     @ray.remote(num_cpus=0.5, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     def sample_with_vllm(path: str) -> list:
-        from huatuo_ray.rlmf.generation import VLLMGenerator
+        from huatuo_ray.inference.generation import VLLMGenerator
 
         engine = VLLMGenerator(path, EngineConfig(backend="vllm", max_model_len=256))
         one = SamplingConfig(n=1, max_new_tokens=8, temperature=1.0, top_p=1.0)

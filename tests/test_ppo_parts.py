@@ -150,7 +150,7 @@ def test_values_and_scores_are_read_at_the_right_tokens(tiny_model_dir: str, tmp
 def test_target_token_reward_model_prefers_the_target(tiny_model_dir: str, tmp_path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from huatuo_ray.testing.target_reward import build_target_token_reward_model
+    from tests.support.target_reward import build_target_token_reward_model
 
     path = build_target_token_reward_model(str(tmp_path / "target"), tiny_model_dir, 100)
     model = ValueModel(AutoModelForSequenceClassification.from_pretrained(path)).eval()

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from huatuo_ray.chat import turn
+from huatuo_ray.dialogue import turn
 from huatuo_ray.teacher import prompts as P
 from huatuo_ray.teacher.parsers import (
     RATING_REGEX,

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from huatuo_ray.chat import Dialogue
 from huatuo_ray.data.readers import READERS, SOURCE_HELP
 from huatuo_ray.data.readers.base import Reject
+from huatuo_ray.dialogue import Dialogue
 
 NAMES = {
     "cmedqa2",

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from huatuo_ray import artifacts
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.config import ModelConfig
+from huatuo_ray.dialogue import Dialogue, turn
 from huatuo_ray.models.tiny import demo_corpus
-from huatuo_ray.rlmf.losses import pairwise_accuracy, pairwise_reward_loss
 from huatuo_ray.train import reward_model
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+from huatuo_ray.train.losses import pairwise_accuracy, pairwise_reward_loss
 
 
 def test_pairwise_loss_by_hand() -> None:

@@ -11,9 +11,9 @@ import pytest
 from huatuo_ray import artifacts
 from huatuo_ray.config import ModelConfig
 from huatuo_ray.data.convert import DataConfig, convert
-from huatuo_ray.distill.common import WorkersConfig
+from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.rlmf import sample, score
-from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
+from huatuo_ray.teacher.stage import WorkersConfig
 from tests.conftest import teacher_config
 
 pytestmark = pytest.mark.slow
@@ -125,9 +125,9 @@ def test_score_killed_and_resumed_pays_no_judgement_twice(
     import sys
     import time
 
-    from huatuo_ray.testing.openai_servers import FaultyProxy, ScriptedOpenAIServer
-    from huatuo_ray.testing.scripted_teacher import medical_responder
     from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
+    from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
+    from tests.support.scripted_teacher import medical_responder
 
     run_sample(real_data[:1], tiny_model_dir, tmp_path / "samples", "hf")
     out = tmp_path / "prefs"

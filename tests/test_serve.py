@@ -9,9 +9,9 @@ import openai
 import pytest
 
 from huatuo_ray.config import ModelConfig
-from huatuo_ray.rlmf.generation import EngineConfig
+from huatuo_ray.inference.generation import EngineConfig
+from huatuo_ray.inference.openai_server import free_port
 from huatuo_ray.serve import chat_client, endpoint
-from huatuo_ray.serve.vllm_server import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from huatuo_ray import artifacts
-from huatuo_ray.chat import RecordError, encode_prompt, tokenize_dialogue, turn
 from huatuo_ray.config import ModelConfig
 from huatuo_ray.data.convert import DataConfig, convert
+from huatuo_ray.dialogue import RecordError, encode_prompt, tokenize_dialogue, turn
 from huatuo_ray.distill import mixture
 from huatuo_ray.train import sft
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
@@ -135,7 +135,7 @@ def test_sft_trains_keeps_best_and_saves_a_loadable_model(
     if zero == 3:  # weights gathered from ZeRO-3 shards: vLLM serves the folder too
         import openai
 
-        from huatuo_ray.serve.vllm_server import vllm_server
+        from huatuo_ray.inference.openai_server import vllm_server
 
         with vllm_server(out, name="sft") as base_url:
             client = openai.OpenAI(base_url=base_url, api_key="local")

@@ -13,7 +13,7 @@ from huatuo_ray.config import TeacherConfig
 from huatuo_ray.teacher.cache import ResponseCache, request_key
 from huatuo_ray.teacher.client import TeacherClient, TeacherError
 from huatuo_ray.teacher.limiter import LocalLimiter, _Books
-from huatuo_ray.testing.openai_servers import FaultyProxy, ScriptedOpenAIServer
+from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
 
 KEY = "sk-test-never-log-me-0123456789"
 

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from huatuo_ray import chat  # noqa: E402
-from huatuo_ray.chat import (  # noqa: E402
+from huatuo_ray import dialogue as chat  # noqa: E402
+from huatuo_ray.dialogue import (  # noqa: E402
     ASSISTANT_TAG,
     CHAT_TEMPLATE,
     DEFAULT_SYSTEM,

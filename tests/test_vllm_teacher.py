@@ -13,9 +13,9 @@ import pytest
 from huatuo_ray import artifacts
 from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.distill import dialogues, polish, self_instruct
-from huatuo_ray.distill.common import WorkersConfig
-from huatuo_ray.testing.openai_servers import FaultyProxy
+from huatuo_ray.teacher.stage import WorkersConfig
 from tests.conftest import TEACHER_KEY, teacher_config
+from tests.support.openai_servers import FaultyProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -127,8 +127,8 @@ def test_score_against_vllm(
 ) -> None:
     """RLMF scoring with vLLM as the teacher: structured outputs make its ratings parseable."""
     from huatuo_ray.config import ModelConfig
+    from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
     from huatuo_ray.rlmf import sample, score
-    from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
 
     data = str(tmp_path / "cmd")
     convert(

@@ -16,9 +16,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.chat import Dialogue, RecordError
 from huatuo_ray.config import ClusterConfig, option, to_dict
 from huatuo_ray.data.readers import READERS, SOURCE_HELP
+from huatuo_ray.dialogue import Dialogue, RecordError
 
 log = logging.getLogger(__name__)
 

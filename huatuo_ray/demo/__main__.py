@@ -50,14 +50,14 @@ def local_teacher(model_dir: str):
     try:
         import vllm  # noqa: F401
     except ImportError:
-        from huatuo_ray.testing.openai_servers import ScriptedOpenAIServer
-        from huatuo_ray.testing.scripted_teacher import medical_responder
+        from tests.support.openai_servers import ScriptedOpenAIServer
+        from tests.support.scripted_teacher import medical_responder
 
         print("vLLM is not installed: using the scripted stand-in teacher")
         with ScriptedOpenAIServer(medical_responder, models=("tiny-teacher",)) as server:
             yield server.base_url
         return
-    from huatuo_ray.serve.vllm_server import vllm_server
+    from huatuo_ray.inference.openai_server import vllm_server
 
     with vllm_server(model_dir, name="tiny-teacher") as base_url:
         yield base_url

@@ -15,44 +15,35 @@ Input: a dataset artifact from ``data --source meddialog_cases`` (``meta.medical
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray import artifacts
-from huatuo_ray.chat import Dialogue, turn
-from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
-from huatuo_ray.distill.common import WorkersConfig, already_complete, ask_parsed, limiter_for_job
-from huatuo_ray.distill.pipeline import Outcome, read_input_rows, run_teacher_map, write_result
+from huatuo_ray.config import option
+from huatuo_ray.dialogue import Dialogue
 from huatuo_ray.teacher import grammars, parsers, prompts
+from huatuo_ray.teacher.agents import Turns, case_and_diagnosis, consultation, patient_turn
 from huatuo_ray.teacher.client import TeacherClient
+from huatuo_ray.teacher.stage import (
+    Outcome,
+    StageOutput,
+    TeacherStageConfig,
+    ask_parsed,
+    count_by,
+    read_artifact,
+    run_teacher_stage,
+)
 
 
-@dataclass
-class DialoguesConfig:
+@dataclass(kw_only=True)
+class DialoguesConfig(TeacherStageConfig):
     """Distil multi-turn consultations with a patient agent and a doctor agent."""
 
     input: str = option(help="dataset artifact of real cases (meddialog_cases or meddialog)")
-    output: str = option(help="artifact folder to write (its _teacher_cache makes reruns free)")
     max_turns: int = option(6, help="most patient/doctor exchanges in one consultation")
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
-    limit: int | None = option(None, help="use only the first N cases")
-    overwrite: bool = option(False, help="redo a complete artifact (cached answers are reused)")
-    shard_rows: int = option(10_000, help="records per Parquet shard")
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ValueError("max_turns must be at least 1")
-
-
-def case_and_diagnosis(meta: dict[str, Any]) -> tuple[str, str]:
-    """The patient's private case text and the doctor's private diagnosis of a real record."""
-    case = meta.get("medical_case") or ""
-    if not case and isinstance(meta.get("description"), dict):
-        case = "\n".join(f"{k}：{v}" for k, v in meta["description"].items() if v)
-    diagnosis = meta.get("doctor_diagnosis") or meta.get("diagnosis") or ""
-    return str(case).strip(), str(diagnosis).strip()
 
 
 async def consult_record(
@@ -64,26 +55,14 @@ async def consult_record(
         return Outcome.reject("case without a description or a diagnosis")
     patient_system = prompts.patient_system_prompt(case)
     doctor_system = prompts.doctor_system_prompt(diagnosis)
-    turns: list[dict[str, str]] = []
-    ended = "turn_limit"
-    for _ in range(max_turns):
-        patient_view = prompts.patient_messages(patient_system, turns)
-        said = await ask_parsed(
-            teacher, patient_view, parsers.parse_answer, retries, grammars.answer()
-        )
-        if turns and parsers.is_goodbye(said):
-            ended = "goodbye"
-            break
-        turns.append(turn("user", said))
-        doctor_view = prompts.doctor_messages(doctor_system, turns)
-        turns.append(
-            turn(
-                "assistant",
-                await ask_parsed(
-                    teacher, doctor_view, parsers.parse_answer, retries, grammars.answer()
-                ),
-            )
-        )
+
+    async def doctor(turns: Turns) -> str:
+        view = prompts.doctor_messages(doctor_system, turns)
+        return await ask_parsed(teacher, view, parsers.parse_answer, retries, grammars.answer())
+
+    turns, ended = await consultation(
+        lambda turns: patient_turn(teacher, patient_system, turns, retries), doctor, max_turns
+    )
     record = Dialogue(
         id=f"dialogue-{case_record.id}",
         source="distilled_dialogue",
@@ -99,33 +78,13 @@ async def consult_record(
 
 
 def main(config: DialoguesConfig) -> dict:
-    from huatuo_ray.runtime import connect
-
-    connect(config.cluster, "dialogues")
-    if (done := already_complete(config.output, config.overwrite)) is not None:
-        return done
-    rows = read_input_rows(config.input, config.limit)
-    result = run_teacher_map(
-        rows,
-        "huatuo_ray.distill.dialogues.consult_record",
-        config.teacher,
-        config.output,
-        workers=config.workers.num_workers,
-        batch_size=config.workers.batch_size,
-        fn_kwargs={"max_turns": config.max_turns, "retries": config.workers.max_parse_retries},
-        limiter_name=limiter_for_job(config.teacher),
-        stage="dialogues",
-    )
-    ended: dict[str, int] = {}
-    for record in result.records:
-        ended[record.meta["ended"]] = ended.get(record.meta["ended"], 0) + 1
-    return write_result(
-        result,
-        config.output,
+    return run_teacher_stage(
+        config,
         "dialogues",
-        to_dict(config),
-        [artifacts.input_summary(config.input)],
-        config.teacher,
-        config.shard_rows,
-        extra={"inputs_read": len(rows), "ended": ended},
+        read_artifact(config.input, config.limit),
+        consult_record,
+        fn_kwargs={"max_turns": config.max_turns},
+        finish=lambda result, _: StageOutput(
+            result.records, {"ended": count_by(result.records, "ended")}
+        ),
     )

@@ -22,9 +22,9 @@ import logging
 from dataclasses import dataclass, field
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.chat import Dialogue
 from huatuo_ray.config import ClusterConfig, option, to_dict
-from huatuo_ray.distill.similarity import NearDuplicateIndex, normalise
+from huatuo_ray.data.similarity import NearDuplicateIndex, normalise
+from huatuo_ray.dialogue import Dialogue
 
 log = logging.getLogger(__name__)
 

@@ -11,30 +11,27 @@ The real doctor's words stay in ``meta.reference`` for RLMF and evaluation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray import artifacts
-from huatuo_ray.chat import Dialogue, RecordError, turn
-from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
-from huatuo_ray.distill.common import WorkersConfig, already_complete, ask_parsed, limiter_for_job
-from huatuo_ray.distill.pipeline import Outcome, read_input_rows, run_teacher_map, write_result
+from huatuo_ray.config import option
+from huatuo_ray.dialogue import Dialogue, RecordError, turn
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.client import TeacherClient
+from huatuo_ray.teacher.stage import (
+    Outcome,
+    TeacherStageConfig,
+    ask_parsed,
+    read_artifact,
+    run_teacher_stage,
+)
 
 
-@dataclass
-class PolishConfig:
+@dataclass(kw_only=True)
+class PolishConfig(TeacherStageConfig):
     """Rewrite real doctor answers and dialogues with the teacher."""
 
     input: str = option(help="dataset artifact of real single-turn answers or dialogues")
-    output: str = option(help="artifact folder to write (its _teacher_cache makes reruns free)")
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
-    limit: int | None = option(None, help="polish only the first N input records")
-    overwrite: bool = option(False, help="redo a complete artifact (cached answers are reused)")
-    shard_rows: int = option(10_000, help="records per Parquet shard")
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 async def polish_record(row: dict[str, Any], teacher: TeacherClient, retries: int) -> Outcome:
@@ -74,30 +71,6 @@ async def polish_record(row: dict[str, Any], teacher: TeacherClient, retries: in
 
 
 def main(config: PolishConfig) -> dict:
-    from huatuo_ray.runtime import connect
-
-    connect(config.cluster, "polish")
-    if (done := already_complete(config.output, config.overwrite)) is not None:
-        return done
-    rows = read_input_rows(config.input, config.limit)
-    result = run_teacher_map(
-        rows,
-        "huatuo_ray.distill.polish.polish_record",
-        config.teacher,
-        config.output,
-        workers=config.workers.num_workers,
-        batch_size=config.workers.batch_size,
-        fn_kwargs={"retries": config.workers.max_parse_retries},
-        limiter_name=limiter_for_job(config.teacher),
-        stage="polish",
-    )
-    return write_result(
-        result,
-        config.output,
-        "polish",
-        to_dict(config),
-        [artifacts.input_summary(config.input)],
-        config.teacher,
-        config.shard_rows,
-        extra={"inputs_read": len(rows)},
+    return run_teacher_stage(
+        config, "polish", read_artifact(config.input, config.limit), polish_record
     )

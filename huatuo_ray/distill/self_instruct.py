@@ -23,30 +23,36 @@ import asyncio
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huatuo_ray import storage
-from huatuo_ray.chat import Dialogue, RecordError, turn
-from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
-from huatuo_ray.distill.common import WorkersConfig, already_complete, ask_parsed, limiter_for_job
-from huatuo_ray.distill.pipeline import CACHE_DIR, Outcome, run_teacher_map, write_result
-from huatuo_ray.distill.similarity import NearDuplicateIndex
+from huatuo_ray.config import option
+from huatuo_ray.data.similarity import NearDuplicateIndex
+from huatuo_ray.dialogue import Dialogue, RecordError, turn
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.cache import ResponseCache
 from huatuo_ray.teacher.client import TeacherClient, TeacherError
 from huatuo_ray.teacher.parsers import Triplet
+from huatuo_ray.teacher.stage import (
+    CACHE_DIR,
+    Outcome,
+    StageInput,
+    TeacherStageConfig,
+    ask_parsed,
+    limiter_for_job,
+    run_teacher_stage,
+)
 
 log = logging.getLogger(__name__)
 BUNDLED_SEEDS = str(Path(__file__).with_name("seeds.jsonl"))
 
 
-@dataclass
-class SelfInstructConfig:
+@dataclass(kw_only=True)
+class SelfInstructConfig(TeacherStageConfig):
     """Generate medical instructions with role-enhanced self-instruct and answer them."""
 
-    output: str = option(help="artifact folder to write (its _teacher_cache makes reruns free)")
     seeds: str = option(BUNDLED_SEEDS, help="JSONL of seed triplets {role, instruction, input}")
     num_instructions: int = option(100, help="instructions to generate and answer")
     triplets_per_request: int = option(20, help="triplets asked for in one request (paper: 20)")
@@ -58,11 +64,6 @@ class SelfInstructConfig:
         0.7, help="drop a question with ROUGE-L >= this to a kept one"
     )
     seed: int = option(0, help="seed of the example sampling")
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
-    overwrite: bool = option(False, help="redo a complete artifact (cached answers are reused)")
-    shard_rows: int = option(10_000, help="records per Parquet shard")
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if min(self.num_instructions, self.triplets_per_request, self.requests_per_round) < 1:
@@ -170,13 +171,10 @@ async def answer_record(row: dict[str, Any], teacher: TeacherClient, retries: in
     return Outcome(record.validate())
 
 
-def main(config: SelfInstructConfig) -> dict:
-    from huatuo_ray.runtime import connect
+def instruction_rows(config: SelfInstructConfig) -> StageInput:
+    """Step 1 in the driver: generate and filter the instructions; one row per kept one."""
     from huatuo_ray.teacher.limiter import RemoteLimiter
 
-    connect(config.cluster, "self-instruct")
-    if (done := already_complete(config.output, config.overwrite)) is not None:
-        return done
     seeds = load_seeds(config.seeds)
     limiter_name = limiter_for_job(config.teacher)
 
@@ -204,25 +202,15 @@ def main(config: SelfInstructConfig) -> dict:
         ).to_row()
         for i, t in enumerate(kept)
     ]
-    result = run_teacher_map(
-        rows,
-        "huatuo_ray.distill.self_instruct.answer_record",
-        config.teacher,
-        config.output,
-        workers=config.workers.num_workers,
-        batch_size=config.workers.batch_size,
-        fn_kwargs={"retries": config.workers.max_parse_retries},
-        limiter_name=limiter_name,
-        stage="self-instruct",
-    )
-    result.usage.add(client.usage)
-    return write_result(
-        result,
-        config.output,
-        "self-instruct",
-        to_dict(config),
+    return StageInput(
+        rows[: config.limit],
         [{"uri": config.seeds, "seed_triplets": len(seeds)}],
-        config.teacher,
-        config.shard_rows,
+        usage=client.usage,
         extra={"generation": vars(stats)},
+    )
+
+
+def main(config: SelfInstructConfig) -> dict:
+    return run_teacher_stage(
+        config, "self-instruct", lambda: instruction_rows(config), answer_record
     )

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from huatuo_ray.chat import Dialogue
-from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
+from huatuo_ray.dialogue import Dialogue
+from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 
 
 def generate_answers(

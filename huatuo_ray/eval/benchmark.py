@@ -5,7 +5,7 @@
 Each set is a dialogue artifact of real question/answer records (``data --source cmedqa2``,
 ``webmedqa``, ``huatuo26m``...). The model answers every question greedily with the chat template,
 on Ray Data generation actors (vLLM or HF ``generate``, as in ``sample``), and the answers are
-scored against the references with :mod:`~huatuo_ray.eval.metrics` (character tokens by default).
+scored against the references with :mod:`~huatuo_ray.eval.text_metrics` (character tokens by default).
 Output: per set, an artifact of predictions (``meta.prediction``, ``meta.reference``); and
 ``table.md`` / ``metrics.json`` shaped like the paper's table 2 (one row per set).
 """
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.chat import encode_prompt
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.dialogue import encode_prompt
 from huatuo_ray.eval.answers import generate_answers
-from huatuo_ray.eval.metrics import METRICS, score_corpus
-from huatuo_ray.rlmf.generation import EngineConfig
+from huatuo_ray.eval.text_metrics import METRICS, score_corpus
+from huatuo_ray.inference.generation import EngineConfig
 
 
 @dataclass

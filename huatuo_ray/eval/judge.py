@@ -28,15 +28,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.chat import Dialogue, encode_prompt
-from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
-from huatuo_ray.distill.common import WorkersConfig, already_complete, ask_parsed, limiter_for_job
-from huatuo_ray.distill.pipeline import Outcome, run_teacher_map, write_result
+from huatuo_ray.config import option
+from huatuo_ray.dialogue import Dialogue, encode_prompt
 from huatuo_ray.eval.answers import conversation, field_of, generate_answers
 from huatuo_ray.eval.tally import markdown, tally
-from huatuo_ray.rlmf.generation import EngineConfig
+from huatuo_ray.inference.generation import EngineConfig
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.client import TeacherClient
+from huatuo_ray.teacher.stage import (
+    MapResult,
+    Outcome,
+    StageInput,
+    StageOutput,
+    TeacherStageConfig,
+    ask_parsed,
+    run_teacher_stage,
+)
 
 
 @dataclass
@@ -52,28 +59,22 @@ class Candidate:
             raise ValueError(f"candidate {self.name!r}: give exactly one of model and answers")
 
 
-@dataclass
-class JudgeConfig:
+@dataclass(kw_only=True)
+class JudgeConfig(TeacherStageConfig):
     """Pairwise comparison of two models by the teacher (appendix D)."""
 
     a: Candidate = option(help="model A (outcomes are A's: win = A judged better)")
     b: Candidate = option(help="model B")
-    output: str = option(help="artifact folder to write (its _teacher_cache makes reruns free)")
     questions: str | None = option(None, help="artifact of questions, for candidates given a model")
     match_on: str = option("id", help="pair records on id or meta.<key>")
     category: str = option("meta.label", help="group results by this field (id, meta.<key>)")
     both_orders: bool = option(False, help="judge each pair in both orders; count agreements only")
     seed: int = option(0, help="seed of the per-pair position switch")
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_new_tokens: int = option(256, help="longest generated answer")
     max_prompt_tokens: int = option(1024, help="longer questions are rejected")
     engines: int = option(1, help="generation engines (Ray Data actors)")
     gpus_per_engine: float = option(0, help="GPUs per engine")
-    limit: int | None = option(None, help="judge at most N pairs")
-    overwrite: bool = option(False, help="redo a complete artifact (cached answers are reused)")
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if (self.a.model or self.b.model) and not self.questions:
@@ -145,12 +146,8 @@ def candidate_records(
     return records
 
 
-def main(config: JudgeConfig) -> dict[str, Any]:
-    from huatuo_ray.runtime import connect
-
-    connect(config.cluster, "judge")
-    if (done := already_complete(config.output, config.overwrite)) is not None:
-        return done
+def pair_rows(config: JudgeConfig) -> StageInput:
+    """One row per key both sides have (the first ``limit``), with a seeded position coin."""
     questions = list(artifacts.read_dialogues(config.questions)) if config.questions else []
     side_a = _by_key(candidate_records(config.a, config, questions), config.match_on)
     side_b = _by_key(candidate_records(config.b, config, questions), config.match_on)
@@ -171,44 +168,39 @@ def main(config: JudgeConfig) -> dict[str, Any]:
             "a_first": a_first,
         }
         rows.append(Dialogue(f"judge-{key}", "judge", conversation(ra), meta).to_row())
-    result = run_teacher_map(
-        rows,
-        "huatuo_ray.eval.judge.judge_pair",
-        config.teacher,
-        config.output,
-        workers=config.workers.num_workers,
-        batch_size=config.workers.batch_size,
-        fn_kwargs={"both_orders": config.both_orders, "retries": config.workers.max_parse_retries},
-        limiter_name=limiter_for_job(config.teacher),
-        stage="judge",
+    unpaired = {"a": len(set(side_a) - set(side_b)), "b": len(set(side_b) - set(side_a))}
+    inputs = (config.a.answers, config.b.answers, config.questions)
+    return StageInput(
+        rows, [artifacts.input_summary(p) for p in inputs if p], extra={"unpaired": unpaired}
     )
-    table = tally([(str(r.meta["category"]), r.meta["outcome"]) for r in result.records])
-    results = {
-        "a": config.a.name,
-        "b": config.b.name,
-        "category": config.category,
-        "both_orders": config.both_orders,
-        "table": table,
-        "pairs": len(keys),
-        "unpaired": {"a": len(set(side_a) - set(side_b)), "b": len(set(side_b) - set(side_a))},
-        "a_shown_first": sum(json.loads(r["meta"])["a_first"] for r in rows),
-    }
-    storage.write_json(storage.join(config.output, "results.json"), results)
-    storage.write_bytes(
-        storage.join(config.output, "table.md"),
-        markdown(table, config.a.name, config.b.name, config.category).encode(),
-    )
-    return write_result(
-        result,
-        config.output,
+
+
+def main(config: JudgeConfig) -> dict[str, Any]:
+    def finish(result: MapResult, given: StageInput) -> StageOutput:
+        """Win/tie/loss per category into ``results.json`` and ``table.md``."""
+        table = tally([(str(r.meta["category"]), r.meta["outcome"]) for r in result.records])
+        results = {
+            "a": config.a.name,
+            "b": config.b.name,
+            "category": config.category,
+            "both_orders": config.both_orders,
+            "table": table,
+            "pairs": len(given.rows),
+            "unpaired": given.extra["unpaired"],
+            "a_shown_first": sum(json.loads(r["meta"])["a_first"] for r in given.rows),
+        }
+        storage.write_json(storage.join(config.output, "results.json"), results)
+        storage.write_bytes(
+            storage.join(config.output, "table.md"),
+            markdown(table, config.a.name, config.b.name, config.category).encode(),
+        )
+        return StageOutput(result.records, {"results": results})
+
+    return run_teacher_stage(
+        config,
         "judge",
-        to_dict(config),
-        [
-            artifacts.input_summary(p)
-            for p in (config.a.answers, config.b.answers, config.questions)
-            if p
-        ],
-        config.teacher,
-        10_000,
-        extra={"results": results},
+        lambda: pair_rows(config),
+        judge_pair,
+        fn_kwargs={"both_orders": config.both_orders},
+        finish=finish,
     )

@@ -25,8 +25,8 @@ from typing import Any
 
 from huatuo_ray import storage
 from huatuo_ray.config import ClusterConfig, option
-from huatuo_ray.eval.metrics import METRICS
 from huatuo_ray.eval.tally import OUTCOMES, markdown
+from huatuo_ray.eval.text_metrics import METRICS
 
 COLOURS = {"win": "#4c9a2a", "tie": "#c9c9c9", "loss": "#c0392b"}
 

@@ -4,7 +4,7 @@ The tokenizer is a byte-level BPE trained in a second on the bundled ``demo_corp
 byte-level so that any text round-trips exactly (no ``<unk>``), NFC rather than NFKC so that
 Chinese full-width punctuation (``，。？：``) is kept as written. The chat role tags are added
 tokens, so the template's segment borders are token borders and ``tokenizer(render(turns))``
-gives the same ids as :func:`huatuo_ray.chat.encode_prompt` without its BOS. Like Llama, the
+gives the same ids as :func:`huatuo_ray.dialogue.encode_prompt` without its BOS. Like Llama, the
 tokenizer puts one BOS first when asked for special tokens (``tokenizer(text)``) and none with
 ``add_special_tokens=False``; chat's segment encoder uses the latter, so a training sample or
 prompt starts with exactly one BOS.
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from huatuo_ray.chat import ASSISTANT_TAG, CHAT_TEMPLATE, USER_TAG
+from huatuo_ray.dialogue import ASSISTANT_TAG, CHAT_TEMPLATE, USER_TAG
 
 DEMO_CORPUS = Path(__file__).with_name("demo_corpus.txt")
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -39,7 +39,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:
 
     Ids 0-3 are ``<s> </s> <pad> <unk>``; the two role tags take the last ids, so the whole
     vocabulary fits ``vocab_size``. The chat template is attached, so the saved folder renders
-    prompts the way :mod:`huatuo_ray.chat` tokenises them.
+    prompts the way :mod:`huatuo_ray.dialogue` tokenises them.
     """
     from tokenizers import (
         AddedToken,

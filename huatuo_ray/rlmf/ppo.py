@@ -43,8 +43,8 @@ from typing import Any, Literal
 
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.rlmf.actors.group import Resources
-from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
 log = logging.getLogger(__name__)
@@ -539,7 +539,7 @@ class Prompt:
     ids: list[int]
 
     def seed(self, base: int, iteration: int) -> int:
-        from huatuo_ray.rlmf.generation import prompt_seed
+        from huatuo_ray.inference.generation import prompt_seed
 
         return prompt_seed(base, f"{iteration}:{self.id}")
 
@@ -548,7 +548,7 @@ class PromptStream:
     """The RL prompts in a seeded order per epoch; ``position`` = (epoch, index) resumes it."""
 
     def __init__(self, config: PPOConfig, tokenizer: Any):
-        from huatuo_ray.chat import encode_prompt
+        from huatuo_ray.dialogue import encode_prompt
         from huatuo_ray.rlmf.rl_prompts import rl_prompts
 
         self.seed = config.seed
@@ -662,7 +662,7 @@ class PPOMetrics:
         critic_stats: dict[str, float],
         times: dict[str, float],
     ) -> dict[str, Any]:
-        from huatuo_ray import metrics as ray_metrics
+        from huatuo_ray import telemetry
         from huatuo_ray.rlmf import ppo_math
 
         lengths = exp.action_mask.sum(-1).float()
@@ -692,8 +692,8 @@ class PPOMetrics:
             if name != "iteration":
                 self.writer.add_scalar(f"ppo/{name}", value, iteration)
         for name in ("reward_mean", "kl", "entropy", "sync_s", "samples_per_s"):
-            ray_metrics.gauge(f"ppo_{name}", record[name], "ppo")
-        ray_metrics.gauge("progress_fraction", iteration / self.config.iterations, "ppo")
+            telemetry.gauge(f"ppo_{name}", record[name], "ppo")
+        telemetry.gauge("progress_fraction", iteration / self.config.iterations, "ppo")
         if self.first is None:
             self.first = iteration - 1
         done = iteration - self.first

@@ -12,8 +12,8 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from huatuo_ray.chat import Dialogue
-from huatuo_ray.distill.similarity import normalise
+from huatuo_ray.data.similarity import normalise
+from huatuo_ray.dialogue import Dialogue
 
 
 def _real_turns(record: Dialogue) -> list[dict[str, str]]:

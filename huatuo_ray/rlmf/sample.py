@@ -22,9 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.chat import encode_prompt
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
-from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig, make_generator, prompt_seed
+from huatuo_ray.dialogue import encode_prompt
+from huatuo_ray.inference.generation import (
+    EngineConfig,
+    SamplingConfig,
+    make_generator,
+    prompt_seed,
+)
 from huatuo_ray.rlmf.rl_prompts import rl_prompts
 
 log = logging.getLogger(__name__)

@@ -20,34 +20,36 @@ import asyncio
 import itertools
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray import artifacts, storage
-from huatuo_ray.chat import Dialogue, RecordError
-from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
-from huatuo_ray.distill.common import WorkersConfig, already_complete, ask_parsed, limiter_for_job
-from huatuo_ray.distill.pipeline import Outcome, read_input_rows, run_teacher_map
+from huatuo_ray import storage
+from huatuo_ray.config import option
+from huatuo_ray.dialogue import Dialogue, RecordError
 from huatuo_ray.rlmf.feedback import FeedbackStats, Judgement
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.client import TeacherClient
+from huatuo_ray.teacher.stage import (
+    MapResult,
+    Outcome,
+    StageInput,
+    StageOutput,
+    TeacherStageConfig,
+    ask_parsed,
+    read_artifact,
+    run_teacher_stage,
+)
 
 JUDGEMENTS = "judgements.jsonl"
 
 
-@dataclass
-class ScoreConfig:
+@dataclass(kw_only=True)
+class ScoreConfig(TeacherStageConfig):
     """Mixed feedback: teacher ratings of response pairs, kept when both orders agree."""
 
     input: str = option(help="artifact of the sample stage")
-    output: str = option(help="preference artifact to write (its _teacher_cache makes reruns free)")
     pairs_per_prompt: int | None = option(None, help="pairs rated per prompt (None: all k(k-1)/2)")
     seed: int = option(0, help="seed of the pair choice")
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
-    limit: int | None = option(None, help="score only the first N prompts")
-    overwrite: bool = option(False, help="redo a complete artifact (cached answers are reused)")
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 async def _rate(teacher: TeacherClient, history, query, reference, a, b, retries) -> dict[str, Any]:
@@ -124,50 +126,24 @@ def preferences(
 
 
 def main(config: ScoreConfig) -> dict:
-    from huatuo_ray.runtime import connect
+    def finish(result: MapResult, _: StageInput) -> StageOutput:
+        """Preference records from the judged prompts; every judgement to ``judgements.jsonl``."""
+        stats, kept, lines = FeedbackStats(), [], []
+        for prompt in sorted(result.records, key=lambda r: r.id):
+            records, judged = preferences(prompt, config.teacher.model, stats)
+            kept += records
+            lines += judged
+        storage.write_bytes(
+            storage.join(config.output, JUDGEMENTS),
+            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode(),
+        )
+        return StageOutput(kept, {"feedback": stats.summary(), "judgements": JUDGEMENTS})
 
-    connect(config.cluster, "score")
-    if (done := already_complete(config.output, config.overwrite)) is not None:
-        return done
-    rows = read_input_rows(config.input, config.limit)
-    result = run_teacher_map(
-        rows,
-        "huatuo_ray.rlmf.score.score_record",
-        config.teacher,
-        config.output,
-        workers=config.workers.num_workers,
-        batch_size=config.workers.batch_size,
-        fn_kwargs={
-            "retries": config.workers.max_parse_retries,
-            "pairs": config.pairs_per_prompt,
-            "seed": config.seed,
-        },
-        limiter_name=limiter_for_job(config.teacher),
-        stage="score",
-    )
-    stats = FeedbackStats()
-    writer = artifacts.DatasetWriter(config.output)
-    lines: list[dict] = []
-    for prompt in sorted(result.records, key=lambda r: r.id):
-        kept, judged = preferences(prompt, config.teacher.model, stats)
-        for record in kept:
-            writer.write(record)
-        lines += judged
-    for prompt_id, reason in sorted(result.rejects):
-        writer.reject(prompt_id, reason)
-    storage.write_bytes(
-        storage.join(config.output, JUDGEMENTS),
-        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode(),
-    )
-    return writer.finish(
+    return run_teacher_stage(
+        config,
         "score",
-        to_dict(config),
-        inputs=[artifacts.input_summary(config.input)],
-        feedback=stats.summary(),
-        judgements=JUDGEMENTS,
-        teacher={
-            "base_url": config.teacher.base_url,
-            "model": config.teacher.model,
-            "usage": result.usage.to_dict(),
-        },
+        read_artifact(config.input, config.limit),
+        score_record,
+        fn_kwargs={"pairs": config.pairs_per_prompt, "seed": config.seed},
+        finish=finish,
     )

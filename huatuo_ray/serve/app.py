@@ -1,7 +1,7 @@
 """A trained model behind an OpenAI-compatible chat endpoint, as a Ray Serve deployment.
 
 ``POST /v1/chat/completions`` (non-streaming) and ``GET /v1/models``. Messages become a prompt
-exactly as in training: :func:`~huatuo_ray.chat.encode_prompt` renders the turns with the
+exactly as in training: :func:`~huatuo_ray.dialogue.encode_prompt` renders the turns with the
 project's chat template, so a multi-turn history reaches the model the way SFT showed it one.
 Each replica holds one generation engine (vLLM, or HF ``generate`` where vLLM is not installed)
 and answers one request at a time; Serve spreads requests over ``replicas``.
@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 from ray import serve
 
-from huatuo_ray.rlmf.generation import EngineConfig, SamplingConfig
+from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 
 api = FastAPI(title="huatuo-ray")
 ROLES = {"system", "user", "assistant"}
@@ -47,7 +47,7 @@ class ChatServer:
                  max_prompt_tokens: int):  # fmt: skip
         from transformers import AutoTokenizer
 
-        from huatuo_ray.rlmf.generation import make_generator
+        from huatuo_ray.inference.generation import make_generator
 
         self.name, self.max_new_tokens = name, max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
@@ -61,7 +61,7 @@ class ChatServer:
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        from huatuo_ray.chat import encode_prompt
+        from huatuo_ray.dialogue import encode_prompt
 
         if body.get("stream"):
             raise HTTPException(400, "stream is not supported")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from huatuo_ray.config import ClusterConfig, ModelConfig, option
-from huatuo_ray.rlmf.generation import EngineConfig
+from huatuo_ray.inference.generation import EngineConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from string import Template
 
-from huatuo_ray.chat import turn
+from huatuo_ray.dialogue import turn
 from huatuo_ray.teacher.parsers import SPEAKERS, VERDICT_CHOICES, Triplet
 
 Message = dict[str, str]

@@ -1,7 +1,7 @@
 """From a dialogue artifact to training batches, on Ray Data.
 
 The driver builds one Ray Dataset per split: read the artifact's Parquet shards, tokenise with
-the chat template and the assistant-only loss mask (:func:`~huatuo_ray.chat.tokenize_dialogue`),
+the chat template and the assistant-only loss mask (:func:`~huatuo_ray.dialogue.tokenize_dialogue`),
 then pack or length-sort each block of samples (:mod:`~huatuo_ray.train.packing`). It is
 materialised once, so every sample's outcome can be counted (a sample left without a supervised
 token after truncation is a reject with its reason), and then streamed to the training workers
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.chat import Dialogue, RecordError, tokenize_dialogue
+from huatuo_ray.dialogue import Dialogue, RecordError, tokenize_dialogue
 from huatuo_ray.train.packing import group_by_length, pack, pad_batch
 
 TOKEN_COLUMNS = ["input_ids", "labels", "position_ids", "segment_ids"]

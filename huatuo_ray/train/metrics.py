@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from huatuo_ray import metrics as ray_metrics
+from huatuo_ray import telemetry
 
 log = logging.getLogger("huatuo_ray.train")
 
@@ -70,8 +70,8 @@ class TrainMetrics:
                 if self.writer is not None:
                     self.writer.add_scalar(f"train/{name}", value, step)
             for name in ("loss", "tokens_per_s"):
-                ray_metrics.gauge(f"train_{name}", values[name], self.stage)
-            ray_metrics.gauge("progress_fraction", step / max(self.total_steps, 1), self.stage)
+                telemetry.gauge(f"train_{name}", values[name], self.stage)
+            telemetry.gauge("progress_fraction", step / max(self.total_steps, 1), self.stage)
             eta = (time.time() - self.started) / step * (self.total_steps - step) if step else 0
             log.warning(
                 "%s step %d/%d loss %.4f lr %.2e grad %.3f %.0f tok/s %.1f samples/s eff %.2f ETA %.0fs",

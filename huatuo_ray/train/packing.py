@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from huatuo_ray.chat import IGNORE_INDEX
+from huatuo_ray.dialogue import IGNORE_INDEX
 
 
 def pack(samples: list[dict[str, list[int]]], max_length: int, pad_id: int) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 A preference record (from ``score``) holds the prompt turns and the chosen and rejected responses.
 Each side is tokenised as the policy will see it: the prompt with the chat template
-(:func:`~huatuo_ray.chat.encode_prompt`), then the response and EOS. A pair longer than
+(:func:`~huatuo_ray.dialogue.encode_prompt`), then the response and EOS. A pair longer than
 ``max_length`` on either side is rejected with that reason. Records are split into train and
 validation by a hash of their prompt, so one prompt never sits on both sides.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from huatuo_ray.chat import Dialogue, encode_prompt
+from huatuo_ray.dialogue import Dialogue, encode_prompt
 
 PAIR_COLUMNS = ["chosen_ids", "rejected_ids", "margin"]
 

@@ -14,7 +14,7 @@ import tempfile
 from typing import Any
 
 from huatuo_ray import storage
-from huatuo_ray.rlmf.losses import pairwise_accuracy, pairwise_reward_loss
+from huatuo_ray.train.losses import pairwise_accuracy, pairwise_reward_loss
 from huatuo_ray.train.sft_loop import _all_reduce_sum, _device_and_backend
 
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from huatuo_ray import storage
-from huatuo_ray.chat import Dialogue, RecordError
 from huatuo_ray.data.readers.base import Reject
+from huatuo_ray.dialogue import Dialogue, RecordError
 
 
 def input_files(path: str, suffixes: tuple[str, ...]) -> list[str]:

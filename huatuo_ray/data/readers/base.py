@@ -1,4 +1,4 @@
-"""What every reader yields: a valid :class:`~huatuo_ray.chat.Dialogue` or a :class:`Reject`.
+"""What every reader yields: a valid :class:`~huatuo_ray.dialogue.Dialogue` or a :class:`Reject`.
 
 A reader never drops a row silently and never stops at a bad row: it yields a ``Reject`` naming
 where the row was (``file:line`` or ``file#index``) and why, and goes on.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from huatuo_ray.chat import Dialogue
+from huatuo_ray.dialogue import Dialogue
 
 
 @dataclass

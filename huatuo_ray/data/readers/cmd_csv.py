@@ -21,9 +21,9 @@ import io
 import re
 
 from huatuo_ray import storage
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.readers._util import basename, checked, input_files, stem
 from huatuo_ray.data.readers.base import ReadResult, Reject
+from huatuo_ray.dialogue import Dialogue, turn
 
 SOURCE = "cmd_csv"
 COLUMNS = ("department", "title", "ask", "answer")

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from huatuo_ray import storage
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.readers._util import checked
 from huatuo_ray.data.readers.base import ReadResult, Reject
+from huatuo_ray.dialogue import Dialogue, turn
 
 SOURCE = "cmedqa2"
 SPLITS = ("dev", "test")

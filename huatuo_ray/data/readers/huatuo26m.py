@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.readers._util import basename, checked, input_files, stem, utf8_lines
 from huatuo_ray.data.readers.base import ReadResult, Reject
+from huatuo_ray.dialogue import Dialogue, turn
 
 SOURCE = "huatuo26m"
 

@@ -11,7 +11,6 @@ Rejected: rows that are not objects, or have no id, query or answer; repeated id
 
 from __future__ import annotations
 
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.readers._util import (
     basename,
     checked,
@@ -22,6 +21,7 @@ from huatuo_ray.data.readers._util import (
     text,
 )
 from huatuo_ray.data.readers.base import ReadResult, Reject
+from huatuo_ray.dialogue import Dialogue, turn
 
 SOURCE = "huatuo_answers"
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from huatuo_ray.chat import Dialogue, RecordError
 from huatuo_ray.data.readers._util import basename, input_files, utf8_lines
 from huatuo_ray.data.readers.base import ReadResult, Reject
+from huatuo_ray.dialogue import Dialogue, RecordError
 
 SOURCE = "jsonl"
 

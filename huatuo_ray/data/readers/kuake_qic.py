@@ -13,7 +13,6 @@ an object, a missing id, an empty query, a repeated id.
 
 from __future__ import annotations
 
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.readers._util import (
     basename,
     checked,
@@ -24,6 +23,7 @@ from huatuo_ray.data.readers._util import (
     text,
 )
 from huatuo_ray.data.readers.base import ReadResult, Reject
+from huatuo_ray.dialogue import Dialogue, turn
 
 SOURCE = "kuake_qic"
 

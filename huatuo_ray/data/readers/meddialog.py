@@ -31,7 +31,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.readers._util import (
     basename,
     checked,
@@ -42,6 +41,7 @@ from huatuo_ray.data.readers._util import (
     utf8_lines,
 )
 from huatuo_ray.data.readers.base import ReadResult, Reject
+from huatuo_ray.dialogue import Dialogue, turn
 
 SOURCE = "meddialog"
 ROLES = {"病人": "user", "医生": "assistant"}

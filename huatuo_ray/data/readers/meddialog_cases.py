@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.readers._util import basename, checked, excerpt, input_files, read_json, text
 from huatuo_ray.data.readers.base import ReadResult, Reject
 from huatuo_ray.data.readers.meddialog import parse_dialogue
+from huatuo_ray.dialogue import Dialogue, turn
 
 SOURCE = "meddialog_cases"
 

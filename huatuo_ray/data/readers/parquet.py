@@ -15,10 +15,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 
 from huatuo_ray import storage
-from huatuo_ray.chat import RecordError
 from huatuo_ray.data.readers._util import basename, excerpt, input_files
 from huatuo_ray.data.readers.base import ReadResult, Reject
 from huatuo_ray.data.readers.jsonl import from_obj
+from huatuo_ray.dialogue import RecordError
 
 SOURCE = "parquet"
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import re
 
-from huatuo_ray.chat import Dialogue, turn
 from huatuo_ray.data.readers._util import basename, checked, input_files, stem, utf8_lines
 from huatuo_ray.data.readers.base import ReadResult, Reject
+from huatuo_ray.dialogue import Dialogue, turn
 
 SOURCE = "webmedqa"
 _SPLIT = re.compile(r"^medQA\.(\w+)\.txt$")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from huatuo_ray.rlmf import weight_sync
-from huatuo_ray.rlmf.actors.base import ModelWorker
-from huatuo_ray.rlmf.generation import (
+from huatuo_ray.inference.generation import (
     EngineConfig,
     HFGenerator,
     Sample,
@@ -15,6 +13,8 @@ from huatuo_ray.rlmf.generation import (
     VLLMGenerator,
     make_generator,
 )
+from huatuo_ray.rlmf import weight_sync
+from huatuo_ray.rlmf.actors.base import ModelWorker
 
 
 class RolloutWorker(ModelWorker):

@@ -23,7 +23,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-from huatuo_ray.distill.similarity import lcs_length
+from huatuo_ray.data.similarity import lcs_length
 
 
 def tokenize(text: str, level: str = "char") -> list[str]:

@@ -1,6 +1,6 @@
 """Sampling responses from a model artifact: vLLM where it runs, Hugging Face ``generate`` elsewhere.
 
-Both take prompts as token ids (built by :func:`~huatuo_ray.chat.encode_prompt`, exactly as in
+Both take prompts as token ids (built by :func:`~huatuo_ray.dialogue.encode_prompt`, exactly as in
 training) and return, per prompt, ``n`` samples as token ids and text. Used by the ``sample``
 stage and, later, by the PPO rollout workers; one interface, two engines:
 

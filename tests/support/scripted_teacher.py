@@ -1,6 +1,6 @@
 """A scripted teacher that answers every prompt of the recipe in the shape the parsers expect.
 
-It is the ``responder`` of :class:`~huatuo_ray.testing.openai_servers.ScriptedOpenAIServer` for
+It is the ``responder`` of :class:`~tests.support.openai_servers.ScriptedOpenAIServer` for
 tests and the offline demo: deterministic (answers depend only on the request and a hash), fast,
 and honest about being a script — its medical content is canned. It recognises the prompt by the
 paper's own wording, so it exercises the real prompt builders and parsers end to end.
@@ -81,7 +81,7 @@ def _between(text: str, start: str, end: str) -> str:
 
 def _rating(prompt: str) -> str:
     """A consistent judge: each response scored by its ROUGE-L to the standard answer."""
-    from huatuo_ray.distill.similarity import rouge_l
+    from huatuo_ray.data.similarity import rouge_l
 
     reference = _between(prompt, "[Standard answer]", "[End of standard answer]")
     a = _between(prompt, "[Assistant A]", "[End of Assistant A]")

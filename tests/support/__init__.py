@@ -5,9 +5,9 @@ protocol. Tests and benchmarks cannot reach the network, and mocking the ``opena
 hide exactly the behaviour that matters (status codes, ``Retry-After``, time-outs, dropped or
 half-written responses). So this package provides real HTTP servers on ``127.0.0.1``:
 
-* :class:`~huatuo_ray.testing.openai_servers.ScriptedOpenAIServer`, an OpenAI-compatible
+* :class:`~tests.support.openai_servers.ScriptedOpenAIServer`, an OpenAI-compatible
   chat-completions server with scripted answers, latency, a concurrency cap and request accounting;
-* :class:`~huatuo_ray.testing.openai_servers.FaultyProxy`, a seeded fault-injecting reverse proxy in
+* :class:`~tests.support.openai_servers.FaultyProxy`, a seeded fault-injecting reverse proxy in
   front of any OpenAI-compatible base URL, which counts what was really delivered per request.
 
 Nothing here is imported by the pipeline itself.

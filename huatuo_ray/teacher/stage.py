@@ -1,0 +1,407 @@
+"""The frame every teacher stage runs in: connect -> already complete? -> read -> map -> write.
+
+A teacher stage (``self-instruct``, ``dialogues``, ``polish``, ``score``, ``judge``, ``consult``)
+supplies only what is its own:
+
+* a config that extends :class:`TeacherStageConfig` (the fields they all share);
+* a *read* function returning a :class:`StageInput` (the rows to work on, the inputs' manifests);
+* a *record function* ``async def fn(row, teacher, **kwargs) -> Outcome``: one input row -> a
+  :class:`~huatuo_ray.dialogue.Dialogue` or a rejection reason;
+* optionally a *finish* function ``(MapResult, StageInput) -> StageOutput`` that turns the map's
+  records into the artifact's records (and extra manifest fields, side files).
+
+:func:`run_teacher_stage` does the rest. The map runs the record function over a Ray Dataset on a
+pool of actors, each holding one :class:`~huatuo_ray.teacher.client.TeacherClient`; inside a
+batch the rows run concurrently (Ray Data runs only a few async batches per actor at once, so the
+fan-out has to happen here).
+
+Resume without paying twice: every answer is cached in the output folder the moment it arrives,
+and a rerun recomputes the whole map from the inputs, replaying cached answers. The artifact is
+written only at the end, from the map's output, so each input row appears exactly once: as a
+record or as a reject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from huatuo_ray import artifacts, storage, telemetry
+from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
+from huatuo_ray.dialogue import Dialogue, RecordError
+from huatuo_ray.teacher.client import RECORD_USAGE, TeacherClient, TeacherError, Usage
+from huatuo_ray.teacher.parsers import ParseError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CACHE_DIR = "_teacher_cache"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class WorkersConfig:
+    """Ray Data workers that call the teacher."""
+
+    num_workers: int = option(2, help="actors calling the teacher (each keeps max_concurrency)")
+    batch_size: int = option(16, help="records per Ray Data batch; a batch's records run at once")
+    max_parse_retries: int = option(
+        2, help="ask again (a new, paid request) when an answer does not parse; then reject"
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.batch_size < 1 or self.max_parse_retries < 0:
+            raise ValueError("num_workers and batch_size must be >= 1, max_parse_retries >= 0")
+
+
+@dataclass(kw_only=True)
+class TeacherStageConfig:
+    """The fields every teacher stage has; a stage's config extends it with its own."""
+
+    output: str = option(help="artifact folder to write (its _teacher_cache makes reruns free)")
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    limit: int | None = option(None, help="use only the first N inputs")
+    overwrite: bool = option(False, help="redo a complete artifact (cached answers are reused)")
+    shard_rows: int = option(10_000, help="records per Parquet shard")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Outcome:
+    """What a record function returns for one input row."""
+
+    record: Dialogue | None = None
+    reason: str = ""  # why there is no record
+
+    @classmethod
+    def reject(cls, reason: str) -> Outcome:
+        return cls(None, reason)
+
+
+RecordFn = Callable[..., Awaitable[Outcome]]
+
+
+async def ask_parsed(
+    teacher: TeacherClient,
+    messages: list[dict[str, str]],
+    parse: Callable[[str], T],
+    retries: int,
+    grammar: dict[str, Any] | None = None,
+    **sampling: Any,
+) -> T:
+    """Ask, parse; on a parse error ask again as a new request (``variant``), up to ``retries``.
+
+    ``grammar`` (see :mod:`~huatuo_ray.teacher.grammars`) is sent as vLLM structured outputs when
+    the teacher config turns them on. Raises :class:`RecordError` with the last parse reason:
+    the record becomes a reject.
+    """
+    if grammar is not None and teacher.config.structured_outputs:
+        sampling["extra_body"] = {**teacher.config.extra_body, "structured_outputs": grammar}
+    last: ParseError | None = None
+    cut = False
+    for variant in range(retries + 1):
+        answer = await teacher.chat(messages, variant=variant, **sampling)
+        try:
+            return parse(answer.text)
+        except ParseError as e:
+            last = e
+            cut = answer.finish_reason == "length"
+    why = last.reason if last else "?"
+    if cut:  # the usual cause of a bad shape: say so, it tells the user to raise max_tokens
+        why += f" (answer cut at max_tokens={teacher.sampling(**sampling)['max_tokens']})"
+    raise RecordError(f"unparseable teacher answer: {why}")
+
+
+# --------------------------------------------------------------------------- the map
+
+
+class TeacherMapper:
+    """A Ray Data callable class: one teacher client per actor, rows of a batch in parallel."""
+
+    def __init__(
+        self,
+        fn: RecordFn,
+        teacher: TeacherConfig,
+        cache_uri: str,
+        limiter_name: str | None,
+        fn_kwargs: dict[str, Any],
+        stage: str,
+        agents: dict[str, TeacherConfig] | None = None,
+    ):
+        import ray
+
+        from huatuo_ray.teacher.cache import ResponseCache
+        from huatuo_ray.teacher.limiter import RemoteLimiter
+
+        self.fn = fn
+        self.fn_kwargs, self.stage = dict(fn_kwargs), stage
+        limiter = RemoteLimiter(ray.get_actor(limiter_name)) if limiter_name else None
+        self.teacher = TeacherClient(teacher, ResponseCache(cache_uri), limiter)
+        # Other endpoints the record function talks to (e.g. the model under test in ``consult``),
+        # passed to it by name; each keeps its own answer cache (not the teacher's limits).
+        for name, agent in (agents or {}).items():
+            self.fn_kwargs[name] = TeacherClient(
+                agent, ResponseCache(storage.join(cache_uri, name))
+            )
+
+    async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        # gather() runs each row in its own task (its own context): this usage is the row's alone.
+        usage = Usage()
+        RECORD_USAGE.set(usage)
+        try:
+            outcome = await self.fn(row, self.teacher, **self.fn_kwargs)
+        except TeacherError as e:
+            outcome = Outcome.reject(f"teacher failed: {e}")
+        except RecordError as e:
+            outcome = Outcome.reject(str(e))
+        used = usage.to_dict()
+        _count_record(self.stage, bool(outcome.record), used)
+        record = outcome.record.to_row() if outcome.record else None
+        return {
+            "input_id": str(row["id"]),
+            "record": json.dumps(record, ensure_ascii=False) if record else "",
+            "reason": outcome.reason,
+            "usage": json.dumps(used),
+        }
+
+    async def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        results = await asyncio.gather(*(self._one(r) for r in rows))
+        return pa.Table.from_pylist(list(results))
+
+
+def _count_record(stage: str, ok: bool, used: dict[str, Any]) -> None:
+    telemetry.count("records_total", 1, stage, outcome="ok" if ok else "rejected")
+    telemetry.count("teacher_requests_total", used["paid"], stage, kind="paid")
+    telemetry.count("teacher_requests_total", used["cached"], stage, kind="cached")
+    telemetry.count("teacher_retries_total", used["retries"], stage)
+    tokens = used["prompt_tokens"] + used["completion_tokens"]
+    telemetry.count("teacher_tokens_total", tokens, stage)
+    telemetry.count("teacher_cost_usd_total", used["cost_usd"], stage)
+
+
+@dataclass
+class MapResult:
+    records: list[Dialogue] = field(default_factory=list)
+    rejects: list[tuple[str, str]] = field(default_factory=list)  # (input id, reason)
+    usage: Usage = field(default_factory=Usage)
+    seconds: float = 0.0
+
+
+def run_teacher_map(
+    rows: list[dict[str, Any]],
+    fn: RecordFn,
+    teacher: TeacherConfig,
+    output: str,
+    *,
+    workers: int = 2,
+    batch_size: int = 16,
+    fn_kwargs: dict[str, Any] | None = None,
+    limiter_name: str | None = None,
+    stage: str = "teacher",
+    agents: dict[str, TeacherConfig] | None = None,
+) -> MapResult:
+    """Run the record function over ``rows`` on a pool of ``workers`` actors. ``agents``: more
+    OpenAI-compatible endpoints, each given to the record function as a client of that name."""
+    import pyarrow as pa
+    import ray
+
+    started = time.time()
+    result = MapResult()
+    if not rows:
+        return result
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows))
+    ds = ds.repartition(max(1, min(len(rows) // batch_size + 1, workers * 4))).map_batches(
+        TeacherMapper,
+        fn_constructor_args=(
+            fn,
+            teacher,
+            storage.join(output, CACHE_DIR),
+            limiter_name,
+            fn_kwargs or {},
+            stage,
+            agents,
+        ),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=workers,
+        num_cpus=0.5,
+    )
+    progress = telemetry.Progress(stage, len(rows))
+    for row in ds.iter_rows():
+        result.usage.add(json.loads(row["usage"]))
+        progress.update(bool(row["record"]))
+        if row["record"]:
+            result.records.append(Dialogue.from_row(json.loads(row["record"])))
+        else:
+            result.rejects.append((row["input_id"], row["reason"]))
+    result.seconds = time.time() - started
+    return result
+
+
+# --------------------------------------------------------------------------- the stage frame
+
+
+@dataclass
+class StageInput:
+    """What a stage's read step hands the map."""
+
+    rows: list[dict[str, Any]]  # dialogue rows, one record-function call each
+    inputs: list[dict[str, Any]]  # the inputs' summaries, for the manifest
+    usage: Usage | None = None  # teacher calls the read step itself paid for (self-instruct)
+    extra: dict[str, Any] = field(default_factory=dict)  # more manifest fields
+
+
+@dataclass
+class StageOutput:
+    """What a stage's finish step makes of the map: the artifact's records and manifest extras."""
+
+    records: list[Dialogue]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_input_rows(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for row in artifacts.iter_rows(uri):
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    return rows
+
+
+def read_artifact(uri: str, limit: int | None) -> Callable[[], StageInput]:
+    """The usual read step: the rows of one dataset artifact (the first ``limit``)."""
+
+    def read() -> StageInput:
+        return StageInput(read_input_rows(uri, limit), [artifacts.input_summary(uri)])
+
+    return read
+
+
+def already_complete(output: str, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of a finished run (nothing to do), or None after clearing old results.
+
+    The teacher cache under the output folder is kept: it is what makes a rerun free.
+    """
+    if storage.exists(storage.join(output, artifacts.MANIFEST)) and not overwrite:
+        log.info(
+            "%s is already complete; overwrite=true redoes it (cached answers are reused)", output
+        )
+        return artifacts.read_manifest(output)
+    if storage.is_dir(output):
+        for path in storage.list_files(output):
+            if path.endswith((".parquet", artifacts.REJECTS, artifacts.MANIFEST)):
+                storage.delete(path)
+    return None
+
+
+def limiter_for_job(teacher: TeacherConfig) -> str | None:
+    """Create the job's shared RPM/TPM limiter actor; return its name for the workers."""
+    import ray
+
+    from huatuo_ray.teacher.limiter import shared_limiter
+
+    name = f"huatuo-teacher-limiter-{ray.get_runtime_context().get_job_id()}"
+    handle = shared_limiter(name, teacher.requests_per_minute, teacher.tokens_per_minute)
+    return name if handle is not None else None
+
+
+@contextlib.contextmanager
+def _no_agents() -> Iterator[dict[str, TeacherConfig]]:
+    yield {}
+
+
+def run_teacher_stage(
+    config: TeacherStageConfig,
+    stage: str,
+    read: Callable[[], StageInput],
+    record_fn: RecordFn,
+    *,
+    fn_kwargs: dict[str, Any] | None = None,
+    finish: Callable[[MapResult, StageInput], StageOutput] | None = None,
+    agents: Callable[[], contextlib.AbstractContextManager[dict[str, TeacherConfig]]] = _no_agents,
+) -> dict[str, Any]:
+    """Connect to Ray; return the manifest if the output is complete; else read, map the record
+    function over the rows (``retries`` from ``config.workers`` is passed to it), finish, and
+    write the artifact and its manifest. ``agents`` opens the other endpoints the record
+    function talks to (e.g. the doctor model in ``consult``) for the map's duration only."""
+    from huatuo_ray.runtime import connect
+
+    connect(config.cluster, stage)
+    if (done := already_complete(config.output, config.overwrite)) is not None:
+        return done
+    given = read()
+    with agents() as endpoints:
+        result = run_teacher_map(
+            given.rows,
+            record_fn,
+            config.teacher,
+            config.output,
+            workers=config.workers.num_workers,
+            batch_size=config.workers.batch_size,
+            fn_kwargs={"retries": config.workers.max_parse_retries, **(fn_kwargs or {})},
+            limiter_name=limiter_for_job(config.teacher),
+            stage=stage,
+            agents=endpoints or None,
+        )
+    if given.usage is not None:
+        result.usage.add(given.usage)
+    made = finish(result, given) if finish else StageOutput(result.records)
+    return write_result(
+        result,
+        made.records,
+        config,
+        stage,
+        given.inputs,
+        extra={"inputs_read": len(given.rows), **given.extra, **made.extra},
+    )
+
+
+def write_result(
+    result: MapResult,
+    records: list[Dialogue],
+    config: TeacherStageConfig,
+    stage: str,
+    inputs: list[dict[str, Any]],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the artifact (records sorted by id so reruns are byte-identical) and its manifest."""
+    writer = artifacts.DatasetWriter(config.output, config.shard_rows)
+    for record in sorted(records, key=lambda r: r.id):
+        writer.write(record)
+    for input_id, reason in sorted(result.rejects):
+        writer.reject(input_id, reason)
+    return writer.finish(
+        stage,
+        to_dict(config),
+        inputs=inputs,
+        timings={"map_seconds": round(result.seconds, 3)},
+        teacher={
+            "base_url": config.teacher.base_url,
+            "model": config.teacher.model,
+            "usage": result.usage.to_dict(),
+        },
+        **extra,
+    )
+
+
+def count_by(records: list[Dialogue], key: str) -> dict[str, int]:
+    """How many records have each value of ``meta[key]`` (e.g. how consultations ended)."""
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.meta[key]] = counts.get(record.meta[key], 0) + 1
+    return counts
