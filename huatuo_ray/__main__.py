@@ -1,7 +1,11 @@
-"""``python -m huatuo_ray STAGE --config FILE [key.sub=value ...] [--key value ...]``.
+"""``python -m huatuo_ray STAGE --config FILE [key.sub=value ...] [--key value ...] [--debug]``.
 
-Every stage is one recipe; this only parses the command line, loads and checks the config, and
-calls the recipe's ``main``. ``--help`` lists the stages; ``STAGE --help`` documents its config.
+Every stage is one recipe; this only parses the command line, loads and checks the config and the
+stage's inputs, and calls the recipe's ``main``. ``--help`` lists the stages; ``STAGE --help``
+documents its config.
+
+Exit codes: 0 done; 2 a mistake the user can fix (a config error, a missing input, an unreachable
+cluster: one line, its traceback only with ``--debug``); 1 a bug (with its traceback).
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ import logging
 import sys
 
 from huatuo_ray.config import ConfigError, describe, load_config
+from huatuo_ray.inputs import check_inputs, user_error_in
 from huatuo_ray.stages import STAGES
 
-USAGE = "usage: python -m huatuo_ray STAGE [--config FILE] [key.sub=value ...] [--key value ...]"
+USAGE = (
+    "usage: python -m huatuo_ray STAGE [--config FILE] [key.sub=value ...] [--key value ...]"
+    " [--debug]"
+)
 
 
 def _overview() -> str:
@@ -61,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
         return 0
-    name, rest = argv[0], argv[1:]
+    name, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
+    debug = len(rest) < len(argv) - 1
     if name not in STAGES:
         print(f"unknown stage {name!r}\n\n{_overview()}", file=sys.stderr)
         return 2
@@ -78,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run(config)
+    try:
+        check_inputs(config)
+        run(config)
+    except Exception as e:
+        mistake = user_error_in(e)
+        if mistake is None or debug:
+            raise
+        print(f"{name}: {mistake}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from huatuo_ray import storage
 from huatuo_ray.dialogue import Dialogue
+from huatuo_ray.inputs import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -45,7 +46,7 @@ DIALOGUE_SCHEMA = pa.schema(
 )
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError):
     """A missing, incomplete or unreadable artifact."""
 
 

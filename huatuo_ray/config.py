@@ -23,14 +23,27 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the file."""
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with help text. Mutable defaults are copied per instance."""
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    input: str | None = None,
+    made_by: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A dataclass field with help text. Mutable defaults are copied per instance.
+
+    ``input`` marks a path the stage reads, checked before it starts
+    (:func:`huatuo_ray.inputs.check_inputs`): ``"artifact"`` (a complete artifact folder),
+    ``"file"`` (a file or folder) or ``"model"`` (a model folder, or a hub id). ``made_by`` names
+    the stage that writes it, for the message when it is missing.
+    """
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
         kwargs["default_factory"] = lambda: _copy(value)
     elif default is not dataclasses.MISSING:
         kwargs["default"] = default
-    return dataclasses.field(metadata={"help": help}, **kwargs)
+    metadata = {"help": help, "input": input, "made_by": made_by}
+    return dataclasses.field(metadata=metadata, **kwargs)
 
 
 def _copy(value: Any) -> Any:
@@ -56,10 +69,33 @@ class ClusterConfig:
 
 
 @dataclass
+class ScalingConfig:
+    """Ray Train workers."""
+
+    num_workers: int = option(2, help="training workers (one DeepSpeed rank each)")
+    use_gpu: bool = option(False, help="one GPU per worker")
+    cpus_per_worker: float = option(1.0, help="CPUs reserved per worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK", help="how workers spread over nodes"
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    """Fault tolerance."""
+
+    every_steps: int = option(50, help="checkpoint every N optimizer steps (and each epoch's end)")
+    keep: int = option(2, help="checkpoints kept in storage (the newest)")
+    max_failures: int = option(
+        1, help="worker/node failures survived by restarting from the latest"
+    )
+
+
+@dataclass
 class ModelConfig:
     """A Hugging Face causal LM: a local folder, a URI, or a hub id."""
 
-    path: str = option("", help="HF folder or hub id of the model")
+    path: str = option("", help="HF folder or hub id of the model", input="model")
     trust_remote_code: bool = option(False, help="run code shipped with the model (off: safer)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="weights dtype; auto = bfloat16 on GPU, float32 on CPU"

@@ -11,6 +11,9 @@ THAT`` through the dashboard's job API, with metadata naming the pipeline, step,
 It waits for the job, checks that the step left its output, then submits the next. A step whose
 output is already complete is skipped, so rerunning a failed pipeline starts where it stopped.
 
+With ``address=local`` the same steps run one after another in this process on a local Ray,
+with the same skipping (``make demo`` runs ``jobs/tiny/pipeline.yaml`` that way).
+
 Secrets never travel with the jobs: configs hold only the *names* of environment variables; the
 cluster's nodes hold the values (the job's entrypoint, metadata and runtime environment name none).
 """
@@ -60,7 +63,8 @@ class PipelineConfig:
     steps: list[Step] = option(help="the stages in order")
     name: str = option("huatuo", help="pipeline name (in every job's metadata)")
     address: str = option(
-        os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"), help="the dashboard's job API"
+        os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+        help="the dashboard's job API; 'local': every step in this process on a local Ray",
     )
     project_dir: str = option(str(REPO), help="the project on the cluster's nodes (jobs run there)")
     rebase: Rebase = field(default_factory=Rebase)
@@ -119,7 +123,44 @@ def is_done(output: str | None) -> bool:
     return output is not None and any(storage.exists(storage.join(output, f)) for f in DONE_FILES)
 
 
+def run_in_process(config: PipelineConfig, before: Any = None) -> list[dict[str, Any]]:
+    """Every step in this process, in order, skipping complete ones; ``before(index, step)`` is
+    called before each step that runs. Returns per step its status, output and manifest (or the
+    stage's result)."""
+    from huatuo_ray.inputs import check_inputs
+    from huatuo_ray.stages import STAGES
+
+    ran: list[dict[str, Any]] = []
+    for index, step in enumerate(config.steps):
+        path, values = resolve_step(config, index, step)
+        output = _output_of(values, config.project_dir)
+        record = {"step": index, "stage": step.stage, "config": step.config, "output": output}
+        if is_done(output):
+            log.warning("pipeline step %d %s: %s is complete, skipped", index, step.stage, output)
+            ran.append({**record, "status": "skipped", "result": _result_of(output)})
+            continue
+        if before is not None:
+            before(index, step)
+        config_cls, run = STAGES[step.stage].load()
+        step_config = load_config(config_cls, path)
+        check_inputs(step_config)
+        started = time.time()
+        result = run(step_config)
+        seconds = round(time.time() - started, 1)
+        ran.append({**record, "status": "succeeded", "seconds": seconds, "result": result})
+    return ran
+
+
+def _result_of(output: str | None) -> dict[str, Any] | None:
+    path = storage.join(output, artifacts.MANIFEST) if output else None
+    return storage.read_json(path) if path and storage.exists(path) else None
+
+
 def main(config: PipelineConfig) -> dict[str, Any]:
+    if config.address == "local":
+        steps = run_in_process(config)
+        return {"pipeline": config.name, "steps": [{k: v for k, v in s.items() if k != "result"}
+                                                   for s in steps]}  # fmt: skip
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(config.address)

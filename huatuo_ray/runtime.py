@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from huatuo_ray.config import ClusterConfig
+from huatuo_ray.inputs import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,12 @@ def connect(cluster: ClusterConfig, stage: str) -> Any:
     )
     if starts_local and cluster.num_cpus is not None:
         kwargs["num_cpus"] = cluster.num_cpus
-    ctx = ray.init(**kwargs)
+    try:
+        ctx = ray.init(**kwargs)
+    except ConnectionError as e:  # a wrong address or a cluster that is down
+        where = kwargs.get("address") or os.environ.get("RAY_ADDRESS")
+        raise UserError(
+            f"cannot reach the Ray cluster at {where}: check cluster.address or RAY_ADDRESS ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from e
     log.info("stage %s connected to Ray at %s", stage, ctx.address_info.get("gcs_address"))
     return ctx

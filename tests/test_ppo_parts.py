@@ -13,11 +13,11 @@ from huatuo_ray.rlmf.model_ops import (
     FrozenTrunkReference,
     ValueModel,
     forward_logits,
-    freeze_bottom,
     last_token_scores,
     response_values,
     token_logprobs,
 )
+from huatuo_ray.train.core import freeze_bottom
 
 PAD = 2
 

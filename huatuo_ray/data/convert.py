@@ -28,7 +28,9 @@ class DataConfig:
     """Convert one public dataset into a dataset artifact."""
 
     source: str = option(help="reader name: " + ", ".join(READERS))
-    input: str = option(help="file or folder in the source's original format (path or URI)")
+    input: str = option(
+        help="file or folder in the source's original format (path or URI)", input="file"
+    )
     output: str = option(help="artifact folder to write (path or URI)")
     shard_rows: int = option(10_000, help="records per Parquet shard")
     limit: int | None = option(None, help="stop after this many records (None: all)")

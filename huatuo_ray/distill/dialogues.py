@@ -38,7 +38,11 @@ from huatuo_ray.teacher.stage import (
 class DialoguesConfig(TeacherStageConfig):
     """Distil multi-turn consultations with a patient agent and a doctor agent."""
 
-    input: str = option(help="dataset artifact of real cases (meddialog_cases or meddialog)")
+    input: str = option(
+        help="dataset artifact of real cases (meddialog_cases or meddialog)",
+        input="artifact",
+        made_by="data",
+    )
     max_turns: int = option(6, help="most patient/doctor exchanges in one consultation")
 
     def __post_init__(self) -> None:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class MixtureSource:
     """One input artifact of the mixture."""
 
-    path: str = option(help="dataset artifact")
+    path: str = option(help="dataset artifact", input="artifact")
     ratio: float = option(1.0, help="fraction of this source's (deduplicated) records to take")
 
     def __post_init__(self) -> None:

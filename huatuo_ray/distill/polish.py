@@ -31,7 +31,11 @@ from huatuo_ray.teacher.stage import (
 class PolishConfig(TeacherStageConfig):
     """Rewrite real doctor answers and dialogues with the teacher."""
 
-    input: str = option(help="dataset artifact of real single-turn answers or dialogues")
+    input: str = option(
+        help="dataset artifact of real single-turn answers or dialogues",
+        input="artifact",
+        made_by="data",
+    )
 
 
 async def polish_record(row: dict[str, Any], teacher: TeacherClient, retries: int) -> Outcome:

@@ -53,7 +53,9 @@ BUNDLED_SEEDS = str(Path(__file__).with_name("seeds.jsonl"))
 class SelfInstructConfig(TeacherStageConfig):
     """Generate medical instructions with role-enhanced self-instruct and answer them."""
 
-    seeds: str = option(BUNDLED_SEEDS, help="JSONL of seed triplets {role, instruction, input}")
+    seeds: str = option(
+        BUNDLED_SEEDS, help="JSONL of seed triplets {role, instruction, input}", input="file"
+    )
     num_instructions: int = option(100, help="instructions to generate and answer")
     triplets_per_request: int = option(20, help="triplets asked for in one request (paper: 20)")
     requests_per_round: int = option(8, help="generation requests run at once in one round")

@@ -1,1 +1,2 @@
-"""Stage 4: evaluation — reference metrics (and, as they land, benchmark, judge, consult, report)."""
+"""Stage 4: evaluation — the metric benchmark, the pairwise judge, consultations with a teacher-played
+patient, the doctors' forms and the report."""

@@ -27,26 +27,19 @@ def generate_answers(
 ) -> list[dict[str, Any]]:
     """Rows with ``prompt_ids`` and ``seed`` in; the same rows with ``meta.prediction`` (one
     greedy answer) out, sorted by id."""
-    import pyarrow as pa
-    import ray
+    from huatuo_ray.inference.batch import generate_rows
 
-    from huatuo_ray.rlmf.sample import SampleBatch
-
-    if not rows:
-        return []
     greedy = SamplingConfig(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).map_batches(
-        SampleBatch,
-        fn_constructor_args=(model_path, engine, greedy),
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        concurrency=engines,
-        num_gpus=gpus_per_engine,
-        num_cpus=0.5 if not gpus_per_engine else 1,
-        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
-    )
     answered = []
-    for row in sorted(ds.iter_rows(), key=lambda r: r["id"]):
+    for row in generate_rows(
+        rows,
+        model_path,
+        engine,
+        greedy,
+        engines=engines,
+        gpus_per_engine=gpus_per_engine,
+        batch_size=batch_size,
+    ):
         meta = json.loads(row["meta"])
         meta["prediction"] = meta.pop("responses")[0]
         meta.pop("finished", None)

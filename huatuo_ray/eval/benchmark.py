@@ -30,7 +30,9 @@ class BenchmarkSet:
     """One test set."""
 
     name: str = option(help="name in the table, e.g. cMedQA2")
-    path: str = option(help="dialogue artifact of question/answer records")
+    path: str = option(
+        help="dialogue artifact of question/answer records", input="artifact", made_by="data"
+    )
 
 
 @dataclass

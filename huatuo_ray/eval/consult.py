@@ -46,11 +46,17 @@ from huatuo_ray.teacher.stage import (
 class ConsultConfig(TeacherStageConfig):
     """Consultations between a teacher-played patient and the model under test."""
 
-    cases: str = option(help="dataset artifact of real cases (meddialog_cases or meddialog)")
+    cases: str = option(
+        help="dataset artifact of real cases (meddialog_cases or meddialog)",
+        input="artifact",
+        made_by="data",
+    )
     name: str = option("model", help="the doctor's name in the outputs and tables")
     doctor: TeacherConfig = field(default_factory=TeacherConfig)
     doctor_model: str | None = option(
-        None, help="a model folder: start vLLM's server on it and use it as the doctor"
+        None,
+        help="a model folder: start vLLM's server on it and use it as the doctor",
+        input="model",
     )
     max_turns: int = option(2, help="patient/doctor exchanges (HuatuoGPT-II's data: 2)")
 

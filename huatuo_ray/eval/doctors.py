@@ -38,7 +38,9 @@ VOTES = {"1", "2", "equal"}
 class DoctorExportConfig:
     """Anonymised, order-scrambled pairs for human raters."""
 
-    pairs: str = option(help="the judge stage's output (judged pairs)")
+    pairs: str = option(
+        help="the judge stage's output (judged pairs)", input="artifact", made_by="judge"
+    )
     output: str = option(help="folder for the raters: pairs.csv and form.html")
     key_output: str = option(help="folder for key.json (kept from the raters)")
     n: int = option(50, help="pairs to rate (the paper: 50)")
@@ -54,8 +56,10 @@ class DoctorExportConfig:
 class DoctorImportConfig:
     """Raters' votes into win/tie/loss tables."""
 
-    votes: list[str] = option(help="votes.csv files (item,vote), one per rater")
-    key: str = option(help="key.json written by doctor-export")
+    votes: list[str] = option(help="votes.csv files (item,vote), one per rater", input="file")
+    key: str = option(
+        help="key.json written by doctor-export", input="file", made_by="doctor-export"
+    )
     output: str = option(help="folder for results.json and table.md")
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

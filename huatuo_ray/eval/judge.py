@@ -51,8 +51,12 @@ class Candidate:
     """One side of the comparison: a model, or stored conversations."""
 
     name: str = option(help="name in the tables, e.g. HuatuoGPT")
-    model: str | None = option(None, help="model folder or hub id: answers ``questions``")
-    answers: str | None = option(None, help="artifact of conversations ending with its answers")
+    model: str | None = option(
+        None, help="model folder or hub id: answers ``questions``", input="model"
+    )
+    answers: str | None = option(
+        None, help="artifact of conversations ending with its answers", input="artifact"
+    )
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.answers is None):
@@ -65,7 +69,12 @@ class JudgeConfig(TeacherStageConfig):
 
     a: Candidate = option(help="model A (outcomes are A's: win = A judged better)")
     b: Candidate = option(help="model B")
-    questions: str | None = option(None, help="artifact of questions, for candidates given a model")
+    questions: str | None = option(
+        None,
+        help="artifact of questions, for candidates given a model",
+        input="artifact",
+        made_by="data",
+    )
     match_on: str = option("id", help="pair records on id or meta.<key>")
     category: str = option("meta.label", help="group results by this field (id, meta.<key>)")
     both_orders: bool = option(False, help="judge each pair in both orders; count agreements only")

@@ -36,7 +36,7 @@ class Section:
     """One input of the report."""
 
     title: str = option(help="heading in the report")
-    path: str = option(help="the stage's output folder (or a TensorBoard folder)")
+    path: str = option(help="the stage's output folder (or a TensorBoard folder)", input="file")
 
 
 @dataclass
@@ -45,10 +45,14 @@ class ReportConfig:
 
     output: str = option(help="folder for report.html, report.md and images/")
     title: str = option("HuatuoGPT reproduction: evaluation", help="the report's title")
-    benchmarks: list[str] = option([], help="benchmark stage outputs")
+    benchmarks: list[str] = option(
+        [], help="benchmark stage outputs", input="artifact", made_by="benchmark"
+    )
     comparisons: list[Section] = option([], help="judge or doctor-import outputs")
     training: list[Section] = option([], help="TensorBoard folders (sft, reward-model, ppo)")
-    models: list[str] = option([], help="model artifacts to link (their manifests)")
+    models: list[str] = option(
+        [], help="model artifacts to link (their manifests)", input="artifact"
+    )
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 

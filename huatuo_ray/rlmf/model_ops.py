@@ -23,19 +23,7 @@ import torch
 from torch import nn
 
 from huatuo_ray.rlmf.experience import Experience
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks (``model.model.layers`` in Llama/Qwen; found generically)."""
-    base = getattr(model, "base_model", model)
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__}: no decoder layer list found")
-    return max(lists, key=len)
+from huatuo_ray.train.core import decoder_layers
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -48,33 +36,6 @@ def disable_dropout(model: nn.Module) -> None:
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if config is not None and isinstance(getattr(config, key, None), float):
             setattr(config, key, 0.0)
-
-
-def freeze_bottom(
-    model: nn.Module, trainable_layers: int | None, trainable_modules: list[str]
-) -> list[str]:
-    """Freeze all but the top ``trainable_layers`` blocks and ``trainable_modules`` (name
-    prefixes); None trains everything. Returns the names of the parameters left trainable."""
-    if trainable_layers is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return [n for n, _ in model.named_parameters()]
-    layers = decoder_layers(model)
-    if not 0 <= trainable_layers <= len(layers):
-        raise ValueError(f"trainable_layers {trainable_layers}: the model has {len(layers)} layers")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    top = list(layers)[len(layers) - trainable_layers :]
-    for layer in top:
-        for p in layer.parameters():
-            p.requires_grad_(True)
-    names = dict(model.named_modules())
-    for prefix in trainable_modules:
-        if prefix not in names:
-            raise ValueError(f"trainable_modules: {type(model).__name__} has no module {prefix!r}")
-        for p in names[prefix].parameters():
-            p.requires_grad_(True)
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def forward_logits(model: Any, exp: Experience) -> torch.Tensor:

@@ -150,7 +150,9 @@ class CheckpointEvery:
 class PPOConfig:
     """PPO on the reward model (RLMF step 5)."""
 
-    inputs: list[str] = option(help="dialogue artifacts of real data: the RL prompts")
+    inputs: list[str] = option(
+        help="dialogue artifacts of real data: the RL prompts", input="artifact", made_by="data"
+    )
     output: str = option(help="folder to write (a filesystem path every node sees)")
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -287,7 +289,6 @@ def run(
     import ray
 
     from huatuo_ray.rlmf import ppo_math
-    from huatuo_ray.rlmf.experience import concat, make_experience
 
     ray.get(
         groups["policy"].setup_distributed(total_steps)
@@ -305,43 +306,7 @@ def run(
     while state["iteration"] < config.iterations:
         iteration = state["iteration"]
         times: dict[str, float] = {}
-
-        # 1. rollout: chunks of prompts over the engines
-        started = time.perf_counter()
-        batch = prompts.next_batch(config.rollout_size)
-        chunks = [
-            batch[i : i + config.rollout.chunk_size]
-            for i in range(0, len(batch), config.rollout.chunk_size)
-        ]
-        engines = groups["rollout"].workers
-        pending = [
-            engines[i % len(engines)].generate.remote(
-                [p.ids for p in chunk], [p.seed(config.sampling.seed, iteration) for p in chunk]
-            )
-            for i, chunk in enumerate(chunks)
-        ]
-        samples = ray.get(pending)
-        times["generate_s"] = time.perf_counter() - started
-
-        # 2. experience: log-probs, values and scores per chunk, then rewards and advantages
-        started = time.perf_counter()
-        parts = []
-        for chunk, outs in zip(chunks, samples):
-            exp = make_experience(
-                [p.ids for p in chunk],
-                [o.token_ids for o in outs],
-                [o.finished for o in outs],
-                pad_id,
-                [o.logprobs for o in outs],
-            )
-            parts.append((exp, experience_calls(groups, exp, config.reference.frozen_trunk)))
-        filled = []
-        for exp, calls in parts:
-            fill_experience(exp, {k: ray.get(v) for k, v in calls.items()})
-            filled.append(exp)
-        exp = concat(filled, pad_id)
-        add_rewards_and_advantages(exp, kl_control.beta, config)
-        times["experience_s"] = time.perf_counter() - started
+        exp = collect_experience(config, groups, prompts, pad_id, iteration, kl_control.beta, times)
 
         # 3. train policy and critic concurrently on the same rows
         started = time.perf_counter()
@@ -376,6 +341,59 @@ def run(
 
     metrics.close()
     return finish(config, groups, state, prompts, placement)
+
+
+def collect_experience(
+    config: PPOConfig,
+    groups: dict[str, Any],
+    prompts: PromptStream,
+    pad_id: int,
+    iteration: int,
+    beta: float,
+    times: dict[str, float],
+) -> Any:
+    """Steps 1 and 2 of an iteration: the rollout (chunks of prompts over the engines), then
+    log-probs, values and scores per chunk, joined into one Experience with its rewards and
+    advantages (KL penalty ``beta``)."""
+    import ray
+
+    from huatuo_ray.rlmf.experience import concat, make_experience
+
+    started = time.perf_counter()
+    batch = prompts.next_batch(config.rollout_size)
+    chunks = [
+        batch[i : i + config.rollout.chunk_size]
+        for i in range(0, len(batch), config.rollout.chunk_size)
+    ]
+    engines = groups["rollout"].workers
+    pending = [
+        engines[i % len(engines)].generate.remote(
+            [p.ids for p in chunk], [p.seed(config.sampling.seed, iteration) for p in chunk]
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    samples = ray.get(pending)
+    times["generate_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    parts = []
+    for chunk, outs in zip(chunks, samples):
+        exp = make_experience(
+            [p.ids for p in chunk],
+            [o.token_ids for o in outs],
+            [o.finished for o in outs],
+            pad_id,
+            [o.logprobs for o in outs],
+        )
+        parts.append((exp, experience_calls(groups, exp, config.reference.frozen_trunk)))
+    filled = []
+    for exp, calls in parts:
+        fill_experience(exp, {k: ray.get(v) for k, v in calls.items()})
+        filled.append(exp)
+    exp = concat(filled, pad_id)
+    add_rewards_and_advantages(exp, beta, config)
+    times["experience_s"] = time.perf_counter() - started
+    return exp
 
 
 def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:

@@ -15,19 +15,17 @@ Output: a dialogue artifact whose records are the prompts (``turns`` ends with t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
 from huatuo_ray.dialogue import encode_prompt
+from huatuo_ray.inference.batch import generate_rows
 from huatuo_ray.inference.generation import (
     EngineConfig,
     SamplingConfig,
-    make_generator,
     prompt_seed,
 )
 from huatuo_ray.rlmf.rl_prompts import rl_prompts
@@ -39,7 +37,11 @@ log = logging.getLogger(__name__)
 class SampleConfig:
     """Sample k responses per RL prompt from a model."""
 
-    inputs: list[str] = option(help="dialogue artifacts of real data (data or polish outputs)")
+    inputs: list[str] = option(
+        help="dialogue artifacts of real data (data or polish outputs)",
+        input="artifact",
+        made_by="data",
+    )
     output: str = option(help="artifact folder to write")
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -54,32 +56,7 @@ class SampleConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-class SampleBatch:
-    """Ray Data callable: one engine per actor; prompts in, k responses each out."""
-
-    def __init__(self, model_path: str, engine: EngineConfig, sampling: SamplingConfig):
-        self.generator = make_generator(model_path, engine)
-        self.sampling = sampling
-
-    def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
-        rows = batch.to_pylist()
-        prompts = [list(r["prompt_ids"]) for r in rows]
-        seeds = [int(r["seed"]) for r in rows]
-        outputs = self.generator.generate(prompts, self.sampling, seeds)
-        for row, samples in zip(rows, outputs):
-            meta = json.loads(row["meta"])
-            meta["responses"] = [s.text for s in samples]
-            meta["finished"] = [s.finished for s in samples]
-            row["meta"] = json.dumps(meta, ensure_ascii=False)
-            del row["prompt_ids"], row["seed"]
-        return pa.Table.from_pylist(rows)
-
-
 def main(config: SampleConfig) -> dict:
-    import pyarrow as pa
-    import ray
     from transformers import AutoTokenizer
 
     from huatuo_ray.runtime import connect
@@ -110,18 +87,16 @@ def main(config: SampleConfig) -> dict:
         if config.limit and len(rows) >= config.limit:
             break
     log.info("sample: %d prompts", len(rows))
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # vLLM's engine in the actor's own process
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).map_batches(
-        SampleBatch,
-        fn_constructor_args=(model_path, config.engine, config.sampling),
+    generated = generate_rows(
+        rows,
+        model_path,
+        config.engine,
+        config.sampling,
+        engines=config.engines,
+        gpus_per_engine=config.gpus_per_engine,
         batch_size=config.batch_size,
-        batch_format="pyarrow",
-        concurrency=config.engines,
-        num_gpus=config.gpus_per_engine,
-        num_cpus=0.5 if not config.gpus_per_engine else 1,
-        runtime_env={"env_vars": env},
     )
-    for row in sorted(ds.iter_rows(), key=lambda r: r["id"]):
+    for row in generated:
         writer.write({k: row[k] for k in ("id", "source", "turns", "meta")})
     return writer.finish(
         "sample",

@@ -47,7 +47,7 @@ JUDGEMENTS = "judgements.jsonl"
 class ScoreConfig(TeacherStageConfig):
     """Mixed feedback: teacher ratings of response pairs, kept when both orders agree."""
 
-    input: str = option(help="artifact of the sample stage")
+    input: str = option(help="artifact of the sample stage", input="artifact", made_by="sample")
     pairs_per_prompt: int | None = option(None, help="pairs rated per prompt (None: all k(k-1)/2)")
     seed: int = option(0, help="seed of the pair choice")
 

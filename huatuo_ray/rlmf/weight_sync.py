@@ -33,10 +33,6 @@ class ParamSpec:
     shape: tuple[int, ...]
 
 
-def specs_of(named: Iterable[tuple[str, torch.Tensor]]) -> list[ParamSpec]:
-    return [ParamSpec(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in named]
-
-
 def join_group(addr: str, port: int, rank: int, world: int, backend: str) -> Any:
     """A process group of its own (not torch's default group, which the policy's DeepSpeed world
     or vLLM's own world already holds): a TCP store hosted by rank 0, then gloo or NCCL."""

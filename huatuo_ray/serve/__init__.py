@@ -1,1 +1,2 @@
-"""Serving models: vLLM's OpenAI-compatible server for a model artifact (the demo's local teacher)."""
+"""Serving a trained model: the ``serve`` stage (an OpenAI-compatible chat endpoint on Ray Serve)
+and the ``chat`` stage (a terminal client of it)."""

@@ -1,1 +1,3 @@
-"""Stage 2 and the reward model: Ray Train recipes whose workers run DeepSpeed engines."""
+"""Training: the one DeepSpeed core (:mod:`~huatuo_ray.train.core`) and Ray Train loop
+(:mod:`~huatuo_ray.train.loop`) every trainer uses, the losses, and the ``sft`` and ``reward-model``
+recipes."""

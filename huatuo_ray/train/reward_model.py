@@ -19,42 +19,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
-from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+from huatuo_ray.config import option, to_dict
+from huatuo_ray.train.deepspeed_setup import OptimConfig
+from huatuo_ray.train.loop import TrainStageConfig
 from huatuo_ray.train.ray_trainer import fit, promote_best
-from huatuo_ray.train.sft import CheckpointConfig, ScalingConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RewardModelConfig:
+@dataclass(kw_only=True)
+class RewardModelConfig(TrainStageConfig):
     """Train the reward model on preference pairs."""
 
-    preferences: str = option(help="preference artifact (the score stage's output)")
-    output: str = option(help="model artifact folder to write")
-    model: ModelConfig = field(default_factory=ModelConfig)
+    preferences: str = option(
+        help="preference artifact (the score stage's output)", input="artifact", made_by="score"
+    )
     validation_fraction: float = option(0.1, help="share of prompts held out for validation")
     max_length: int = option(1024, help="longest prompt + response; longer pairs are rejected")
     margin_scale: float = option(0.0, help="loss margin = this x the teacher's rating gap (0: off)")
     micro_batch_size: int = option(4, help="pairs per worker per forward/backward")
     global_batch_size: int = option(32, help="pairs per optimizer step over all workers")
     epochs: int = option(2, help="passes over the training pairs")
-    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
     norm_max_batches: int | None = option(None, help="micro-batches used for the reward statistics")
     seed: int = option(0, help="seed of initialisation and the split")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    storage_path: str = option("outputs/ray_train", help="Ray Train storage (local or s3://...)")
     run_name: str = option(
         "reward-model", help="run name under storage_path: the same name resumes"
     )
-    tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.validation_fraction < 1:
             raise ValueError("validation_fraction must be in (0, 1)")
         if self.margin_scale < 0:
@@ -92,7 +86,12 @@ def main(config: RewardModelConfig) -> dict[str, Any]:
     )
     fit(
         train_loop,
-        {"config": config, "train_pairs": train_pairs, "tensorboard_dir": tensorboard_dir},
+        {
+            "config": config,
+            "train_rows": train_pairs,
+            "has_validation": True,
+            "tensorboard_dir": tensorboard_dir,
+        },
         config,
         {k: v[0] for k, v in prepared.items()},
     )
@@ -112,7 +111,11 @@ def finish(config: RewardModelConfig, prepared: dict, train_pairs: int) -> dict[
         reward_normalisation=state["reward_stats"],
         training={
             "steps": state["step"],
-            "best": state["best"],
+            "best": {
+                "step": state["best"]["step"],
+                "accuracy": state["best"]["val_accuracy"],
+                "loss": state["best"]["val_loss"],
+            },
             "validation_history": state["history"],
             "train_loss": state["train_loss"],
             "restarts": state["restarts"],

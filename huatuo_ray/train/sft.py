@@ -16,83 +16,46 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
-from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
-from huatuo_ray.train.lora import LoRAConfig
+from huatuo_ray.config import option, to_dict
+from huatuo_ray.train.loop import TrainStageConfig
 from huatuo_ray.train.ray_trainer import fit, promote_best
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ScalingConfig:
-    """Ray Train workers."""
-
-    num_workers: int = option(2, help="training workers (one DeepSpeed rank each)")
-    use_gpu: bool = option(False, help="one GPU per worker")
-    cpus_per_worker: float = option(1.0, help="CPUs reserved per worker")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
-        "PACK", help="how workers spread over nodes"
-    )
-
-
-@dataclass
-class CheckpointConfig:
-    """Fault tolerance."""
-
-    every_steps: int = option(50, help="checkpoint every N optimizer steps (and each epoch's end)")
-    keep: int = option(2, help="checkpoints kept in storage (the newest)")
-    max_failures: int = option(
-        1, help="worker/node failures survived by restarting from the latest"
-    )
-
-
-@dataclass
-class SFTConfig:
+@dataclass(kw_only=True)
+class SFTConfig(TrainStageConfig):
     """Supervised fine-tuning on the hybrid data."""
 
-    train: str = option(help="dataset artifact of training dialogues (e.g. MIXTURE/train)")
-    output: str = option(help="model artifact folder to write")
-    validation: str | None = option(
-        None, help="dataset artifact for validation (e.g. MIXTURE/validation)"
+    train: str = option(
+        help="dataset artifact of training dialogues (e.g. MIXTURE/train)",
+        input="artifact",
+        made_by="mixture",
     )
-    model: ModelConfig = field(default_factory=ModelConfig)
+    validation: str | None = option(
+        None,
+        help="dataset artifact for validation (e.g. MIXTURE/validation)",
+        input="artifact",
+        made_by="mixture",
+    )
     max_length: int = option(2048, help="tokens per sample (and per packed row); paper: 2048")
     packing: bool = option(True, help="pack several samples per row, kept apart by the mask")
-    attn_implementation: str = option(
-        "sdpa", help="sdpa or eager take the packing mask; flash_attention_2 uses position_ids"
-    )
-    micro_batch_size: int = option(4, help="rows per worker per forward/backward")
     global_batch_size: int = option(
         128, help="rows per optimizer step over all workers; paper: 128"
     )
     epochs: int = option(3, help="passes over the training set; paper: 3")
-    eval_every_steps: int | None = option(
-        None, help="also validate every N steps (always per epoch)"
-    )
-    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
     shuffle_buffer: int = option(256, help="rows in each worker's local shuffle buffer (0: off)")
-    seed: int = option(0, help="seed of initialisation and shuffling")
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    storage_path: str = option("outputs/ray_train", help="Ray Train storage (local or s3://...)")
     run_name: str = option("sft", help="run name under storage_path: the same name resumes")
-    tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
     tokenize_workers: int = option(2, help="Ray Data actors tokenising and packing")
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
-        if self.max_length < 16 or self.micro_batch_size < 1 or self.epochs < 1:
-            raise ValueError("max_length >= 16, micro_batch_size >= 1 and epochs >= 1 are needed")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError("global_batch_size must be a multiple of micro_batch_size")
+        super().__post_init__()
+        if self.max_length < 16:
+            raise ValueError("max_length must be at least 16")
 
 
 def _absolute(path: str) -> str:
@@ -161,7 +124,7 @@ def finish(config: SFTConfig, train: Any, validation: Any, result: Any) -> dict[
         training={
             "steps": state["step"],
             "epochs": state["epoch"],
-            "best_val_loss": state["best_val_loss"],
+            "best_val_loss": state["best"]["val_loss"] if state["best"] else None,
             "validation_history": state["history"],
             "train_loss": state["train_loss"],
             "restarts": state["restarts"],

@@ -8,13 +8,12 @@ share a process group; what they exchange goes through the driver as an
 
 from __future__ import annotations
 
-import os
 import socket
-from typing import Any
 
 import torch
 
 from huatuo_ray.config import ModelConfig
+from huatuo_ray.train import core as train_core
 
 
 def free_port() -> int:
@@ -42,73 +41,12 @@ class ModelWorker:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return train_core.device_and_backend()[0]
 
     def dtype(self, model: ModelConfig) -> torch.dtype:
-        if model.dtype != "auto":
-            return getattr(torch, model.dtype)
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return train_core.model_dtype(model, None, self.device.type == "cuda")
 
     def init_distributed(self, master_addr: str, master_port: int, rank: int, world: int) -> None:
-        import deepspeed
-
         self.rank, self.world_size = rank, world
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK="0",  # Ray gives each worker its own GPU(s): device 0 here
-        )
-        deepspeed.init_distributed(
-            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-            auto_mpi_discovery=False,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world,
-        )
-
-
-def deepspeed_engine(
-    module: torch.nn.Module,
-    ds: Any,
-    optim: Any,
-    micro_batch: int,
-    accumulation: int,
-    total_steps: int,
-    on_gpu: bool,
-) -> tuple[Any, Any]:
-    """A DeepSpeed engine over ``module``'s trainable parameters and its LR schedule."""
-    import deepspeed
-
-    from huatuo_ray.train import deepspeed_setup as ds_setup
-
-    bf16 = ds_setup.use_bf16(ds, on_gpu)
-    optimizer = ds_setup.make_optimizer(module, ds, optim, on_gpu)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        model_parameters=[p for p in module.parameters() if p.requires_grad],
-        config=ds_setup.engine_config(ds, optim, micro_batch, accumulation, bf16),
-    )
-    base_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        base_optimizer,
-        lambda step: ds_setup.warmup_cosine(
-            step, total_steps, optim.warmup_ratio, optim.min_lr_ratio
-        ),
-    )
-    return engine, schedule
-
-
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Means of scalar stats over the group's ranks."""
-    import torch.distributed as dist
-
-    if not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(values, t.tolist()))
+        on_gpu = self.device.type == "cuda"
+        train_core.init_process_group(on_gpu, (master_addr, master_port), rank, world)

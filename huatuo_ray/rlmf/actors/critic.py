@@ -7,23 +7,20 @@ import torch
 
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import Experience
-from huatuo_ray.rlmf.model_ops import ValueModel, freeze_bottom, response_values
+from huatuo_ray.rlmf.model_ops import ValueModel, response_values
 from huatuo_ray.rlmf.ppo_math import value_loss
+from huatuo_ray.train.core import freeze_bottom, load_model
 
 
 class CriticWorker(TrainableWorker):
     def build(self) -> torch.nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
         model_config = self.role.model
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_config.path,
-            num_labels=1,
-            dtype=self.dtype(model_config),
-            trust_remote_code=model_config.trust_remote_code,
+        model = load_model(
+            model_config,
+            "score",
+            self.dtype(model_config),
+            gradient_checkpointing=self.role.gradient_checkpointing,
         )
-        if self.role.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
         freeze_bottom(model, self.role.trainable_layers, self.role.trainable_modules)
         return ValueModel(model)
 

@@ -16,6 +16,7 @@ from huatuo_ray.config import ModelConfig
 from huatuo_ray.rlmf.actors.base import ModelWorker
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import ValueModel, forward_logits, last_token_scores, token_logprobs
+from huatuo_ray.train.core import load_model
 
 
 class ReferenceWorker(ModelWorker):
@@ -23,12 +24,8 @@ class ReferenceWorker(ModelWorker):
     trunk serves the reference and this group is not created)."""
 
     def __init__(self, model: ModelConfig, temperature: float):
-        from transformers import AutoModelForCausalLM
-
         self.temperature = temperature
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model.path, dtype=self.dtype(model), trust_remote_code=model.trust_remote_code
-        )
+        self.model = load_model(model, "causal", self.dtype(model))
         self.model.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -53,14 +50,7 @@ class RewardWorker(ModelWorker):
     the mean and std the reward-model stage measured, so beta means the same for any RM."""
 
     def __init__(self, model: ModelConfig, normalise: bool):
-        from transformers import AutoModelForSequenceClassification
-
-        inner = AutoModelForSequenceClassification.from_pretrained(
-            model.path,
-            num_labels=1,
-            dtype=self.dtype(model),
-            trust_remote_code=model.trust_remote_code,
-        )
+        inner = load_model(model, "score", self.dtype(model))
         self.model = ValueModel(inner).to(self.device).eval().requires_grad_(False)
         self.stats = reward_normalisation(model.path) if normalise else {"mean": 0.0, "std": 1.0}
 

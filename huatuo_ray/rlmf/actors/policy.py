@@ -15,27 +15,22 @@ from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import (
     FrozenTrunkReference,
     forward_logits,
-    freeze_bottom,
     token_logprobs,
 )
 from huatuo_ray.rlmf.ppo_math import entropy_from_logits, masked_mean, policy_loss
+from huatuo_ray.train.core import freeze_bottom, load_model, load_tokenizer
 
 
 class PolicyWorker(TrainableWorker):
     def build(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         model_config = self.config.model
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            model_config.path, trust_remote_code=model_config.trust_remote_code
+        self.tokenizer, _ = load_tokenizer(model_config)
+        model = load_model(
+            model_config,
+            "causal",
+            self.dtype(model_config),
+            gradient_checkpointing=self.role.gradient_checkpointing,
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            model_config.path,
-            dtype=self.dtype(model_config),
-            trust_remote_code=model_config.trust_remote_code,
-        )
-        if self.role.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
         self.trainable = freeze_bottom(
             model, self.role.trainable_layers, self.role.trainable_modules
         )
@@ -137,6 +132,4 @@ class PolicyWorker(TrainableWorker):
 
     def save_model(self, uri: str) -> None:
         """The policy as a Hugging Face folder that transformers and vLLM load."""
-        from huatuo_ray.train.checkpointing import save_hf_model
-
-        save_hf_model(self.engine, self.tokenizer, uri, self.rank, self.role.deepspeed.zero_stage)
+        self.core.save_hf_model(self.tokenizer, uri)

@@ -8,17 +8,14 @@ time, so gradient accumulation = minibatch / (micro x workers).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import torch
 
-from huatuo_ray.rlmf.actors.base import ModelWorker, all_reduce_mean, deepspeed_engine
+from huatuo_ray.rlmf.actors.base import ModelWorker
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import disable_dropout
-
-TAG = "deepspeed"
+from huatuo_ray.train.core import TrainingCore, all_reduce_mean
 
 
 class TrainableWorker(ModelWorker):
@@ -40,16 +37,16 @@ class TrainableWorker(ModelWorker):
         module = self.build()
         disable_dropout(module)
         c = self.config
-        self.accumulation = c.minibatch_size // (c.micro_batch_size * world)
-        self.engine, self.schedule = deepspeed_engine(
+        self.core = TrainingCore(
             module,
             self.role.deepspeed,
             self.role.optim,
             c.micro_batch_size,
-            self.accumulation,
+            c.minibatch_size // (c.micro_batch_size * world),
             total_steps,
             self.device.type == "cuda",
         )
+        self.engine = self.core.engine
         self.engine_ready()
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -69,40 +66,17 @@ class TrainableWorker(ModelWorker):
                 for start in range(0, len(minibatch), c.micro_batch_size):
                     micro = minibatch.select(slice(start, start + c.micro_batch_size))
                     loss, stats = self.micro_loss(micro.to(self.device))
-                    self.engine.backward(loss)
-                    boundary = self.engine.is_gradient_accumulation_boundary()
-                    self.engine.step()
-                    if boundary:
-                        self.schedule.step()
+                    self.core.backward_step(loss)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
         means = {k: v / max(count, 1) for k, v in sums.items()}
-        means["lr"] = self.schedule.get_last_lr()[0]
+        means["lr"] = self.core.lr
         return all_reduce_mean(means, self.device)
 
-    # ---------------------------------------------------------------- checkpoints
-
     def save_checkpoint(self, folder: str) -> None:
-        """Every rank writes its shards (collective); rank 0 adds the LR schedule. Frozen
-        weights are left out: they come back from the model the run started from."""
-        self.engine.save_checkpoint(folder, tag=TAG, exclude_frozen_parameters=True)
-        if self.rank == 0:
-            torch.save(self.schedule.state_dict(), os.path.join(folder, "schedule.pt"))
-            with open(os.path.join(folder, "worker.json"), "w") as f:
-                json.dump({"world_size": self.world_size}, f)
+        """Every rank writes its shards (collective); frozen weights are left out."""
+        self.core.save_checkpoint(folder)
 
     def load_checkpoint(self, folder: str) -> None:
-        with open(os.path.join(folder, "worker.json")) as f:
-            saved = json.load(f)["world_size"]
-        if saved != self.world_size:
-            raise ValueError(
-                f"{folder} was written by {saved} workers, this group has {self.world_size}:"
-                " resume with the same resources.workers"
-            )
-        path, _ = self.engine.load_checkpoint(folder, tag=TAG, load_module_strict=False)
-        if path is None:
-            raise RuntimeError(f"no DeepSpeed checkpoint under {folder}")
-        self.schedule.load_state_dict(
-            torch.load(os.path.join(folder, "schedule.pt"), weights_only=False)
-        )
+        self.core.load_checkpoint(folder)
