@@ -78,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run(config)
+    from huatuo_ray.teacher.client import TeacherFatalError
+    from huatuo_ray.teacher.stage import TooManyRejects
+
+    try:
+        run(config)
+    except (TeacherFatalError, TooManyRejects) as e:  # a teacher stage that cannot succeed
+        print(f"{name} failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
