@@ -346,6 +346,9 @@ class StageOutput:
 
     records: list[Dialogue]
     extra: dict[str, Any] = field(default_factory=dict)
+    # (failed, all) units of a stage whose work is counted in other units than input rows
+    # (score: judgements of pairs); None: the map's rejects of the input rows
+    failed: tuple[int, int, str] | None = None  # ..., and the units' name
 
 
 def read_input_rows(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
@@ -440,7 +443,8 @@ def run_teacher_stage(
         result.usage.add(given.usage)
     made = finish(result, given) if finish else StageOutput(result.records)
     extra = {"inputs_read": len(given.rows), **given.extra, **made.extra}
-    failure = reject_failure(len(result.rejects), len(given.rows), config.max_reject_fraction)
+    failed = made.failed or (len(result.rejects), len(given.rows), "inputs rejected")
+    failure = reject_failure(*failed, config.max_reject_fraction)
     if failure:
         extra.update(status="failed", failure=failure)
     manifest = write_result(result, made.records, config, stage, given.inputs, extra=extra)
@@ -454,13 +458,10 @@ def run_teacher_stage(
     return manifest
 
 
-def reject_failure(rejected: int, inputs: int, max_fraction: float) -> str:
+def reject_failure(rejected: int, total: int, what: str, max_fraction: float) -> str:
     """Why the stage failed on its rejects, or "" when it did not."""
-    if inputs and rejected / inputs > max_fraction:
-        return (
-            f"{rejected} of {inputs} inputs rejected, more than max_reject_fraction="
-            f"{max_fraction:g}"
-        )
+    if total and rejected / total > max_fraction:
+        return f"{rejected} of {total} {what}, more than max_reject_fraction={max_fraction:g}"
     return ""
 
 
