@@ -293,7 +293,7 @@ class TeacherClient:
         record; return for one worth retrying (429 without a quota code, 408, 409, 5xx)."""
         code, message = error_fields(e)
         status = e.status_code
-        said = redact(message, self._key)[:300] or type(e).__name__
+        said = " ".join(redact(message, self._key).split())[:300] or type(e).__name__
         if is_fatal(status, code, message):
             self._count_failure(f"{status}")
             self.fatal = TeacherFatalError(

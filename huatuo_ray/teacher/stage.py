@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -317,14 +318,21 @@ def run_teacher_map(
 
 
 def _fatal_cause(error: BaseException | None) -> TeacherFatalError | None:
-    """The :class:`TeacherFatalError` behind Ray's wrappers (UserCodeException, RayTaskError)."""
+    """The :class:`TeacherFatalError` behind Ray's wrappers (RayTaskError, UserCodeException).
+    Its ``__cause__`` does not survive the trip from the worker, but its one-line message is in
+    the worker's traceback text that the wrapper carries."""
     seen = 0
     while error is not None and seen < 20:
         if isinstance(error, TeacherFatalError):
-            return TeacherFatalError(str(error.args[0]) if error.args else str(error))
+            return TeacherFatalError(str(error))
+        if found := _FATAL_LINE.findall(str(error)):
+            return TeacherFatalError(found[-1].strip())
         error = error.__cause__ or getattr(error, "cause", None) or error.__context__
         seen += 1
     return None
+
+
+_FATAL_LINE = re.compile(r"TeacherFatalError: (.+)")
 
 
 # --------------------------------------------------------------------------- the stage frame
@@ -390,15 +398,21 @@ def already_complete(output: str, overwrite: bool) -> dict[str, Any] | None:
     return None
 
 
+_LIMITERS: dict[str, Any] = {}  # the driver's handles: a named actor lives while one is held
+
+
 def limiter_for_job(teacher: TeacherConfig) -> str | None:
-    """Create the job's shared RPM/TPM limiter actor; return its name for the workers."""
+    """Create the job's shared limiter actor (RPM/TPM limits and the server's rate-limit
+    headers); return its name for the workers."""
     import ray
 
     from huatuo_ray.teacher.limiter import shared_limiter
 
-    name = f"huatuo-teacher-limiter-{ray.get_runtime_context().get_job_id()}"
-    handle = shared_limiter(name, teacher.requests_per_minute, teacher.tokens_per_minute)
-    return name if handle is not None else None
+    rpm, tpm = teacher.requests_per_minute, teacher.tokens_per_minute
+    name = f"huatuo-teacher-limiter-{ray.get_runtime_context().get_job_id()}-{rpm}-{tpm}"
+    if name not in _LIMITERS:  # a second handle from get_if_exists would not keep it alive
+        _LIMITERS[name] = shared_limiter(name, rpm, tpm)
+    return name
 
 
 @contextlib.contextmanager
