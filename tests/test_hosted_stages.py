@@ -116,7 +116,11 @@ def test_cut_and_filtered_answers_are_counted_rejects(
             return ScriptedReply(medical_responder(body), "length")
         return medical_responder(body)
 
-    with HostedAPIServer(responder) as server:
+    def spent_now_and_then(answered: int) -> dict[str, str]:  # paces the shared limiter actor
+        left = "0" if answered % 5 == 4 else "50"
+        return {"x-ratelimit-remaining-requests": left, "x-ratelimit-reset-requests": "100ms"}
+
+    with HostedAPIServer(responder, rate_limit=spent_now_and_then) as server:
         manifest = polish_main(
             PolishConfig(
                 input=consultations,
