@@ -5,7 +5,8 @@ stage's inputs, and calls the recipe's ``main``. ``--help`` lists the stages; ``
 documents its config.
 
 Exit codes: 0 done; 2 a mistake the user can fix (a config error, a missing input, an unreachable
-cluster: one line, its traceback only with ``--debug``); 1 a bug (with its traceback).
+cluster: one line, its traceback only with ``--debug``); 1 a teacher stage that cannot succeed
+(a fatal teacher error, too many rejects: one line) or a bug (with its traceback).
 """
 
 from __future__ import annotations
@@ -87,12 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from huatuo_ray.teacher.client import TeacherFatalError
+    from huatuo_ray.teacher.stage import TooManyRejects
+
     try:
         check_inputs(config)
         run(config)
     except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, (TeacherFatalError, TooManyRejects)):  # a teacher stage that cannot succeed
+            print(f"{name} failed: {e}", file=sys.stderr)
+            return 1
         mistake = user_error_in(e)
-        if mistake is None or debug:
+        if mistake is None:
             raise
         print(f"{name}: {mistake}", file=sys.stderr)
         return 2

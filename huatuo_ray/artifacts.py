@@ -55,9 +55,11 @@ def now() -> str:
 
 
 def reason_kind(reason: str) -> str:
-    """Group rejects by reason with the specifics (numbers, quoted values) taken out."""
+    """Group rejects by reason with the specifics (numbers, quoted values) taken out. Digits
+    inside a name (GB18030, utf-8, max_tokens=1024's field name) stay: only numbers standing on
+    their own become N."""
     kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason)
-    return re.sub(r"\d+", "N", kind)
+    return re.sub(r"(?<![A-Za-z0-9_.])(?<![A-Za-z]-)\d+(?:\.\d+)*(?![A-Za-z0-9_])", "N", kind)
 
 
 class DatasetWriter:
@@ -142,6 +144,8 @@ def read_manifest(uri: str) -> dict[str, Any]:
         raise ArtifactError(
             f"{path}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}"
         )
+    if manifest.get("status") == "failed":  # written for inspection, not for use
+        raise ArtifactError(f"{uri} records a failed run: {manifest.get('failure', '')}")
     return manifest
 
 

@@ -11,6 +11,7 @@ Value checks live in each dataclass's ``__post_init__`` and raise ``ValueError``
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -106,8 +107,21 @@ class ModelConfig:
 class TeacherConfig:
     """An OpenAI-compatible endpoint. The API key is read from the environment, never stored."""
 
-    base_url: str = option("https://api.openai.com/v1", help="endpoint base URL")
-    model: str = option("gpt-4o-mini", help="model name sent to the endpoint")
+    base_url: str = option(
+        "https://api.openai.com/v1",
+        help="endpoint base URL (azure: https://RESOURCE.openai.azure.com, without /openai)",
+    )
+    model: str = option(
+        "gpt-4o-mini", help="model name sent to the endpoint (azure: the deployment name)"
+    )
+    api_kind: Literal["openai", "azure"] = option(
+        "openai",
+        help="openai: any OpenAI-compatible API (OpenAI, DeepSeek, vLLM); azure: Azure OpenAI "
+        "through its deployments path, api-version and api-key header",
+    )
+    azure_api_version: str = option(
+        "2024-10-21", help="azure only: the api-version query parameter"
+    )
     api_key_env: str = option(
         "OPENAI_API_KEY",
         help="name of the environment variable holding the key (pass it to a Ray job with "
@@ -120,16 +134,32 @@ class TeacherConfig:
     tokens_per_minute: float | None = option(
         None, help="limit shared by all workers; a request counts prompt chars + max_tokens"
     )
-    timeout_s: float = option(60.0, help="time-out of one request")
+    timeout_s: float = option(
+        600.0, help="time-out of one request (a 1,024-token answer of a slow model takes minutes)"
+    )
     max_retries: int = option(6, help="retries on 429, 5xx, time-outs and unreadable replies")
     backoff_base_s: float = option(1.0, help="first back-off; doubles per retry, with jitter")
     backoff_max_s: float = option(60.0, help="longest back-off between two tries")
-    temperature: float = option(0.7, help="sampling temperature")
-    top_p: float = option(1.0, help="nucleus sampling")
-    max_tokens: int = option(1024, help="longest answer in tokens")
-    structured_outputs: bool = option(
+    temperature: float | None = option(
+        0.7, help="sampling temperature; null: not sent (OpenAI reasoning models accept only 1)"
+    )
+    top_p: float | None = option(1.0, help="nucleus sampling; null: not sent")
+    max_tokens: int = option(
+        1024, help="longest answer in tokens (reasoning models: reasoning tokens count too)"
+    )
+    max_tokens_field: Literal["auto", "max_tokens", "max_completion_tokens"] = option(
+        "auto",
+        help="request field carrying max_tokens; auto: max_completion_tokens for OpenAI "
+        "reasoning models (o1, o3, o4-*, gpt-5*), max_tokens for every other model",
+    )
+    reasoning_effort: str | None = option(
+        None, help="reasoning models: minimal, low, medium or high; null: not sent"
+    )
+    structured_outputs: bool | Literal["vllm", "json_schema"] = option(
         False,
-        help="vLLM teachers: constrain each answer to the shape its parser reads (small models)",
+        help="constrain each answer to the shape its parser reads: vllm (or true) sends vLLM's "
+        "structured_outputs field (small local models); json_schema sends OpenAI's "
+        "response_format json_schema (OpenAI, Azure, vLLM); false: plain text",
     )
     extra_body: dict[str, Any] = option(
         {}, help="sent as is, e.g. vLLM structured outputs {structured_outputs: {regex: ...}}"
@@ -146,6 +176,22 @@ class TeacherConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive when set")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.structured_outputs is True:  # the older spelling of vLLM's field
+            self.structured_outputs = "vllm"
+
+    @property
+    def tokens_field(self) -> str:
+        """The request field that carries ``max_tokens`` for this model."""
+        if self.max_tokens_field != "auto":
+            return self.max_tokens_field
+        name = self.model.rsplit("/", 1)[-1].lower()
+        return "max_completion_tokens" if REASONING_MODEL.match(name) else "max_tokens"
+
+
+#: OpenAI's reasoning families, which refuse ``max_tokens`` (o1, o3, o4-mini, gpt-5, gpt-5.1 ...).
+REASONING_MODEL = re.compile(r"^(o[1-9](?![0-9])|gpt-5)")
 
 
 # --------------------------------------------------------------------------- loading

@@ -11,7 +11,7 @@ import pytest
 
 from huatuo_ray.config import TeacherConfig
 from huatuo_ray.teacher.cache import ResponseCache, request_key
-from huatuo_ray.teacher.client import TeacherClient, TeacherError
+from huatuo_ray.teacher.client import TeacherClient, TeacherError, TeacherFatalError
 from huatuo_ray.teacher.limiter import LocalLimiter, _Books
 from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
 
@@ -98,16 +98,18 @@ def test_client_errors_fail_at_once_without_leaking_the_key(
     monkeypatch.setenv("HUATUO_TEST_KEY", "sk-wrong-key")
     with ScriptedOpenAIServer(require_api_key=KEY) as server:
         client = TeacherClient(config(server.base_url))
-        with pytest.raises(TeacherError) as err:
+        with pytest.raises(
+            TeacherFatalError
+        ) as err:  # every request would meet it: the stage stops
             asyncio.run(client.chat([{"role": "user", "content": "hi"}]))
-        assert "HTTP 401" in str(err.value) and "not retried" in str(err.value)
+        assert "HTTP 401 (invalid_api_key): Incorrect API key provided" in str(err.value)
         assert "sk-" not in str(err.value) and err.value.__cause__ is None
         assert server.stats.total == 1
 
 
 def test_missing_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HUATUO_TEST_KEY", raising=False)
-    with pytest.raises(TeacherError, match="export HUATUO_TEST_KEY="):
+    with pytest.raises(TeacherFatalError, match="export HUATUO_TEST_KEY="):
         TeacherClient(config("http://127.0.0.1:9/v1"))
 
 

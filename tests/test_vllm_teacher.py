@@ -74,7 +74,11 @@ def test_stage1_against_vllm(
             ),
             polish.main(
                 polish.PolishConfig(
-                    input=multi, output=str(tmp_path / "p2"), teacher=teacher, workers=workers
+                    input=multi,
+                    output=str(tmp_path / "p2"),
+                    teacher=teacher,
+                    workers=workers,
+                    max_reject_fraction=1.0,  # most of these overflow the tiny model's context
                 )
             ),
             dialogues.main(
@@ -108,8 +112,8 @@ def test_stage1_against_vllm(
     # 400) or cut at max_tokens: rejected with that reason, never retried, never lost.
     for reject in artifacts.read_rejects(str(tmp_path / "p2")):
         reason = reject["reason"]
-        assert reason.startswith("teacher failed: teacher answered HTTP 400") or reason.endswith(
-            "(answer cut at max_tokens=300)"
+        assert reason.startswith("teacher failed: teacher answered HTTP 400") or (
+            reason == "answer cut at max_tokens=300"
         ), reject
     assert manifests[3]["rows"] == 6 and manifests[3]["rejects"]["count"] == 0
     assert sum(stats.faults.values()) > 3

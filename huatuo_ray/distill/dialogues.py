@@ -46,6 +46,7 @@ class DialoguesConfig(TeacherStageConfig):
     max_turns: int = option(6, help="most patient/doctor exchanges in one consultation")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_turns < 1:
             raise ValueError("max_turns must be at least 1")
 

@@ -68,6 +68,7 @@ class SelfInstructConfig(TeacherStageConfig):
     seed: int = option(0, help="seed of the example sampling")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if min(self.num_instructions, self.triplets_per_request, self.requests_per_round) < 1:
             raise ValueError(
                 "num_instructions, triplets_per_request, requests_per_round must be >= 1"

@@ -61,6 +61,7 @@ class ConsultConfig(TeacherStageConfig):
     max_turns: int = option(2, help="patient/doctor exchanges (HuatuoGPT-II's data: 2)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_turns < 1:
             raise ValueError("max_turns must be at least 1")
 

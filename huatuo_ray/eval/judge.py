@@ -86,6 +86,7 @@ class JudgeConfig(TeacherStageConfig):
     gpus_per_engine: float = option(0, help="GPUs per engine")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.a.model or self.b.model) and not self.questions:
             raise ValueError("a candidate given as a model needs questions")
 

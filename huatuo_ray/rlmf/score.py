@@ -137,7 +137,14 @@ def main(config: ScoreConfig) -> dict:
             storage.join(config.output, JUDGEMENTS),
             "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode(),
         )
-        return StageOutput(kept, {"feedback": stats.summary(), "judgements": JUDGEMENTS})
+        # A pair whose rating never parsed is this stage's reject: it counts against
+        # max_reject_fraction with the prompts the map rejected.
+        failed = stats.unparseable + len(result.rejects)
+        return StageOutput(
+            kept,
+            {"feedback": stats.summary(), "judgements": JUDGEMENTS},
+            failed=(failed, stats.pairs + len(result.rejects), "pairs unrated or prompts rejected"),
+        )
 
     return run_teacher_stage(
         config,

@@ -3,14 +3,22 @@
 What it adds to a bare ``chat.completions.create``:
 
 * bounded concurrency per worker, and the job-wide RPM/TPM limits of a :mod:`limiter`;
+* the request shape each model accepts: ``max_tokens`` or ``max_completion_tokens``, sampling
+  fields left out when null, ``reasoning_effort``; Azure OpenAI's deployments path and header;
 * retries with jittered exponential back-off on 429 (honouring ``Retry-After``), 5xx, time-outs,
-  dropped connections and unreadable bodies; other 4xx fail at once (retrying cannot help);
+  dropped connections and unreadable bodies; other 4xx fail the record at once;
+* errors that every request would meet again (a wrong key, an unknown model, a parameter the
+  model refuses, an exhausted quota) raise :class:`TeacherFatalError` at the first occurrence,
+  and every later call of the same client raises it too without a request: the stage stops;
+* answers that carry no usable text (``content_filter``, a ``refusal``, null content) come back
+  at once with that ``finish_reason``, not retried as unreadable (each retry would be paid);
+* the rate-limit headers of every response pace the job's shared limiter;
 * the response cache: an answer is paid for once, and a rerun replays it;
 * usage and cost accounting, counted per outcome.
 
 The API key is read from the environment variable the config names. It never appears in a log
-line, a cache entry, a manifest or an exception raised from here (:class:`TeacherError` messages
-are built from the error class and status only).
+line, a cache entry, a manifest or an exception raised from here: error messages carry the
+server's message with the key, and anything that looks like a piece of a key, taken out.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import time
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -26,13 +35,32 @@ from typing import Any
 
 from huatuo_ray.config import TeacherConfig
 from huatuo_ray.teacher.cache import ResponseCache, request_key
-from huatuo_ray.teacher.limiter import Limiter
+from huatuo_ray.teacher.limiter import Limiter, pacing_delay, retry_after
 
 log = logging.getLogger(__name__)
 
 
 class TeacherError(RuntimeError):
-    """A request that failed for good (retries spent, or an error retrying cannot fix)."""
+    """A request that failed for good (retries spent, or an error of this request only)."""
+
+
+class TeacherFatalError(RuntimeError):
+    """An error every request of the stage would meet again: it stops the stage.
+
+    Not a :class:`TeacherError` on purpose: code that turns a failed request into a reject must
+    let this one through, so that a wrong key does not become one reject per record.
+    """
+
+
+#: Error codes of a 400/429 that no retry and no other record can get past.
+FATAL_CODES = frozenset(
+    {"unsupported_parameter", "unsupported_value", "unknown_parameter", "insufficient_quota"}
+)
+#: Statuses that every request meets again: bad key, no access, unknown model or deployment,
+#: DeepSeek's "insufficient balance".
+FATAL_STATUSES = frozenset({401, 402, 403, 404})
+#: ``finish_reason`` values of an answer with no usable text, asked again at most once.
+BLOCKED = ("content_filter", "refusal", "empty")
 
 
 @dataclass
@@ -42,7 +70,8 @@ class TeacherAnswer:
     cached: bool  # replayed from the cache: not paid for now
     attempts: int  # HTTP tries made now (0 when cached)
     usage: dict[str, int] = field(default_factory=dict)
-    finish_reason: str = "stop"  # "length": cut at max_tokens
+    # "length": cut at max_tokens; "content_filter" / "refusal" / "empty": no usable text
+    finish_reason: str = "stop"
 
 
 @dataclass
@@ -57,6 +86,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # tries that timed out and were asked again: the server may have answered (and billed) both
+    possibly_paid_twice: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Usage | dict[str, Any]) -> None:
@@ -83,7 +114,7 @@ def api_key(config: TeacherConfig) -> str:
         return "no-key"
     key = os.environ.get(config.api_key_env)
     if not key:
-        raise TeacherError(
+        raise TeacherFatalError(
             f"the teacher's API key is not set: export {config.api_key_env}=... (for a Ray job, "
             f"pass it in the runtime environment's env_vars)"
         )
@@ -92,11 +123,52 @@ def api_key(config: TeacherConfig) -> str:
 
 def _retry_after(exc: Exception) -> float | None:
     response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after(response.headers) if response is not None else None
+
+
+def redact(text: str, key: str) -> str:
+    """``text`` without the key or anything that looks like part of one (OpenAI's 401 echoes a
+    masked key such as ``sk-abc***xyz``)."""
+    if len(key) >= 4:
+        text = text.replace(key, "[key]")
+        for part in (key[:8], key[-6:]):
+            if len(part) >= 4:
+                text = text.replace(part, "[key]")
+    text = re.sub(r"\S*\*{2,}\S*", "[key]", text)
+    return re.sub(r"\b(sk|key)-[\w-]{4,}", "[key]", text)
+
+
+def error_fields(exc: Any) -> tuple[str, str]:
+    """(code, server message) of an HTTP error: OpenAI's ``{"error": {"message", "type",
+    "param", "code"}}``, Azure's ``{"error": {"code", "message"}}``, or vLLM's bodies."""
+    body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
+    body = body.get("error", body) if isinstance(body.get("error"), dict) else body
+    code = body.get("code") or body.get("type") or ""
+    message = body.get("message") or body.get("detail") or ""
+    return str(code), str(message)
+
+
+def is_fatal(status: int, code: str, message: str) -> bool:
+    """Whether every request would meet this error again (see :data:`FATAL_CODES`)."""
+    if status in FATAL_STATUSES or code in FATAL_CODES:
+        return True
+    # OpenAI's older wording for an unknown field carries no code
+    return status == 400 and message.startswith("Unrecognized request argument")
+
+
+def make_client(config: TeacherConfig, key: str) -> Any:
+    """The ``openai`` async client for the config's endpoint kind; its own retries are off
+    (ours honour Retry-After, count, and share limits)."""
+    import openai
+
+    common = {"api_key": key, "max_retries": 0, "timeout": config.timeout_s}
+    if config.api_kind == "azure":
+        # POST {base_url}/openai/deployments/{model}/chat/completions?api-version=..., header
+        # api-key: the deployment is the request's ``model``.
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=config.base_url, api_version=config.azure_api_version, **common
+        )
+    return openai.AsyncOpenAI(base_url=config.base_url, **common)
 
 
 class TeacherClient:
@@ -114,30 +186,34 @@ class TeacherClient:
         self.config, self.cache, self.limiter = config, cache, limiter
         self.usage = Usage()
         self._openai = openai
-        # The client's own retries are off: ours honour Retry-After, count, and share limits.
-        self._client = openai.AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=api_key(config),
-            max_retries=0,
-            timeout=config.timeout_s,
-        )
+        self._key = api_key(config)
+        self._client = make_client(config, self._key)
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._rng = random.Random(seed)
+        self.fatal: TeacherFatalError | None = None  # set once: every later call raises it
 
     def sampling(self, **overrides: Any) -> dict[str, Any]:
-        params = {
-            "temperature": self.config.temperature,
-            "top_p": self.config.top_p,
-            "max_tokens": self.config.max_tokens,
-        }
+        """The request's sampling fields: null ones left out, ``max_tokens`` under the field
+        this model reads (an override ``max_tokens=N`` is moved there too)."""
+        config = self.config
+        params: dict[str, Any] = {"temperature": config.temperature, "top_p": config.top_p}
+        params[config.tokens_field] = overrides.pop("max_tokens", config.max_tokens)
+        if config.reasoning_effort:
+            params["reasoning_effort"] = config.reasoning_effort
         params.update(overrides)
-        return params
+        return {k: v for k, v in params.items() if v is not None}
+
+    def max_tokens(self, **overrides: Any) -> int:
+        """The answer-length limit a request with these overrides carries."""
+        return int(self.sampling(**overrides)[self.config.tokens_field])
 
     async def chat(
         self, messages: list[dict[str, str]], variant: int = 0, **sampling: Any
     ) -> TeacherAnswer:
         """Answer ``messages``. ``variant`` > 0 asks the same thing again as a new request with
         sampling seed ``variant`` (used when an answer did not parse)."""
+        if self.fatal is not None:
+            raise self.fatal
         params = self.sampling(**sampling)
         if variant:
             # Asking again must be a new request on the wire too: a new sampling seed.
@@ -175,37 +251,28 @@ class TeacherClient:
         self, messages: list[dict[str, str]], params: dict[str, Any], extra_body: Any
     ) -> tuple[str, dict[str, int], str, int]:
         oa = self._openai
-        estimate = sum(len(m["content"]) for m in messages) + int(params.get("max_tokens", 0))
+        tokens = int(params.get(self.config.tokens_field, 0))
+        estimate = sum(len(m["content"]) for m in messages) + tokens
         for attempt in range(self.config.max_retries + 1):
             if self.limiter is not None:
                 await self.limiter.wait(estimate)
             async with self._slots:
                 try:
-                    resp = await self._client.chat.completions.create(
+                    raw = await self._client.chat.completions.with_raw_response.create(
                         model=self.config.model,
                         messages=messages,
                         extra_body=extra_body,
                         **params,
                     )
-                    text = resp.choices[0].message.content
-                    if not isinstance(text, str):
-                        raise ValueError("no message content")
-                    usage = resp.usage.model_dump() if resp.usage else {}
-                    usage = {k: v for k, v in usage.items() if isinstance(v, int)}
-                    finish = resp.choices[0].finish_reason or "stop"
-                    return text, usage, str(finish), attempt + 1
-                except oa.RateLimitError as e:
-                    kind, delay = "429", _retry_after(e) or self._backoff(attempt)
+                    await self._pace(raw.headers, estimate)
+                    text, usage, finish = _read_completion(raw.parse())
+                    return text, usage, finish, attempt + 1
                 except oa.APIStatusError as e:
-                    if e.status_code < 500 and e.status_code not in (408, 409):
-                        self._count_failure(f"{e.status_code}")
-                        # 401/403 bodies can echo part of the key: their text is never kept.
-                        said = "" if e.status_code in (401, 403) else f": {str(e.message)[:200]}"
-                        raise TeacherError(
-                            f"teacher answered HTTP {e.status_code} ({type(e).__name__}); "
-                            f"not retried{said}"
-                        ) from None
-                    kind, delay = str(e.status_code), self._backoff(attempt)
+                    await self._pace(e.response.headers, estimate)
+                    self._raise_if_final(e)
+                    kind = str(e.status_code)
+                    delay = _retry_after(e) if e.status_code == 429 else None
+                    delay = delay or self._backoff(attempt)
                 except oa.APITimeoutError:
                     kind, delay = "timeout", self._backoff(attempt)
                 except oa.APIConnectionError:
@@ -215,11 +282,38 @@ class TeacherClient:
                     kind, delay = "unreadable", self._backoff(attempt)
             self._count(errors={kind: 1})
             if attempt < self.config.max_retries:
-                self._count(retries=1)
+                self._count(retries=1, possibly_paid_twice=int(kind == "timeout"))
                 log.debug("teacher %s; retry %d in %.2fs", kind, attempt + 1, delay)
                 await asyncio.sleep(delay)
         self._count(failed=1)
         raise TeacherError(f"teacher request failed after {self.config.max_retries + 1} tries")
+
+    def _raise_if_final(self, e: Any) -> None:
+        """Raise for an HTTP error that retrying cannot fix: fatal for the stage, or for this
+        record; return for one worth retrying (429 without a quota code, 408, 409, 5xx)."""
+        code, message = error_fields(e)
+        status = e.status_code
+        said = " ".join(redact(message, self._key).split())[:300] or type(e).__name__
+        if is_fatal(status, code, message):
+            self._count_failure(f"{status}")
+            self.fatal = TeacherFatalError(
+                f"the teacher {self.config.model!r} at {self.config.base_url} answered HTTP "
+                f"{status}{f' ({code})' if code else ''}: {said}"
+            )
+            raise self.fatal from None
+        if status < 500 and status not in (408, 409, 429):
+            self._count_failure(f"{status}")
+            raise TeacherError(
+                f"teacher answered HTTP {status}{f' ({code})' if code else ''}; not retried: {said}"
+            ) from None
+
+    async def _pace(self, headers: Any, estimate: int) -> None:
+        """Tell the shared limiter to hold every worker when the server says so."""
+        if self.limiter is None:
+            return
+        hold = pacing_delay(headers, estimate)
+        if hold:
+            await self.limiter.hold(hold)
 
     def _count_failure(self, kind: str) -> None:
         self._count(failed=1, errors={kind: 1})
@@ -233,3 +327,22 @@ class TeacherClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _read_completion(resp: Any) -> tuple[str, dict[str, int], str]:
+    """(text, usage, finish_reason) of a chat completion. An answer with no usable text comes
+    back as ``""`` with finish_reason ``content_filter``, ``refusal`` or ``empty``; a body that
+    is no completion at all raises (retried as unreadable)."""
+    choice = resp.choices[0]
+    message = choice.message
+    usage = resp.usage.model_dump() if resp.usage else {}
+    usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+    finish = str(choice.finish_reason or "stop")
+    text = message.content
+    if finish == "content_filter":
+        return "", usage, "content_filter"
+    if getattr(message, "refusal", None):
+        return "", usage, "refusal"
+    if not isinstance(text, str) or not text.strip():
+        return "", usage, "empty"
+    return text, usage, finish

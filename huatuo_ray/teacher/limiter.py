@@ -5,17 +5,71 @@ keeps the books for all workers. It uses the "virtual scheduling" form of a toke
 each reservation moves a ``next free`` time forward by its cost, and the caller sleeps until its
 slot; a burst of up to one second's worth of capacity passes at once. Workers talk to it through
 :class:`RemoteLimiter`; in a single process :class:`LocalLimiter` does the same job.
+
+The server knows the key's limits better than any config: OpenAI and Azure send
+``x-ratelimit-remaining-requests/-tokens`` with ``x-ratelimit-reset-requests/-tokens`` on every
+answer, and ``retry-after(-ms)`` with a 429. When they say the budget is spent,
+:func:`pacing_delay` turns them into a pause that :meth:`Limiter.hold` puts on the shared books,
+so every worker waits, not only the one that was told.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any, Protocol
 
 
 class Limiter(Protocol):
     async def wait(self, tokens: int) -> None: ...
+
+    async def hold(self, seconds: float) -> None: ...
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds of a reset header: ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"`` (OpenAI's
+    form) or a plain number of seconds; None when absent or unreadable."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def retry_after(headers: Any) -> float | None:
+    """The wait a server asks for: ``retry-after-ms`` (OpenAI, Azure) or ``retry-after``."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None and (value := parse_duration(ms)) is not None:
+        return value / 1000
+    return parse_duration(headers.get("retry-after"))
+
+
+def pacing_delay(headers: Any, tokens: int) -> float:
+    """How long every worker should hold off, from one response's headers (0: no need).
+
+    The budget is spent when no request is left, or fewer tokens than one request needs
+    (``tokens``); the wait is then the matching reset time. A ``retry-after`` counts as well.
+    """
+    delays = [retry_after(headers) or 0.0]
+    for kind, need in (("requests", 1), ("tokens", tokens)):
+        try:
+            remaining = float(headers.get(f"x-ratelimit-remaining-{kind}"))
+        except (TypeError, ValueError):
+            continue
+        if remaining < need:
+            delays.append(parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0)
+    return min(max(delays), 600.0)  # a broken header must not stall the job for hours
 
 
 def _gcra(tat: float, now: float, cost: float, tolerance: float) -> tuple[float, float]:
@@ -30,7 +84,11 @@ class _Books:
     def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None):
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
         self.tat_requests = self.tat_tokens = time.monotonic()
+        self.hold_until = 0.0  # nobody starts before this (the server said so)
         self.reserved = 0
+
+    def hold(self, seconds: float) -> None:
+        self.hold_until = max(self.hold_until, time.monotonic() + seconds)
 
     def reserve(self, tokens: int) -> float:
         """Book one request of ``tokens``; return how long the caller must wait first."""
@@ -48,7 +106,7 @@ class _Books:
             begin, self.tat_tokens = _gcra(self.tat_tokens, now, cost, 1.0)
             start = max(start, begin)
         self.reserved += 1
-        return start - now
+        return max(start, self.hold_until) - now
 
 
 class LocalLimiter:
@@ -62,6 +120,9 @@ class LocalLimiter:
         if delay:
             await asyncio.sleep(delay)
 
+    async def hold(self, seconds: float) -> None:
+        self._books.hold(seconds)
+
 
 class RateLimiterActor:
     """The Ray actor body: one per job, named so every worker finds the same books."""
@@ -71,6 +132,9 @@ class RateLimiterActor:
 
     def reserve(self, tokens: int) -> float:
         return self._books.reserve(tokens)
+
+    def hold(self, seconds: float) -> None:
+        self._books.hold(seconds)
 
     def reservations(self) -> int:
         return self._books.reserved
@@ -87,11 +151,13 @@ class RemoteLimiter:
         if delay:
             await asyncio.sleep(delay)
 
+    async def hold(self, seconds: float) -> None:
+        await self.handle.hold.remote(seconds)
+
 
 def shared_limiter(name: str, requests_per_minute: float | None, tokens_per_minute: float | None):
-    """The job's limiter actor (created once, found by name afterwards), or None without limits."""
-    if not requests_per_minute and not tokens_per_minute:
-        return None
+    """The job's limiter actor (created once, found by name afterwards). Without configured
+    limits it still paces the workers from the server's rate-limit headers."""
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_concurrency=1)(RateLimiterActor)

@@ -7,14 +7,19 @@ as a reject reason; ``str(error)`` adds the details (counts, values) for the log
 The regexes :data:`RATING_REGEX` and :data:`VERDICT_CHOICES` are for vLLM structured outputs
 (``guided_regex`` / ``guided_choice``): they force even a tiny random model to give an answer that
 :func:`parse_rating` / :func:`parse_verdict` accept, so that the pipelines run end to end on CPU.
+
+Every parser also reads the JSON object of its shape in :mod:`~huatuo_ray.teacher.grammars`
+(the answer of a ``response_format: json_schema`` request), e.g. ``{"rating_a": 7,
+"rating_b": 9}``; an answer that is a JSON object without the shape's keys is a "wrong JSON shape".
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Verdict = Literal["better", "worse", "equal"]
 
@@ -61,6 +66,23 @@ class Triplet:
     def question(self) -> str:
         """The instruction followed by its input: the question put to the role-enhanced prompt."""
         return f"{self.instruction}\n{self.input}" if self.input else self.instruction
+
+
+def json_answer(text: str, *keys: str) -> dict[str, Any] | None:
+    """The JSON object of a structured answer (a ```json fence allowed), or None for plain text.
+    Raises when it is an object without ``keys``."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.strip("`").removeprefix("json").strip()
+    if not body.startswith("{"):
+        return None
+    try:
+        found = json.loads(body)
+    except ValueError:
+        return None  # not JSON after all: read as plain text
+    if not isinstance(found, dict) or any(k not in found for k in keys):
+        raise ParseError("wrong JSON shape", f"want keys {', '.join(keys)}")
+    return found
 
 
 # --- self-instruct triplets ------------------------------------------------------------------
@@ -167,9 +189,29 @@ def parse_triplets(text: str) -> list[Triplet]:
     "输入：", or English) or the paper's unlabelled three lines, blank lines anywhere. An input of
     "无" becomes "". Entries without an instruction (a preamble, a closing remark) are dropped.
     """
+    if (found := json_answer(text, "triplets")) is not None:
+        return _json_triplets(found["triplets"])
     labelled = any(_field(_NUMBER.sub("", line, count=1)) for line in text.splitlines())
     blocks = _split_blocks(text, labelled)
     triplets = [t for b in blocks if (t := _block_triplet(b, labelled)) is not None]
+    if not triplets:
+        raise ParseError("no triplets")
+    return triplets
+
+
+def _json_triplets(items: Any) -> list[Triplet]:
+    triplets = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not str(item.get("instruction", "")).strip():
+            continue
+        given = str(item.get("input", "")).strip()
+        triplets.append(
+            Triplet(
+                role=str(item.get("role", "")).strip(),
+                instruction=str(item["instruction"]).strip(),
+                input="" if given.lower() in _EMPTY_INPUTS else given,
+            )
+        )
     if not triplets:
         raise ParseError("no triplets")
     return triplets
@@ -186,6 +228,8 @@ _ANSWER_TAG = re.compile(
 
 def parse_answer(text: str) -> str:
     """The answer without leading role tags such as "<HuatuoGPT回复>：" or "HuatuoGPT:"."""
+    if (found := json_answer(text, "answer")) is not None:
+        text = str(found["answer"])
     answer = text.strip()
     while (m := _ANSWER_TAG.match(answer)) is not None:
         answer = answer[m.end() :].strip()
@@ -219,7 +263,15 @@ def parse_polished_dialogue(
     to the teacher and is kept as it was, so the result has the shape of ``original_turns``.
     """
     parsed: list[dict[str, str]] = []
-    for raw in text.splitlines():
+    if (found := json_answer(text, "turns")) is not None:
+        for item in found["turns"] if isinstance(found["turns"], list) else []:
+            label = str(item.get("speaker", "")) if isinstance(item, dict) else ""
+            if label.lower() != "huatuogpt" and label not in SPEAKER_ALIASES:
+                raise ParseError("unknown speaker", label)
+            parsed.append(
+                {"role": _speaker_role(label), "content": str(item.get("content", "")).strip()}
+            )
+    for raw in text.splitlines() if found is None else []:
         line = raw.strip()
         m = _SPEAKER_LINE.match(line)
         if m:
@@ -261,6 +313,12 @@ def parse_rating(text: str) -> tuple[float, float]:
     teacher repeats the format, the last score given for each response counts. Scores must lie in
     1..10.
     """
+    if (given := json_answer(text, "rating_a", "rating_b")) is not None:
+        try:
+            scores = float(given["rating_a"]), float(given["rating_b"])
+        except (TypeError, ValueError):
+            raise ParseError("no ratings", "not numbers") from None
+        return _in_range(*scores)
     norm = unicodedata.normalize("NFKC", text)
     found: dict[str, tuple[int, float]] = {}
     for pattern in _RATING:
@@ -273,7 +331,10 @@ def parse_rating(text: str) -> tuple[float, float]:
     for label in "AB":
         if label not in found:
             raise ParseError(f"no rating {label}")
-    a, b = found["A"][1], found["B"][1]
+    return _in_range(found["A"][1], found["B"][1])
+
+
+def _in_range(a: float, b: float) -> tuple[float, float]:
     for label, value in (("A", a), ("B", b)):
         if not 1 <= value <= 10:
             raise ParseError("rating out of range", f"rating {label} = {value:g}")
@@ -306,6 +367,8 @@ def parse_verdict(text: str) -> Verdict:
     Assistant 1" counts, inverted). A line that names two different verdicts (an echo of the
     instructions) is ambiguous.
     """
+    if (found := json_answer(text, "verdict")) is not None:
+        text = str(found["verdict"])
     norm = unicodedata.normalize("NFKC", text)
     matches = [(m, v) for m in _VERDICT.finditer(norm) if (v := _verdict(m)) is not None]
     if not matches:

@@ -19,6 +19,16 @@ Resume without paying twice: every answer is cached in the output folder the mom
 and a rerun recomputes the whole map from the inputs, replaying cached answers. The artifact is
 written only at the end, from the map's output, so each input row appears exactly once: as a
 record or as a reject.
+
+Two ways a stage fails instead of writing an empty success:
+
+* a :class:`~huatuo_ray.teacher.client.TeacherFatalError` (a wrong key, an unknown model, a
+  parameter the model refuses, an exhausted quota) passes through the record function and the
+  mapper; Ray Data then fails the dataset and :func:`run_teacher_map` raises it again, with the
+  server's message, in the driver. Answers bought before it stay cached.
+* more rejects than ``max_reject_fraction`` of the inputs: the artifact and its rejects are
+  written for inspection with ``status: failed`` in the manifest (so a rerun does not take it for
+  complete, and no later stage reads it) and :class:`TooManyRejects` says how many of each kind.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +46,15 @@ from typing import Any, TypeVar
 from huatuo_ray import artifacts, storage, telemetry
 from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
 from huatuo_ray.dialogue import Dialogue, RecordError
-from huatuo_ray.teacher.client import RECORD_USAGE, TeacherClient, TeacherError, Usage
+from huatuo_ray.teacher.client import (
+    BLOCKED,
+    RECORD_USAGE,
+    TeacherClient,
+    TeacherError,
+    TeacherFatalError,
+    Usage,
+)
+from huatuo_ray.teacher.grammars import Shape
 from huatuo_ray.teacher.parsers import ParseError
 
 log = logging.getLogger(__name__)
@@ -72,7 +91,20 @@ class TeacherStageConfig:
     limit: int | None = option(None, help="use only the first N inputs")
     overwrite: bool = option(False, help="redo a complete artifact (cached answers are reused)")
     shard_rows: int = option(10_000, help="records per Parquet shard")
+    max_reject_fraction: float = option(
+        0.5,
+        help="more rejected inputs than this share fails the stage (exit 1): the artifact and "
+        "its rejects are written for inspection, marked failed",
+    )
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError("max_reject_fraction must lie in [0, 1]")
+
+
+class TooManyRejects(RuntimeError):
+    """A teacher stage rejected more of its inputs than ``max_reject_fraction`` allows."""
 
 
 # --------------------------------------------------------------------------- records
@@ -98,30 +130,55 @@ async def ask_parsed(
     messages: list[dict[str, str]],
     parse: Callable[[str], T],
     retries: int,
-    grammar: dict[str, Any] | None = None,
+    grammar: Shape | None = None,
     **sampling: Any,
 ) -> T:
     """Ask, parse; on a parse error ask again as a new request (``variant``), up to ``retries``.
 
-    ``grammar`` (see :mod:`~huatuo_ray.teacher.grammars`) is sent as vLLM structured outputs when
-    the teacher config turns them on. Raises :class:`RecordError` with the last parse reason:
-    the record becomes a reject.
+    ``grammar`` (see :mod:`~huatuo_ray.teacher.grammars`) is sent in the form the teacher
+    config's ``structured_outputs`` names. Answers that are no answer are never records:
+
+    * cut at the token limit (``finish_reason: length``): asked again once with twice the
+      limit (when a retry is left), then rejected as "answer cut at max_tokens=N";
+    * filtered, refused or empty: asked again at most once, then rejected with that reason.
+
+    Raises :class:`RecordError` with the last reason: the record becomes a reject.
     """
-    if grammar is not None and teacher.config.structured_outputs:
-        sampling["extra_body"] = {**teacher.config.extra_body, "structured_outputs": grammar}
-    last: ParseError | None = None
-    cut = False
+    mode = teacher.config.structured_outputs
+    if grammar is not None and mode:
+        request = grammar.request(str(mode))
+        if "extra_body" in request:
+            request["extra_body"] = {**teacher.config.extra_body, **request["extra_body"]}
+        sampling.update(request)
+    raised = blocked_before = False
+    why = "?"
     for variant in range(retries + 1):
         answer = await teacher.chat(messages, variant=variant, **sampling)
+        if answer.finish_reason == "length":
+            why = f"answer cut at max_tokens={teacher.max_tokens(**sampling)}"
+            if raised:
+                break
+            raised = True  # a longer limit may fit the whole answer: try that once
+            sampling["max_tokens"] = 2 * teacher.max_tokens(**sampling)
+            continue
+        if answer.finish_reason in BLOCKED:
+            why = BLOCKED_REASONS[answer.finish_reason]
+            if blocked_before:
+                break
+            blocked_before = True
+            continue
         try:
             return parse(answer.text)
         except ParseError as e:
-            last = e
-            cut = answer.finish_reason == "length"
-    why = last.reason if last else "?"
-    if cut:  # the usual cause of a bad shape: say so, it tells the user to raise max_tokens
-        why += f" (answer cut at max_tokens={teacher.sampling(**sampling)['max_tokens']})"
-    raise RecordError(f"unparseable teacher answer: {why}")
+            why = f"unparseable teacher answer: {e.reason}"
+    raise RecordError(why)
+
+
+BLOCKED_REASONS = {
+    "content_filter": "answer filtered by the teacher's content filter",
+    "refusal": "teacher refused to answer",
+    "empty": "teacher sent no answer text",
+}
 
 
 # --------------------------------------------------------------------------- the map
@@ -162,6 +219,8 @@ class TeacherMapper:
         RECORD_USAGE.set(usage)
         try:
             outcome = await self.fn(row, self.teacher, **self.fn_kwargs)
+        except TeacherFatalError:
+            raise  # the stage stops: Ray Data fails the dataset, the driver says why
         except TeacherError as e:
             outcome = Outcome.reject(f"teacher failed: {e}")
         except RecordError as e:
@@ -242,15 +301,38 @@ def run_teacher_map(
         num_cpus=0.5,
     )
     progress = telemetry.Progress(stage, len(rows))
-    for row in ds.iter_rows():
-        result.usage.add(json.loads(row["usage"]))
-        progress.update(bool(row["record"]))
-        if row["record"]:
-            result.records.append(Dialogue.from_row(json.loads(row["record"])))
-        else:
-            result.rejects.append((row["input_id"], row["reason"]))
+    try:
+        for row in ds.iter_rows():
+            result.usage.add(json.loads(row["usage"]))
+            progress.update(bool(row["record"]))
+            if row["record"]:
+                result.records.append(Dialogue.from_row(json.loads(row["record"])))
+            else:
+                result.rejects.append((row["input_id"], row["reason"]))
+    except Exception as e:
+        if (fatal := _fatal_cause(e)) is not None:
+            raise fatal from None  # one clear message, not Ray's nested traces
+        raise
     result.seconds = time.time() - started
     return result
+
+
+def _fatal_cause(error: BaseException | None) -> TeacherFatalError | None:
+    """The :class:`TeacherFatalError` behind Ray's wrappers (RayTaskError, UserCodeException).
+    Its ``__cause__`` does not survive the trip from the worker, but its one-line message is in
+    the worker's traceback text that the wrapper carries."""
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, TeacherFatalError):
+            return TeacherFatalError(str(error))
+        if found := _FATAL_LINE.findall(str(error)):
+            return TeacherFatalError(found[-1].strip())
+        error = error.__cause__ or getattr(error, "cause", None) or error.__context__
+        seen += 1
+    return None
+
+
+_FATAL_LINE = re.compile(r"TeacherFatalError: (.+)")
 
 
 # --------------------------------------------------------------------------- the stage frame
@@ -272,6 +354,9 @@ class StageOutput:
 
     records: list[Dialogue]
     extra: dict[str, Any] = field(default_factory=dict)
+    # (failed, all) units of a stage whose work is counted in other units than input rows
+    # (score: judgements of pairs); None: the map's rejects of the input rows
+    failed: tuple[int, int, str] | None = None  # ..., and the units' name
 
 
 def read_input_rows(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
@@ -295,9 +380,13 @@ def read_artifact(uri: str, limit: int | None) -> Callable[[], StageInput]:
 def already_complete(output: str, overwrite: bool) -> dict[str, Any] | None:
     """The manifest of a finished run (nothing to do), or None after clearing old results.
 
-    The teacher cache under the output folder is kept: it is what makes a rerun free.
+    A manifest recording a failed run (``status: failed``) is no finished run: it is cleared and
+    the stage runs again. The teacher cache under the output folder is kept: it is what makes a
+    rerun free.
     """
-    if storage.exists(storage.join(output, artifacts.MANIFEST)) and not overwrite:
+    path = storage.join(output, artifacts.MANIFEST)
+    failed = storage.exists(path) and storage.read_json(path).get("status") == "failed"
+    if storage.exists(path) and not overwrite and not failed:
         log.info(
             "%s is already complete; overwrite=true redoes it (cached answers are reused)", output
         )
@@ -309,15 +398,21 @@ def already_complete(output: str, overwrite: bool) -> dict[str, Any] | None:
     return None
 
 
+_LIMITERS: dict[str, Any] = {}  # the driver's handles: a named actor lives while one is held
+
+
 def limiter_for_job(teacher: TeacherConfig) -> str | None:
-    """Create the job's shared RPM/TPM limiter actor; return its name for the workers."""
+    """Create the job's shared limiter actor (RPM/TPM limits and the server's rate-limit
+    headers); return its name for the workers."""
     import ray
 
     from huatuo_ray.teacher.limiter import shared_limiter
 
-    name = f"huatuo-teacher-limiter-{ray.get_runtime_context().get_job_id()}"
-    handle = shared_limiter(name, teacher.requests_per_minute, teacher.tokens_per_minute)
-    return name if handle is not None else None
+    rpm, tpm = teacher.requests_per_minute, teacher.tokens_per_minute
+    name = f"huatuo-teacher-limiter-{ray.get_runtime_context().get_job_id()}-{rpm}-{tpm}"
+    if name not in _LIMITERS:  # a second handle from get_if_exists would not keep it alive
+        _LIMITERS[name] = shared_limiter(name, rpm, tpm)
+    return name
 
 
 @contextlib.contextmanager
@@ -361,14 +456,27 @@ def run_teacher_stage(
     if given.usage is not None:
         result.usage.add(given.usage)
     made = finish(result, given) if finish else StageOutput(result.records)
-    return write_result(
-        result,
-        made.records,
-        config,
-        stage,
-        given.inputs,
-        extra={"inputs_read": len(given.rows), **given.extra, **made.extra},
-    )
+    extra = {"inputs_read": len(given.rows), **given.extra, **made.extra}
+    failed = made.failed or (len(result.rejects), len(given.rows), "inputs rejected")
+    failure = reject_failure(*failed, config.max_reject_fraction)
+    if failure:
+        extra.update(status="failed", failure=failure)
+    manifest = write_result(result, made.records, config, stage, given.inputs, extra=extra)
+    if failure:
+        by_reason = manifest["rejects"]["by_reason"]
+        counted = "; ".join(f"{n} x {reason}" for reason, n in by_reason.items())
+        raise TooManyRejects(
+            f"{stage}: {failure} (rejects by reason: {counted}); the artifact at "
+            f"{config.output} is marked failed, its rejects are in {artifacts.REJECTS}"
+        )
+    return manifest
+
+
+def reject_failure(rejected: int, total: int, what: str, max_fraction: float) -> str:
+    """Why the stage failed on its rejects, or "" when it did not."""
+    if total and rejected / total > max_fraction:
+        return f"{rejected} of {total} {what}, more than max_reject_fraction={max_fraction:g}"
+    return ""
 
 
 def write_result(

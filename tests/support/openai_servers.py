@@ -47,7 +47,18 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-Responder = Callable[[dict[str, Any]], "str | Awaitable[str]"]
+Responder = Callable[[dict[str, Any]], "str | ScriptedReply | Awaitable[str | ScriptedReply]"]
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    """A responder's answer beyond plain text: null ``content`` with ``finish_reason``
+    ``content_filter`` (Azure's reply to filtered text), a ``refusal``, or a forced ``length``."""
+
+    content: str | None
+    finish_reason: str = "stop"
+    refusal: str | None = None
+
 
 # Body fields that change how a response is transported or attributed, not what it says.
 _NON_SEMANTIC_KEYS = frozenset({"stream", "stream_options", "user", "metadata", "store"})
@@ -134,9 +145,11 @@ def default_responder(request: dict[str, Any]) -> str:
     return f"Scripted answer {digest}: {last_user[:80]}"
 
 
-def openai_error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
+def openai_error_body(
+    message: str, type_: str | None, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """The JSON body OpenAI sends with an error status."""
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _json_response(
@@ -161,15 +174,17 @@ class ScriptedHTTPError(Exception):
         self,
         status: int,
         message: str = "scripted error",
-        type_: str = "server_error",
+        type_: str | None = "server_error",
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type_ = type_
         self.code = code
+        self.param = param
         self.headers = dict(headers or {})
 
 
@@ -513,6 +528,8 @@ class ScriptedOpenAIServer(_LoopbackService):
                 ),
             ), None
 
+        if (refused := self._check(body, request)) is not None:
+            return refused, None
         if self._semaphore is None:
             contents = await self._serve(body)
         else:
@@ -520,9 +537,18 @@ class ScriptedOpenAIServer(_LoopbackService):
                 contents = await self._serve(body)
         if isinstance(contents, web.Response):
             return contents, None
-        return _json_response(200, self._completion(body, contents)), request_fingerprint(body)
+        response = _json_response(200, self._completion(body, contents), self._headers(body))
+        return response, request_fingerprint(body)
 
-    async def _serve(self, body: dict[str, Any]) -> list[str] | web.Response:
+    def _check(self, body: dict[str, Any], request: web.Request) -> web.Response | None:
+        """A subclass's error answer to a request a real API would refuse (None: serve it)."""
+        return None
+
+    def _headers(self, body: dict[str, Any]) -> dict[str, str]:
+        """Extra headers of a 200 answer (a subclass sends rate-limit headers here)."""
+        return {}
+
+    async def _serve(self, body: dict[str, Any]) -> list[str | ScriptedReply] | web.Response:
         """Hold one concurrency slot: wait ``latency_s``, then ask the responder for answers."""
         with self._lock:
             self._in_service += 1
@@ -536,11 +562,13 @@ class ScriptedOpenAIServer(_LoopbackService):
                 answer = self.responder(body)
                 if inspect.isawaitable(answer):
                     answer = await answer
-                contents.append(str(answer))
+                contents.append(answer if isinstance(answer, ScriptedReply) else str(answer))
             return contents
         except ScriptedHTTPError as exc:
             return _json_response(
-                exc.status, openai_error_body(exc.message, exc.type_, exc.code), exc.headers
+                exc.status,
+                openai_error_body(exc.message, exc.type_, exc.code, exc.param),
+                exc.headers,
             )
         except Exception as exc:  # a broken responder is a server error, as on a real server
             log.exception("responder failed")
@@ -552,20 +580,22 @@ class ScriptedOpenAIServer(_LoopbackService):
                 self._in_service -= 1
 
     @staticmethod
-    def _completion(body: dict[str, Any], contents: list[str]) -> dict[str, Any]:
+    def _completion(body: dict[str, Any], contents: list[str | ScriptedReply]) -> dict[str, Any]:
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         choices = []
         completion_tokens = 0
-        for index, content in enumerate(contents):
-            finish_reason = "stop"
-            if max_tokens is not None and count_tokens(content) > int(max_tokens):
-                content = content[: 2 * int(max_tokens)]
-                finish_reason = "length"
-            completion_tokens += count_tokens(content)
+        for index, answer in enumerate(contents):
+            reply = answer if isinstance(answer, ScriptedReply) else ScriptedReply(answer)
+            content, finish_reason = reply.content, reply.finish_reason
+            if content is not None and max_tokens is not None:
+                if count_tokens(content) > int(max_tokens):
+                    content = content[: 2 * int(max_tokens)]
+                    finish_reason = "length"
+            completion_tokens += count_tokens(content or "")
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": content},
+                    "message": {"role": "assistant", "content": content, "refusal": reply.refusal},
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }

@@ -91,7 +91,33 @@ def _rating(prompt: str) -> str:
 
 
 def medical_responder(body: dict[str, Any]) -> str:
-    """The answer to one chat-completions request body."""
+    """The answer to one chat-completions request body: the plain text, or its JSON object when
+    the request asks for a ``response_format`` json_schema (as OpenAI's structured outputs do)."""
+    text = _plain_answer(body)
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") != "json_schema":
+        return text
+    return json.dumps(_as_json(fmt["json_schema"]["name"], text), ensure_ascii=False)
+
+
+def _as_json(name: str, text: str) -> dict[str, Any]:
+    """The scripted plain answer in the JSON shape named ``name`` (read with plain regexes, not
+    with the project's parsers, which the tests check)."""
+    if name == "ratings":
+        a, b = re.findall(r"Rating [AB]: (\d+)", text)
+        return {"rating_a": int(a), "rating_b": int(b)}
+    if name == "verdict":
+        return {"verdict": text.splitlines()[-1]}
+    if name == "dialogue":
+        turns = re.findall(r"^\[\d+\] (病人|医生)：(.*)$", text, flags=re.MULTILINE)
+        return {"turns": [{"speaker": who, "content": said} for who, said in turns]}
+    if name == "triplets":
+        found = re.findall(r"角色：(.*)\n指令：(.*)\n输入：(.*)", text)
+        return {"triplets": [{"role": r, "instruction": i, "input": x} for r, i, x in found]}
+    return {"answer": text.removeprefix("<HuatuoGPT回复>：")}
+
+
+def _plain_answer(body: dict[str, Any]) -> str:
     messages = body["messages"]
     last = messages[-1]["content"]
     system = messages[0]["content"] if messages[0]["role"] == "system" else ""
