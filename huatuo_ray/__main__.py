@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        if isinstance(e, (TeacherFatalError, TooManyRejects)):  # a teacher stage that cannot succeed
+        if isinstance(
+            e, (TeacherFatalError, TooManyRejects)
+        ):  # a teacher stage that cannot succeed
             print(f"{name} failed: {e}", file=sys.stderr)
             return 1
         mistake = user_error_in(e)
