@@ -22,6 +22,7 @@ import hmac
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,6 +187,7 @@ class ChatService:
                  stage: str = "serve", replica: str = "0"):  # fmt: skip
         self.engine, self.tokenizer, self.name, self.limits = engine, tokenizer, name, limits
         self.key_sha256, self.context, self.stage, self.replica = key_sha256, context, stage, replica  # fmt: skip
+        self.requests: Counter[str] = Counter()  # by outcome, as exported
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
@@ -195,6 +197,7 @@ class ChatService:
         return parse_chat(body, self.tokenizer, self.name, self.limits, self.context)
 
     def _count(self, status: str, tokens: int = 0) -> None:
+        self.requests[status] += 1
         tags = {"replica": self.replica}
         telemetry.count("serve_requests", 1, self.stage, status=status, **tags)
         telemetry.count("serve_completion_tokens", tokens, self.stage, **tags)

@@ -44,5 +44,6 @@ class ChatServer:
         return openai_app(self.service)
 
     def stats(self) -> dict[str, Any]:
-        """Requests this replica's engine holds now (through a Serve handle, not HTTP)."""
-        return {"running": self.engine.running()}
+        """Requests this replica's engine holds now, and requests answered by outcome (``ok``,
+        ``disconnected``, ``error``, ``http_4xx``); read through a Serve handle, not HTTP."""
+        return {"running": self.engine.running(), "requests": dict(self.service.requests)}

@@ -84,6 +84,15 @@ def serve_key(config: ServeConfig) -> str | None:
     return key
 
 
+def listen_host(config: ServeConfig, key: str | None) -> str:
+    """``config.host``, or 127.0.0.1 when no key guards the endpoint (said in the log)."""
+    if key is None and config.host not in ("127.0.0.1", "localhost"):
+        log.warning("serve: no api_key_env, so the endpoint listens on 127.0.0.1 only, not %s",
+                    config.host)  # fmt: skip
+        return "127.0.0.1"
+    return config.host
+
+
 def deployment_options(config: ServeConfig) -> dict[str, Any]:
     """Replicas (fixed or autoscaled), their resources and how many requests each holds."""
     scaling = config.autoscaling
@@ -123,11 +132,7 @@ def main(config: ServeConfig) -> dict[str, Any]:
     from huatuo_ray.serve.app import ChatServer
 
     key = serve_key(config)
-    host = config.host
-    if key is None and host not in ("127.0.0.1", "localhost"):
-        log.warning("serve: no api_key_env, so the endpoint listens on 127.0.0.1 only, not %s",
-                    host)  # fmt: skip
-        host = "127.0.0.1"
+    host = listen_host(config, key)
     connect(config.cluster, "serve")
     path = os.path.abspath(config.model.path) if os.path.exists(config.model.path) else config.model.path  # fmt: skip
     serve.start(http_options={"host": host, "port": config.port})
