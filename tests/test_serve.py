@@ -207,7 +207,9 @@ def test_a_model_served_by_a_ray_actor_with_the_hf_engine(tiny_model_dir: str, l
         urllib.request.urlopen(where.base_url.removesuffix("/v1") + "/health", timeout=5)
 
 
-def test_no_key_means_loopback_only(caplog: pytest.LogCaptureFixture) -> None:
+def test_no_key_means_loopback_only_and_autoscaling_options(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     config = endpoint.ServeConfig(host="0.0.0.0")
     assert endpoint.serve_key(config) is None
     assert endpoint.listen_host(config, None) == "127.0.0.1" and "127.0.0.1 only" in caplog.text
@@ -217,3 +219,8 @@ def test_no_key_means_loopback_only(caplog: pytest.LogCaptureFixture) -> None:
     options = endpoint.deployment_options(endpoint.ServeConfig(
         autoscaling=endpoint.AutoscalingConfig(min_replicas=1, max_replicas=3)))  # fmt: skip
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
+    from huatuo_ray.serve.app import ChatServer
+
+    deployment = ChatServer.options(**options)  # Serve validates the settings here
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert deployment._deployment_config.max_ongoing_requests == 64

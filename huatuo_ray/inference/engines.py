@@ -1,9 +1,10 @@
 """Asynchronous generation engines for serving: many requests share one engine's batch.
 
-:class:`VLLMAsyncEngine` wraps vLLM's ``AsyncLLM``: every request joins the running batch as it
-arrives (continuous batching) and its text streams back step by step. A request whose consumer
-goes away (its async iterator is closed or its task cancelled, as when an HTTP client disconnects)
-is aborted inside vLLM, so its sequence stops taking batch slots and KV cache.
+:class:`VLLMAsyncEngine` wraps vLLM's ``AsyncLLM`` (exported as ``AsyncLLMEngine``): every
+request joins the running batch as it arrives (continuous batching) and its text streams back
+step by step. A request whose consumer goes away (its async iterator is closed or its task
+cancelled, as when an HTTP client disconnects) is aborted inside vLLM, so its sequence stops
+taking batch slots and KV cache.
 
 :class:`HFAsyncEngine` is the fallback for machines without vLLM: Hugging Face ``generate``, one
 request at a time in a thread, each answer delivered as a single piece.
@@ -49,7 +50,9 @@ def make_async_engine(model_path: str, engine: EngineConfig) -> AsyncEngine:
     backend = engine.backend
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"
-    return VLLMAsyncEngine(model_path, engine) if backend == "vllm" else HFAsyncEngine(model_path, engine)  # fmt: skip
+    if backend == "vllm":
+        return VLLMAsyncEngine(model_path, engine)
+    return HFAsyncEngine(model_path, engine)
 
 
 def context_length(model_path: str, engine: EngineConfig) -> int:
@@ -69,12 +72,11 @@ class VLLMAsyncEngine:
 
     def __init__(self, model_path: str, engine: EngineConfig):
         import torch
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm import AsyncEngineArgs, AsyncLLMEngine  # AsyncLLMEngine is v1's AsyncLLM
 
         on_gpu = torch.cuda.is_available()
         dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        self.engine = AsyncLLM.from_engine_args(
+        self.engine = AsyncLLMEngine.from_engine_args(
             AsyncEngineArgs(
                 model=model_path,
                 dtype=dtype,

@@ -186,7 +186,8 @@ class ChatService:
                  key_sha256: str | None = None, context: int | None = None,
                  stage: str = "serve", replica: str = "0"):  # fmt: skip
         self.engine, self.tokenizer, self.name, self.limits = engine, tokenizer, name, limits
-        self.key_sha256, self.context, self.stage, self.replica = key_sha256, context, stage, replica  # fmt: skip
+        self.key_sha256, self.context = key_sha256, context
+        self.stage, self.replica = stage, replica
         self.requests: Counter[str] = Counter()  # by outcome, as exported
 
     def models(self) -> dict[str, Any]:

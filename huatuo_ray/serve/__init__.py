@@ -1,1 +1,1 @@
-"""Serving models: vLLM's OpenAI-compatible server for a model artifact (the demo's local teacher)."""
+"""Stages ``serve`` (a model behind an OpenAI-compatible endpoint on Ray Serve) and ``chat``."""

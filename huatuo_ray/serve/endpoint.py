@@ -134,7 +134,8 @@ def main(config: ServeConfig) -> dict[str, Any]:
     key = serve_key(config)
     host = listen_host(config, key)
     connect(config.cluster, "serve")
-    path = os.path.abspath(config.model.path) if os.path.exists(config.model.path) else config.model.path  # fmt: skip
+    path = config.model.path
+    path = os.path.abspath(path) if os.path.exists(path) else path
     serve.start(http_options={"host": host, "port": config.port})
     app = ChatServer.options(**deployment_options(config)).bind(
         path, config.name, config.engine, config.limits, key_digest(key) if key else None
