@@ -67,6 +67,7 @@ async def run(base_url: str, clients: int, tokens: int, concurrent: bool) -> dic
     else:
         chats = [await one_chat(client, i, tokens) for i in range(clients)]
     wall = time.perf_counter() - started
+    await client.close()
     assert all(c["tokens"] == tokens for c in chats), "an answer came back short"
     latency, ttft = [c["latency"] for c in chats], [c["ttft"] for c in chats]
     return {
