@@ -35,15 +35,19 @@ def count(name: str, value: float, stage: str, **tags: str) -> None:
         log.debug("metric %s not recorded: %s", name, e)
 
 
-def gauge(name: str, value: float, stage: str) -> None:
+def gauge(name: str, value: float, stage: str, **tags: str) -> None:
+    """Set gauge ``huatuo_<name>``; a no-op outside Ray."""
     try:
         from ray.util.metrics import Gauge
 
-        if name not in _GAUGES:
-            _GAUGES[name] = Gauge(
-                f"huatuo_{name}", description=name.replace("_", " "), tag_keys=("stage",)
+        key = name + ":" + ",".join(sorted(tags))
+        if key not in _GAUGES:
+            _GAUGES[key] = Gauge(
+                f"huatuo_{name}",
+                description=name.replace("_", " "),
+                tag_keys=("stage", *sorted(tags)),
             )
-        _GAUGES[name].set(value, tags={"stage": stage})
+        _GAUGES[key].set(value, tags={"stage": stage, **tags})
     except Exception as e:  # noqa: BLE001
         log.debug("metric %s not recorded: %s", name, e)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from huatuo_ray import artifacts
 from huatuo_ray.config import ModelConfig, TeacherConfig
 from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.eval import benchmark, consult, doctors, judge, report
@@ -23,6 +24,7 @@ from tests.conftest import teacher_config
 from tests.support.openai_servers import ScriptedOpenAIServer
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 ASSISTANT = re.compile(r"\[Assistant (\d)\]\n(.*?)\n\[End of Assistant \d\]", re.S)
 
 
@@ -178,6 +180,36 @@ def test_consult_with_a_vllm_patient_and_doctor(
         assert record.meta["department"] and record.meta["doctor"] == "tiny"
         # The patient never sees the doctor's private diagnosis: only the case was given.
         assert record.meta["ended"] in ("goodbye", "turn_limit")
+
+
+@pytest.mark.vllm
+@pytest.mark.cluster
+@pytest.mark.system
+def test_consult_serves_the_doctor_from_an_actor_on_the_second_node(
+    eval_data, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    """Two-node Cluster; only the second node has the resource the doctor's actor asks for. The
+    stage's workers reach it at that node's address, and it is stopped when the stage ends."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    out = tmp_path / "consult-2nodes"
+    res = subprocess.run(
+        [sys.executable, "-m", "tests.consult_two_nodes", eval_data["cases"], tiny_model_dir,
+         str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("MANIFEST "))
+    manifest = json.loads(line.removeprefix("MANIFEST "))
+    assert manifest["rows"] + manifest["rejects"]["count"] == 3 and manifest["rows"] >= 2
+    where = manifest["doctor_server"]
+    assert where["node_id"] == manifest["second_node"]
+    assert where["base_url"].startswith(f"http://{where['node_ip']}:")
+    with pytest.raises(OSError):  # stopped with the stage
+        urllib.request.urlopen(where["base_url"].removesuffix("/v1") + "/health", timeout=5)
+    for record in artifacts.read_dialogues(str(out)):
+        assert [t["role"] for t in record.turns][:2] == ["user", "assistant"]
 
 
 def test_doctor_export_hides_the_key_and_import_unscrambles_votes(

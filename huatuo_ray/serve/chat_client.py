@@ -1,11 +1,13 @@
 """Stage ``chat``: talk to a served model in the terminal, keeping the conversation.
 
     python -m huatuo_ray chat --base-url http://127.0.0.1:8000/v1 --model huatuo
+    HUATUO_SERVE_KEY=... python -m huatuo_ray chat --config jobs/tiny/chat.yaml
 
 Every line you type is the patient's turn; the whole history (optionally after a system prompt)
 goes with each request, so the model sees the conversation as SFT showed it multi-turn dialogues.
-``/reset`` starts over, ``/exit`` (or end of input) quits. Works with any OpenAI-compatible
-endpoint: ``serve``, vLLM's server, or a hosted model.
+Answers stream in as the model writes them. ``/reset`` starts over, ``/exit`` (or end of input)
+quits. Works with any OpenAI-compatible endpoint: ``serve``, vLLM's server, or a hosted model;
+the key, if the endpoint wants one, comes from the variable ``endpoint.api_key_env`` names.
 """
 
 from __future__ import annotations
@@ -56,13 +58,23 @@ def converse(config: ChatConfig, lines: TextIO, out: TextIO) -> list[dict[str, s
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        reply = client.chat.completions.create(
+        out.write("医生: ")
+        answer = ""
+        for chunk in client.chat.completions.create(
             model=model, messages=history, temperature=endpoint.temperature,
-            max_tokens=endpoint.max_tokens,
-        )  # fmt: skip
-        answer = reply.choices[0].message.content or ""
-        history.append({"role": "assistant", "content": answer})
-        out.write(f"医生: {answer}\n")
+            max_tokens=endpoint.max_tokens, stream=True,
+        ):  # fmt: skip
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                answer += piece
+                out.write(piece)
+                out.flush()
+        if answer:
+            history.append({"role": "assistant", "content": answer})
+        else:  # nothing to keep: an empty turn would not render
+            history.pop()
+            out.write("(no answer)")
+        out.write("\n")
         out.flush()
     return history
 
