@@ -7,6 +7,7 @@ calls the recipe's ``main``. ``--help`` lists the stages; ``STAGE --help`` docum
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from huatuo_ray.config import ConfigError, describe, load_config
@@ -43,9 +44,9 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
             key = arg[2:].replace("-", "_")
             if "=" in key:
                 overrides.append(key)
+            elif i + 1 >= len(argv) or re.match(r"--|[a-z_][\w.]*=", argv[i + 1]):
+                overrides.append(f"{key}=true")  # a bare flag: --dry-run, --strict
             else:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"command line: {arg} needs a value")
                 i += 1
                 overrides.append(f"{key}={argv[i]}")
         elif "=" in arg:

@@ -100,6 +100,12 @@ STAGES: dict[str, Stage] = {
             "evaluation: the teacher compares two models' answers pairwise, seeded position switch (D)",
         ),
         Stage(
+            "teacher-answers",
+            "huatuo_ray.eval.teacher_answers",
+            "TeacherAnswersConfig",
+            "evaluation: the teacher's own answers to the eval questions (the judge's baseline)",
+        ),
+        Stage(
             "consult",
             "huatuo_ray.eval.consult",
             "ConsultConfig",
