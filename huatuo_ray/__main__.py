@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             print((config_cls.__doc__ or "").strip() + "\n\nConfig keys:")
             print("\n".join(describe(config_cls)))
             return 0
+        if STAGES[name].config_names and config_path:  # `plan --config X`: X is its subject
+            overrides, config_path = (
+                [f"{STAGES[name].config_names}={config_path}", *overrides],
+                None,
+            )
         config = load_config(config_cls, config_path, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -68,6 +68,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="weights dtype; auto = bfloat16 on GPU, float32 on CPU"
     )
+    params: float | None = option(
+        None, help="parameter count, for `plan` when the model's config.json is not readable"
+    )
 
 
 @dataclass

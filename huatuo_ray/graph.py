@@ -40,6 +40,7 @@ IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("output",),
     ),
     "serve": (("model.path",), ()),
+    "plan": ((), ()),
     "chat": ((), ()),
     "pipeline": ((), ()),
 }

@@ -17,6 +17,7 @@ class Stage:
     config: str
     summary: str
     entry: str = "main"  # the recipe's function
+    config_names: str = ""  # the key that --config fills, for stages whose subject is a preset
 
     def load(self) -> tuple[type, object]:
         """(config class, main function) of the stage."""
@@ -148,6 +149,13 @@ STAGES: dict[str, Stage] = {
             "huatuo_ray.pipeline",
             "PipelineConfig",
             "run stages one after another as Ray jobs, each when the previous left its artifact",
+        ),
+        Stage(
+            "plan",
+            "huatuo_ray.plan",
+            "PlanConfig",
+            "size a preset's actor groups: GPU memory per group, refused when it cannot fit",
+            config_names="preset",
         ),
         Stage(
             "tiny-model",

@@ -85,6 +85,8 @@ def test_commands_name_real_stages_and_configs(path: Path) -> None:
         if stage in ("STAGE",):
             continue
         assert stage in STAGES, f"{path}: no stage {stage!r}"
+        if STAGES[stage].config_names:  # `plan --config X`: X is another stage's preset
+            stage = Path(config).name.split(".")[0]
         if config and "<" not in config and "$" not in config:
             config_path = REPO / config
             assert config_path.exists(), f"{path}: no config {config}"
