@@ -48,7 +48,7 @@ def test_rayjobs_one_per_stage() -> None:
         assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "huatuo-ray"}
         names.add(job["spec"]["metadata"]["stage"])
-    assert names == set(STAGES) - {"tiny-model", "chat", "pipeline", "plan"}  # clients
+    assert names == set(STAGES) - {"tiny-model", "chat", "plan"}  # clients
 
 
 def test_ray_up_config_passes_rays_schema() -> None:
