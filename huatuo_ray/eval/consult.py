@@ -29,6 +29,7 @@ from typing import Any
 
 from huatuo_ray.config import TeacherConfig, option
 from huatuo_ray.dialogue import Dialogue, RecordError
+from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.teacher import prompts
 from huatuo_ray.teacher.agents import Turns, case_and_diagnosis, consultation, patient_turn
 from huatuo_ray.teacher.client import TeacherClient
@@ -96,7 +97,8 @@ def doctor_endpoint(config: ConsultConfig) -> Iterator[dict[str, TeacherConfig]]
         return
     from huatuo_ray.inference.openai_server import vllm_server
 
-    with vllm_server(os.path.abspath(config.doctor_model), name=config.name) as base_url:
+    doctor = local_model_path(config.doctor_model)  # a URI: fetched to this node first
+    with vllm_server(os.path.abspath(doctor), name=config.name) as base_url:
         yield {
             "doctor": dataclasses.replace(
                 config.doctor, base_url=base_url, model=config.name, api_key_env=""

@@ -20,6 +20,7 @@ from typing import Any
 
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.ray_trainer import fit, promote_best
 from huatuo_ray.train.sft import CheckpointConfig, ScalingConfig
@@ -72,6 +73,7 @@ def main(config: RewardModelConfig) -> dict[str, Any]:
     config.output, config.storage_path = (
         p if "://" in p else os.path.abspath(p) for p in (config.output, config.storage_path)
     )
+    config.model.path = local_model_path(config.model.path)  # a URI: fetched to this node
     if os.path.exists(config.model.path):
         config.model.path = os.path.abspath(config.model.path)
     rows = list(artifacts.iter_rows(config.preferences))

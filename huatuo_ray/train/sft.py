@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.lora import LoRAConfig
 from huatuo_ray.train.ray_trainer import fit, promote_best
@@ -110,6 +111,7 @@ def main(config: SFTConfig) -> dict[str, Any]:
         return artifacts.read_manifest(config.output)
     # Workers may run on other nodes and in other folders: every path they use is absolute.
     config.output, config.storage_path = _absolute(config.output), _absolute(config.storage_path)
+    config.model.path = local_model_path(config.model.path)  # a URI: fetched to this node
     config.model.path = (
         _absolute(config.model.path) if os.path.exists(config.model.path) else config.model.path
     )

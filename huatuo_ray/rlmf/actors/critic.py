@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from huatuo_ray.models.fetch import fetched_model
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import ValueModel, freeze_bottom, response_values
@@ -15,7 +16,7 @@ class CriticWorker(TrainableWorker):
     def build(self) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
 
-        model_config = self.role.model
+        model_config = fetched_model(self.role.model)  # a URI: fetched to this node first
         model = AutoModelForSequenceClassification.from_pretrained(
             model_config.path,
             num_labels=1,

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from huatuo_ray.models.fetch import fetched_model
 from huatuo_ray.rlmf import weight_sync
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import Experience
@@ -25,7 +26,7 @@ class PolicyWorker(TrainableWorker):
     def build(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model_config = self.config.model
+        model_config = fetched_model(self.config.model)  # a URI: fetched to this node first
         self.tokenizer = AutoTokenizer.from_pretrained(
             model_config.path, trust_remote_code=model_config.trust_remote_code
         )
