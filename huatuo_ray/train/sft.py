@@ -22,6 +22,7 @@ from typing import Any, Literal
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
 from huatuo_ray.models.fetch import local_model_path
+from huatuo_ray.models.preflight import check_base_model
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.lora import LoRAConfig
 from huatuo_ray.train.ray_trainer import fit, promote_best
@@ -87,6 +88,9 @@ class SFTConfig:
     run_name: str = option("sft", help="run name under storage_path: the same name resumes")
     tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
     tokenize_workers: int = option(2, help="Ray Data actors tokenising and packing")
+    allow_untrained: bool = option(
+        False, help="skip the preflight (base model's loss on real text)"
+    )
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
@@ -112,6 +116,7 @@ def main(config: SFTConfig) -> dict[str, Any]:
     # Workers may run on other nodes and in other folders: every path they use is absolute.
     config.output, config.storage_path = _absolute(config.output), _absolute(config.storage_path)
     config.model.path = local_model_path(config.model.path)  # a URI: fetched to this node
+    check_base_model(config.model.path, config.allow_untrained, config.model.trust_remote_code)
     config.model.path = (
         _absolute(config.model.path) if os.path.exists(config.model.path) else config.model.path
     )
