@@ -48,7 +48,14 @@ def test_rayjobs_one_per_stage() -> None:
         assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "huatuo-ray"}
         names.add(job["spec"]["metadata"]["stage"])
-    assert names == set(STAGES) - {"tiny-model", "chat", "plan"}  # clients
+    assert names == set(STAGES) - {"tiny-model", "chat", "plan", "pipeline"}  # clients
+
+
+def test_pipeline_rayjob_runs_the_paper_pipeline_from_the_image() -> None:
+    (job,) = docs(REPO / "cluster" / "kuberay" / "pipeline.yaml")
+    assert job["kind"] == "RayJob" and job["spec"]["metadata"]["stage"] == "pipeline"
+    assert "--config jobs/paper/pipeline.yaml" in job["spec"]["entrypoint"]
+    assert "project_dir=/app" in job["spec"]["entrypoint"]
 
 
 def test_ray_up_config_passes_rays_schema() -> None:

@@ -148,3 +148,24 @@ def test_readme_commands_on_a_fresh_home_start_a_head_with_token_auth(tmp_path: 
     assert "critic+reward" in run.stdout  # the job's own output: `plan` sized the PPO preset
     assert oct((home / ".ray" / "auth_token").stat().st_mode & 0o777) == "0o600"
     assert token not in run.stdout + run.stderr  # the token is never printed
+
+
+def test_readme_recipe_commands_name_files_stages_and_configs_that_exist() -> None:
+    """The paper-recipe walk-through: every file it applies, every stage and config it submits
+    (its `python -m huatuo_ray` commands are loaded by test_cluster_configs)."""
+    from huatuo_ray.config import load_config
+    from huatuo_ray.stages import STAGES
+
+    text = (REPO / "README.md").read_text()
+    recipe = text[text.index("## Running the paper recipe") : text.index("## What to watch")]
+    applied = re.findall(r"kubectl (?:apply|delete) -f (\S+?)`?(?:\s|$)", recipe)
+    assert {"cluster/kuberay/storage.yaml", "cluster/kuberay/raycluster.yaml",
+            "cluster/kuberay/pipeline.yaml"} <= set(applied)  # fmt: skip
+    for path in applied:
+        assert (REPO / path).exists(), path
+    submitted = re.findall(r"jobs/submit\.sh ([a-z-]+) (\S+?)`", recipe)
+    assert submitted
+    for stage, config in submitted:
+        load_config(STAGES[stage].load()[0], str(REPO / config))
+    assert "python -m huatuo_ray pipeline --config jobs/paper/pipeline.yaml --dry-run" in recipe
+    assert "apply_delta" in recipe and "Ziya-LLaMA-13B-Pretrain-v1" in recipe
