@@ -201,14 +201,19 @@ def _ppo_groups(c, gpu_memory: float, params: float | None) -> tuple[list[Group]
     reward_size = model_size(c.reward.model, params)
     critic_size = model_size(c.critic.model, params) if c.critic.model.path else reward_size
     length = c.max_prompt_tokens + c.sampling.max_new_tokens
+    # The reference is the policy's frozen trunk when only its top trains under ZeRO <= 2.
+    trunk = (
+        c.reference.mode != "separate"
+        and c.policy.trainable_layers is not None
+        and c.policy.deepspeed.zero_stage <= 2
+    )
     groups = []
     if c.policy.resources.num_gpus:
         policy = trained(
             "policy", policy_size, c.policy.resources.workers, c.policy.deepspeed,
             c.micro_batch_size, length, c.policy.trainable_layers, c.policy.gradient_checkpointing,
         )  # fmt: skip
-        trunk = c.reference.mode != "separate" and c.policy.trainable_layers is not None
-        if trunk and c.policy.deepspeed.zero_stage <= 2:  # the reference's copy of the top
+        if trunk:  # the reference's frozen copy of the trained top
             top = c.policy.trainable_layers * policy_size.layer_params
             policy.parts["reference top"] = 2 * (top + policy_size.vocab * policy_size.hidden)
         groups.append(policy)
@@ -223,7 +228,7 @@ def _ppo_groups(c, gpu_memory: float, params: float | None) -> tuple[list[Group]
             frozen("reward", reward_size, c.reward.resources.workers, c.micro_batch_size,
                    length, lm_head=False)
         )  # fmt: skip
-    if c.reference.mode == "separate" and c.reference.resources.num_gpus:
+    if not trunk and c.reference.resources.num_gpus:
         groups.append(
             frozen("reference", policy_size, c.reference.resources.workers, c.micro_batch_size,
                    length)
