@@ -221,6 +221,7 @@ def stage_tokens_per_s(args: argparse.Namespace, work: Path, model_dir: str) -> 
             deepspeed=DeepSpeedConfig(zero_stage=2, precision="fp32"),
             storage_path=str(work / "ray_train"),
             run_name="bench",
+            allow_untrained=True,  # a random tiny model
             cluster=ClusterConfig(num_cpus=2),
         )
     )

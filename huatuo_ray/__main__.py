@@ -12,6 +12,7 @@ cluster: one line, its traceback only with ``--debug``); 1 a teacher stage that 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from huatuo_ray.config import ConfigError, describe, load_config
@@ -52,9 +53,9 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
             key = arg[2:].replace("-", "_")
             if "=" in key:
                 overrides.append(key)
+            elif i + 1 >= len(argv) or re.match(r"--|[a-z_][\w.]*=", argv[i + 1]):
+                overrides.append(f"{key}=true")  # a bare flag: --dry-run, --strict
             else:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"command line: {arg} needs a value")
                 i += 1
                 overrides.append(f"{key}={argv[i]}")
         elif "=" in arg:
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             print((config_cls.__doc__ or "").strip() + "\n\nConfig keys:")
             print("\n".join(describe(config_cls)))
             return 0
+        if STAGES[name].config_names and config_path:  # `plan --config X`: X is its subject
+            overrides, config_path = (
+                [f"{STAGES[name].config_names}={config_path}", *overrides],
+                None,
+            )
         config = load_config(config_cls, config_path, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -4,6 +4,10 @@ A config is a tree of dataclasses. :func:`load_config` fills one from a YAML fil
 overrides and checks every key, type and value before any work starts; a mistake raises
 :class:`ConfigError` naming the key and where it came from (the file, or "command line").
 
+Paths may be written ``${root}/...``: ``root`` is one folder or URI per preset (``jobs/paper``,
+``jobs/open7b``) from which every stage's inputs and outputs derive. Its value is the ``root=``
+override, else the file's own ``root:`` key, else the ``root:`` of ``pipeline.yaml`` beside the file.
+
 Fields carry their help text in ``metadata["help"]`` (use :func:`option`), which ``--help`` prints.
 Value checks live in each dataclass's ``__post_init__`` and raise ``ValueError``.
 """
@@ -100,6 +104,9 @@ class ModelConfig:
     trust_remote_code: bool = option(False, help="run code shipped with the model (off: safer)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="weights dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
+    params: float | None = option(
+        None, help="parameter count, for `plan` when the model's config.json is not readable"
     )
 
 
@@ -221,7 +228,65 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
             raise ConfigError(f"command line: override {item!r} is not key=value")
         _set_dotted(raw, key.strip(), _parse_override(text), item)
         origin[key.strip()] = "command line"
+    if "root" not in {f.name for f in dataclasses.fields(cls)}:
+        raw = _with_root(raw, path, origin)
     return _build(cls, raw, "", origin, path or "command line")
+
+
+ROOT = "${root}"
+
+
+def _uses_root(value: Any) -> bool:
+    if isinstance(value, str):
+        return ROOT in value
+    if isinstance(value, list):
+        return any(_uses_root(v) for v in value)
+    if isinstance(value, dict):
+        return any(_uses_root(v) for v in value.values())
+    return False
+
+
+def _substituted(value: Any, root: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(ROOT, root)
+    if isinstance(value, list):
+        return [_substituted(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: _substituted(v, root) for k, v in value.items()}
+    return value
+
+
+def preset_root(path: str | None) -> str | None:
+    """The ``root:`` of the ``pipeline.yaml`` beside a preset (None when there is none)."""
+    import os
+
+    if not path:
+        return None
+    sibling = os.path.join(os.path.dirname(path), "pipeline.yaml")
+    try:
+        with open(sibling, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    root = loaded.get("root") if isinstance(loaded, dict) else None
+    return str(root) if root else None
+
+
+def _with_root(raw: dict[str, Any], path: str | None, origin: dict[str, str]) -> dict[str, Any]:
+    """``raw`` without its ``root`` key and with every ``${root}`` replaced by the root."""
+    raw = dict(raw)
+    root = raw.pop("root", None)
+    if not _uses_root(raw):
+        return raw
+    if root is None:
+        root = preset_root(path)
+    if not root or not isinstance(root, str):
+        where = path or "command line"
+        raise ConfigError(
+            f"{where}: paths use {ROOT} but no root is set: pass root=PATH_OR_URI, or give "
+            "root: in the file or in the pipeline.yaml beside it"
+        )
+    return _substituted(raw, root.rstrip("/"))
 
 
 def _mark_origin(tree: dict[str, Any], prefix: str, path: str, origin: dict[str, str]) -> None:

@@ -2,17 +2,23 @@
 succeeded and left its artifact.
 
     python -m huatuo_ray pipeline --config jobs/tiny/pipeline.yaml --address http://127.0.0.1:8265
+    python -m huatuo_ray pipeline --config jobs/paper/pipeline.yaml --dry-run [--strict]
 
 Each step is a stage and its preset. The pipeline resolves every step's config here (preset +
-``overrides`` + ``common`` overrides the stage has keys for), moves the presets' relative output
-tree (``rebase.source``, e.g. ``outputs/tiny``) under ``rebase.target`` (a folder every node sees),
-writes the resolved config next to the outputs and submits ``python -m huatuo_ray STAGE --config
+``overrides`` + ``common`` overrides the stage has keys for, with ``${root}`` set to the
+pipeline's ``root``; presets that write relative paths instead have their tree ``rebase.source``,
+e.g. ``outputs/tiny``, moved under ``rebase.target``, a folder every node sees), writes the resolved config next to the outputs and submits ``python -m huatuo_ray STAGE --config
 THAT`` through the dashboard's job API, with metadata naming the pipeline, step, stage and config.
 It waits for the job, checks that the step left its output, then submits the next. A step whose
 output is already complete is skipped, so rerunning a failed pipeline starts where it stopped.
 
 With ``address=local`` the same steps run one after another in this process on a local Ray,
 with the same skipping (``make demo`` runs ``jobs/tiny/pipeline.yaml`` that way).
+
+``--dry-run`` runs nothing: it checks the artifact graph (:mod:`huatuo_ray.graph`), lists every
+step's inputs and where each comes from, and the declared ``external`` inputs that do not exist yet
+with the command or download that makes each. A broken graph exits non-zero; missing external
+inputs do so only with ``--strict``.
 
 Secrets never travel with the jobs: configs hold only the *names* of environment variables; the
 cluster's nodes hold the values (the job's entrypoint, metadata and runtime environment name none).
@@ -57,6 +63,15 @@ class Rebase:
 
 
 @dataclass
+class External:
+    """An input no step makes: a dataset file, the base model, raters' votes."""
+
+    path: str = option(help="path or URI (${root} allowed), or a hub id with hub: true")
+    make: str = option(help="the command or download that makes it")
+    hub: bool = option(False, help="a model hub id, fetched when first loaded (not checked)")
+
+
+@dataclass
 class PipelineConfig:
     """Run stages one after another as Ray jobs."""
 
@@ -67,10 +82,27 @@ class PipelineConfig:
         help="the dashboard's job API; 'local': every step in this process on a local Ray",
     )
     project_dir: str = option(str(REPO), help="the project on the cluster's nodes (jobs run there)")
+    root: str = option(
+        "", help="folder or URI every step's ${root} paths derive from (every node must see it)"
+    )
+    external: list[External] = option([], help="declared inputs that no step makes")
     rebase: Rebase = field(default_factory=Rebase)
     common: list[str] = option([], help="overrides for every step whose stage has the key")
     poll_s: float = option(2.0, help="seconds between job status checks")
     step_timeout_s: float = option(3600.0, help="a step running longer fails the pipeline")
+    dry_run: bool = option(False, help="check the artifact graph and external inputs; run nothing")
+    strict: bool = option(False, help="with dry_run: missing external inputs fail it too")
+
+    def __post_init__(self) -> None:
+        from huatuo_ray.graph import IO
+
+        for step in self.steps:
+            if step.stage not in IO:
+                raise ValueError(f"step {step.stage!r} is not a stage")
+        self.external = [
+            dataclasses.replace(e, path=e.path.replace("${root}", self.root.rstrip("/")))
+            for e in self.external
+        ]
 
 
 def _rebased(value: Any, source: str, target: str) -> Any:
@@ -96,17 +128,26 @@ def _has_key(config_cls: type, dotted: str) -> bool:
     return True
 
 
-def resolve_step(config: PipelineConfig, index: int, step: Step) -> tuple[str, dict[str, Any]]:
-    """The step's config, resolved and rebased, written under the target; (path, values)."""
+def step_values(config: PipelineConfig, step: Step) -> dict[str, Any]:
+    """The step's config, resolved (``${root}`` set) and rebased, as plain values."""
     from huatuo_ray.stages import STAGES
 
     config_cls, _ = STAGES[step.stage].load()
     common = [o for o in config.common if _has_key(config_cls, o.partition("=")[0])]
+    root = [f"root={config.root}"] if config.root else []
     preset = os.path.join(config.project_dir, step.config)
-    resolved = load_config(config_cls, preset, common + list(step.overrides))
-    values = _rebased(to_dict(resolved), config.rebase.source, config.rebase.target)
-    folder = os.path.join(config.rebase.target or config.project_dir, "_pipeline")
-    path = os.path.join(folder, f"{index:02d}-{step.stage}-{Path(step.config).stem}.yaml")
+    resolved = load_config(config_cls, preset, root + common + list(step.overrides))
+    return _rebased(to_dict(resolved), config.rebase.source, config.rebase.target)
+
+
+def resolve_step(config: PipelineConfig, index: int, step: Step) -> tuple[str, dict[str, Any]]:
+    """The step's config, resolved and rebased, written under the target; (path, values)."""
+    values = step_values(config, step)
+    base = config.rebase.target or config.root or config.project_dir
+    if "://" not in base and not os.path.isabs(base):
+        base = os.path.join(config.project_dir, base)
+    folder = storage.join(base, "_pipeline")
+    path = storage.join(folder, f"{index:02d}-{step.stage}-{Path(step.config).stem}.yaml")
     storage.makedirs(folder)
     storage.write_bytes(path, yaml.safe_dump(values, allow_unicode=True, sort_keys=False).encode())
     return path, values
@@ -156,7 +197,52 @@ def _result_of(output: str | None) -> dict[str, Any] | None:
     return storage.read_json(path) if path and storage.exists(path) else None
 
 
+def _exists(path: str, remote_too: bool) -> bool | None:
+    """Whether an external input exists; None when not checked (remote, unless strict)."""
+    if "://" in path and not path.startswith("file://") and not remote_too:
+        return None
+    try:
+        return storage.exists(path)
+    except (OSError, ValueError):  # no credentials, unknown scheme: cannot tell
+        return None
+
+
+def dry_run(config: PipelineConfig) -> dict[str, Any]:
+    """Check the artifact graph and external inputs; print the plan; run and write nothing."""
+    from huatuo_ray import graph
+
+    steps = [(s.stage, step_values(config, s)) for s in config.steps]
+    report = graph.check(steps, [e.path for e in config.external], config.project_dir)
+    lines = [f"pipeline {config.name}: {len(steps)} steps, root {config.root or '(presets)'}"]
+    for index, (stage, values) in enumerate(steps):
+        lines.append(f"  {index:2d} {stage:<15} -> {values.get('output') or '(no output)'}")
+        for f in (f for f in report.findings if f.step == index):
+            lines.append(f"       {f.key} = {f.path}  [{f.source}]")
+    missing = []
+    for e in config.external:
+        found = None if e.hub else _exists(e.path, config.strict)
+        state = {True: "present", False: "MISSING", None: "not checked"}[found]
+        lines.append(f"  external {e.path}: {state}")
+        if found is not True:
+            lines.append(f"       make it: {e.make}")
+        if found is False or (config.strict and found is None and not e.hub):
+            missing.append(e.path)
+    for f in report.broken:
+        lines.append(
+            f"  BROKEN: step {f.step} ({f.stage}) {f.key} = {f.path}: no earlier step makes it "
+            "and it is not declared in external"
+        )
+    print("\n".join(lines))
+    if not report.ok:
+        raise SystemExit(f"pipeline {config.name}: {len(report.broken)} inputs come from nowhere")
+    if config.strict and missing:
+        raise SystemExit(f"pipeline {config.name}: external inputs missing: {', '.join(missing)}")
+    return {"pipeline": config.name, "steps": len(steps), "missing_external": missing}
+
+
 def main(config: PipelineConfig) -> dict[str, Any]:
+    if config.dry_run:
+        return dry_run(config)
     if config.address == "local":
         steps = run_in_process(config)
         return {"pipeline": config.name, "steps": [{k: v for k, v in s.items() if k != "result"}

@@ -17,6 +17,7 @@ class Stage:
     config: str
     summary: str
     entry: str = "main"  # the recipe's function
+    config_names: str = ""  # the key that --config fills, for stages whose subject is a preset
 
     def load(self) -> tuple[type, object]:
         """(config class, main function) of the stage."""
@@ -100,6 +101,12 @@ STAGES: dict[str, Stage] = {
             "evaluation: the teacher compares two models' answers pairwise, seeded position switch (D)",
         ),
         Stage(
+            "teacher-answers",
+            "huatuo_ray.eval.teacher_answers",
+            "TeacherAnswersConfig",
+            "evaluation: the teacher's own answers to the eval questions (the judge's baseline)",
+        ),
+        Stage(
             "consult",
             "huatuo_ray.eval.consult",
             "ConsultConfig",
@@ -142,6 +149,13 @@ STAGES: dict[str, Stage] = {
             "huatuo_ray.pipeline",
             "PipelineConfig",
             "run stages one after another as Ray jobs, each when the previous left its artifact",
+        ),
+        Stage(
+            "plan",
+            "huatuo_ray.plan",
+            "PlanConfig",
+            "size a preset's actor groups: GPU memory per group, refused when it cannot fit",
+            config_names="preset",
         ),
         Stage(
             "tiny-model",

@@ -48,7 +48,14 @@ def test_rayjobs_one_per_stage() -> None:
         assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "huatuo-ray"}
         names.add(job["spec"]["metadata"]["stage"])
-    assert names == set(STAGES) - {"tiny-model", "chat", "pipeline"}  # clients, not jobs
+    assert names == set(STAGES) - {"tiny-model", "chat", "plan", "pipeline"}  # clients
+
+
+def test_pipeline_rayjob_runs_the_paper_pipeline_from_the_image() -> None:
+    (job,) = docs(REPO / "cluster" / "kuberay" / "pipeline.yaml")
+    assert job["kind"] == "RayJob" and job["spec"]["metadata"]["stage"] == "pipeline"
+    assert "--config jobs/paper/pipeline.yaml" in job["spec"]["entrypoint"]
+    assert "project_dir=/app" in job["spec"]["entrypoint"]
 
 
 def test_ray_up_config_passes_rays_schema() -> None:
@@ -85,6 +92,8 @@ def test_commands_name_real_stages_and_configs(path: Path) -> None:
         if stage in ("STAGE",):
             continue
         assert stage in STAGES, f"{path}: no stage {stage!r}"
+        if STAGES[stage].config_names:  # `plan --config X`: X is another stage's preset
+            stage = Path(config).name.split(".")[0]
         if config and "<" not in config and "$" not in config:
             config_path = REPO / config
             assert config_path.exists(), f"{path}: no config {config}"

@@ -66,6 +66,7 @@ def config(data: Path, model: str, out: Path, zero: int, **kw: object) -> sft.SF
         deepspeed=DeepSpeedConfig(zero_stage=zero, precision="fp32"),
         storage_path=str(out / "ray_train"),
         run_name=f"sft-zero{zero}",
+        allow_untrained=True,  # a random tiny model: the preflight would refuse it
     )
     values.update(kw)
     return sft.SFTConfig(**values)  # type: ignore[arg-type]
@@ -157,6 +158,7 @@ def test_killed_sft_job_resumes_from_its_last_checkpoint(
         "micro_batch_size=2", "global_batch_size=8", "epochs=1", "optim.lr=3e-3",
         "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "checkpoint.every_steps=2",
         f"storage_path={storage}", "run_name=sft-killed", "cluster.address=local", "cluster.num_cpus=2",
+        "allow_untrained=true",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

@@ -23,6 +23,7 @@ from huatuo_ray.dialogue import encode_prompt
 from huatuo_ray.eval.answers import generate_answers
 from huatuo_ray.eval.text_metrics import METRICS, score_corpus
 from huatuo_ray.inference.generation import EngineConfig
+from huatuo_ray.models.fetch import local_model_path
 
 
 @dataclass
@@ -64,7 +65,7 @@ def main(config: BenchmarkConfig) -> dict:
         if os.path.exists(config.model.path)
         else config.model.path
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(local_model_path(model_path))  # engines fetch too
     table: dict[str, dict[str, float]] = {}
     counts: dict[str, dict[str, int]] = {}
     for test_set in config.sets:

@@ -33,6 +33,7 @@ from typing import Any
 from huatuo_ray.config import TeacherConfig, option
 from huatuo_ray.dialogue import Dialogue, RecordError
 from huatuo_ray.inference.server_actor import ModelServerConfig
+from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.teacher import prompts
 from huatuo_ray.teacher.agents import Turns, case_and_diagnosis, consultation, patient_turn
 from huatuo_ray.teacher.client import TeacherClient
@@ -111,7 +112,7 @@ def doctor_endpoint(
         return
     from huatuo_ray.inference.server_actor import model_endpoint
 
-    path = os.path.abspath(config.doctor_model)
+    path = os.path.abspath(local_model_path(config.doctor_model))  # a URI: fetched first
     with model_endpoint(path, config.name, config.doctor_server) as where:
         if served is not None:
             served.update(where.to_dict())

@@ -33,6 +33,7 @@ from huatuo_ray.dialogue import Dialogue, encode_prompt
 from huatuo_ray.eval.answers import conversation, field_of, generate_answers
 from huatuo_ray.eval.tally import markdown, tally
 from huatuo_ray.inference.generation import EngineConfig
+from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.client import TeacherClient
 from huatuo_ray.teacher.stage import (
@@ -139,7 +140,7 @@ def candidate_records(
     from transformers import AutoTokenizer
 
     path = os.path.abspath(candidate.model) if os.path.exists(candidate.model) else candidate.model
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(local_model_path(path))  # engines fetch too
     rows = []
     for q in questions:
         prompt = q.turns[:-1] if q.turns[-1]["role"] == "assistant" else q.turns

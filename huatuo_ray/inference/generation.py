@@ -79,6 +79,10 @@ def vllm_available() -> bool:
 
 
 def make_generator(model_path: str, engine: EngineConfig) -> Generator:
+    """A generator on ``model_path`` (a URI is fetched to this node's cache first)."""
+    from huatuo_ray.models.fetch import local_model_path
+
+    model_path = local_model_path(model_path)
     backend = engine.backend
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"

@@ -44,6 +44,7 @@ from typing import Any, Literal
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
 from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
+from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.rlmf.actors.group import Resources
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
@@ -258,9 +259,10 @@ def main(config: PPOConfig) -> dict[str, Any]:
         return artifacts.read_manifest(config.output)
     _absolute_paths(config)
     os.makedirs(config.output, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    local = local_model_path(config.model.path)  # each actor fetches on its own node
+    tokenizer = AutoTokenizer.from_pretrained(local)
     model_config = AutoConfig.from_pretrained(
-        config.model.path, trust_remote_code=config.model.trust_remote_code
+        local, trust_remote_code=config.model.trust_remote_code
     )
     config.reference.mode = resolve_reference(
         config, bool(getattr(model_config, "tie_word_embeddings", False))

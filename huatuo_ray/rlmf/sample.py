@@ -59,6 +59,7 @@ class SampleConfig:
 def main(config: SampleConfig) -> dict:
     from transformers import AutoTokenizer
 
+    from huatuo_ray.models.fetch import local_model_path
     from huatuo_ray.runtime import connect
 
     connect(config.cluster, "sample")
@@ -71,7 +72,7 @@ def main(config: SampleConfig) -> dict:
         if os.path.exists(config.model.path)
         else config.model.path
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(local_model_path(model_path))  # engines fetch too
     writer = artifacts.DatasetWriter(config.output)
     rows = []
     for prompt in rl_prompts(

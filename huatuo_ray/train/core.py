@@ -4,8 +4,8 @@ The SFT and reward-model loops (on Ray Train, :mod:`~huatuo_ray.train.loop`) and
 and critic workers (Ray actors, :mod:`huatuo_ray.rlmf.actors`) all
 
 * join a torch.distributed world (:func:`init_process_group`: NCCL on GPUs, gloo on CPUs);
-* load the tokenizer and model the same way (:func:`load_tokenizer`, :func:`load_model`:
-  dtype, ``trust_remote_code``, gradient checkpointing without the KV cache, LoRA, the top-N
+* load the tokenizer and model the same way (:func:`load_tokenizer`, :func:`load_model`: a URI
+  fetched once per node, dtype, ``trust_remote_code``, gradient checkpointing without the KV cache, LoRA, the top-N
   trainable layers);
 * train through a :class:`TrainingCore`: the DeepSpeed engine (ZeRO stage, offload, bf16/fp32)
   over the trainable parameters, its warm-up + cosine schedule stepped at each accumulation
@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from huatuo_ray import storage
 from huatuo_ray.config import ModelConfig
+from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.train import deepspeed_setup as ds_setup
 
 TAG = "deepspeed"  # the DeepSpeed checkpoint tag of every trainer
@@ -131,11 +132,12 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    path = local_model_path(model.path)  # a URI: fetched once per node
     if head == "causal":
-        module = transformers.AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+        module = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
         module = transformers.AutoModelForSequenceClassification.from_pretrained(
-            model.path, num_labels=1, **kwargs
+            path, num_labels=1, **kwargs
         )
     if pad_id is not None:
         module.config.pad_token_id = pad_id  # the scorer reads the last non-pad token

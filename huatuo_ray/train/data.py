@@ -18,6 +18,7 @@ import numpy as np
 
 from huatuo_ray import artifacts, storage
 from huatuo_ray.dialogue import Dialogue, RecordError, tokenize_dialogue
+from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.train.packing import group_by_length, pack, pad_batch
 
 TOKEN_COLUMNS = ["input_ids", "labels", "position_ids", "segment_ids"]
@@ -29,7 +30,7 @@ class TokenizeBlock:
     def __init__(self, tokenizer_path: str, max_length: int, packing: bool):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(local_model_path(tokenizer_path))
         self.max_length, self.packing = max_length, packing
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from huatuo_ray.dialogue import Dialogue, encode_prompt
+from huatuo_ray.models.fetch import local_model_path
 
 PAIR_COLUMNS = ["chosen_ids", "rejected_ids", "margin"]
 
@@ -40,7 +41,7 @@ class TokenizePairs:
     def __init__(self, tokenizer_path: str, max_length: int):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(local_model_path(tokenizer_path))
         self.max_length = max_length
 
     def __call__(self, batch: Any) -> Any:

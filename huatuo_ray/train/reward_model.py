@@ -66,6 +66,7 @@ def main(config: RewardModelConfig) -> dict[str, Any]:
     config.output, config.storage_path = (
         p if "://" in p else os.path.abspath(p) for p in (config.output, config.storage_path)
     )
+    # A URI stays a URI: every node fetches it once into its own cache (train/core.py).
     if os.path.exists(config.model.path):
         config.model.path = os.path.abspath(config.model.path)
     rows = list(artifacts.iter_rows(config.preferences))

@@ -21,6 +21,8 @@ from typing import Any
 
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import option, to_dict
+from huatuo_ray.models.fetch import local_model_path
+from huatuo_ray.models.preflight import check_base_model
 from huatuo_ray.train.loop import TrainStageConfig
 from huatuo_ray.train.ray_trainer import fit, promote_best
 
@@ -51,6 +53,9 @@ class SFTConfig(TrainStageConfig):
     shuffle_buffer: int = option(256, help="rows in each worker's local shuffle buffer (0: off)")
     run_name: str = option("sft", help="run name under storage_path: the same name resumes")
     tokenize_workers: int = option(2, help="Ray Data actors tokenising and packing")
+    allow_untrained: bool = option(
+        False, help="skip the preflight (base model's loss on real text)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +78,9 @@ def main(config: SFTConfig) -> dict[str, Any]:
         return artifacts.read_manifest(config.output)
     # Workers may run on other nodes and in other folders: every path they use is absolute.
     config.output, config.storage_path = _absolute(config.output), _absolute(config.storage_path)
+    # A URI stays a URI: every node fetches it once into its own cache (train/core.py).
+    base = local_model_path(config.model.path)
+    check_base_model(base, config.allow_untrained, config.model.trust_remote_code)
     config.model.path = (
         _absolute(config.model.path) if os.path.exists(config.model.path) else config.model.path
     )

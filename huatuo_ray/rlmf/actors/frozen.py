@@ -36,13 +36,20 @@ class ReferenceWorker(ModelWorker):
 
 
 def reward_normalisation(model_path: str) -> dict[str, float]:
-    """The reward model's score mean and std over its training pairs (its manifest), or 0/1."""
+    """The reward model's score mean and std over its training pairs (its manifest). A manifest
+    that cannot be read or holds no statistics is an error: 0/1 would silently change beta's
+    meaning (set ``reward.normalise: false`` to use raw scores on purpose)."""
     path = os.path.join(model_path, "manifest.json")
-    stats: dict[str, Any] = {}
-    if os.path.exists(path):
+    try:
         with open(path, encoding="utf-8") as f:
-            stats = json.load(f).get("reward_normalisation") or {}
-    return {"mean": float(stats.get("mean", 0.0)), "std": float(stats.get("std", 1.0)) or 1.0}
+            stats: dict[str, Any] = json.load(f).get("reward_normalisation") or {}
+        mean, std = float(stats["mean"]), float(stats["std"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RuntimeError(
+            f"reward normalisation: cannot read mean/std from {path} ({type(e).__name__}: {e}); "
+            "the reward-model stage writes them, or set reward.normalise: false"
+        ) from e
+    return {"mean": mean, "std": std or 1.0}
 
 
 class RewardWorker(ModelWorker):

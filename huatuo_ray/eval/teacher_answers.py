@@ -1,0 +1,60 @@
+"""Stage ``teacher-answers``: the teacher's own answers to the evaluation questions.
+
+    python -m huatuo_ray teacher-answers --config jobs/paper/teacher-answers.yaml
+
+The paper compared HuatuoGPT with ChatGPT on the 100 KUAKE-QIC questions (table 4). This stage
+asks the teacher endpoint (ChatGPT, or any OpenAI-compatible model) each question exactly as a
+user would, with no system prompt, and stores the conversation ending with its answer: the
+``answers`` artifact that ``judge`` reads for the baseline side. Records keep the question's id
+and meta (``meta.qid``, ``meta.label``), so the judge pairs them with the model's answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from huatuo_ray.config import option
+from huatuo_ray.dialogue import Dialogue, turn
+from huatuo_ray.teacher import parsers
+from huatuo_ray.teacher.client import TeacherClient
+from huatuo_ray.teacher.stage import (
+    Outcome,
+    TeacherStageConfig,
+    ask_parsed,
+    read_artifact,
+    run_teacher_stage,
+)
+
+
+@dataclass(kw_only=True)
+class TeacherAnswersConfig(TeacherStageConfig):
+    """Collect the teacher's answers to evaluation questions (the judge's baseline)."""
+
+    input: str = option(
+        help="dataset artifact of questions (records ending with a user turn)",
+        input="artifact",
+        made_by="data",
+    )
+
+
+async def answer_record(row: dict[str, Any], teacher: TeacherClient, retries: int) -> Outcome:
+    """One question -> the conversation with the teacher's answer appended."""
+    question = Dialogue.from_row(row)
+    spoken = [dict(t) for t in question.turns if t["role"] != "system"]
+    if not spoken or spoken[-1]["role"] != "user":
+        return Outcome.reject("the record does not end with a question (a user turn)")
+    answer = await ask_parsed(teacher, spoken, parsers.parse_answer, retries)
+    record = Dialogue(
+        id=question.id,
+        source="teacher_answers",
+        turns=[*spoken, turn("assistant", answer)],
+        meta={**question.meta, "answered_by": teacher.config.model},
+    )
+    return Outcome(record.validate())
+
+
+def main(config: TeacherAnswersConfig) -> dict:
+    return run_teacher_stage(
+        config, "teacher-answers", read_artifact(config.input, config.limit), answer_record
+    )

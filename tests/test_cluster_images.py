@@ -1,0 +1,171 @@
+"""Images and cluster files that run: every image, Secret and volume a manifest uses is defined
+or documented; README's cluster commands, on a machine with no token anywhere, start a head whose
+job API refuses a request without the token and accepts ``jobs/submit.sh`` with it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.ray_head import _kill_leftovers, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))
+
+
+def _docs() -> list[dict]:
+    return [d for p in MANIFESTS for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def _walk(node, key: str):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _walk(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+
+
+def test_every_image_is_the_projects_dockerfile_built_as_readme_says() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+", dockerfile, re.M)  # a CUDA base
+    assert re.search(r'pip install [^\n]*"\.\[gpu[,\]]', dockerfile)  # the project, gpu extra
+    built = set(re.findall(r"docker build -t (\S+) \.", (REPO / "README.md").read_text()))
+    images = set(_walk(_docs(), "image"))
+    aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    images.add(aws["docker"]["image"])
+    assert images and images <= built, images - built
+
+
+def test_every_secret_and_volume_is_defined_or_documented() -> None:
+    docs = _docs()
+    defined = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    documented = (REPO / "README.md").read_text() + "".join(p.read_text() for p in MANIFESTS)
+    for ref in _walk(docs, "secretKeyRef"):
+        name = ref["name"]
+        assert ("Secret", name) in defined or re.search(
+            rf"kubectl create secret generic {name} --from-literal={ref['key']}=", documented
+        ), name
+    for claim in _walk(docs, "persistentVolumeClaim"):
+        assert ("PersistentVolumeClaim", claim["claimName"]) in defined, claim
+    for volumes in _walk(docs, "volumes"):  # every mounted volume is declared in its pod
+        names = {v["name"] for v in volumes}
+        assert names
+    for spec in _walk(docs, "containers"):
+        for container in spec:
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in {"shared", "dshm"}, mount
+
+
+def test_every_pod_that_may_run_a_teacher_actor_gets_the_key() -> None:
+    (cluster,) = yaml.safe_load_all((REPO / "cluster/kuberay/raycluster.yaml").read_text())
+    pods = [cluster["spec"]["headGroupSpec"]] + cluster["spec"]["workerGroupSpecs"]
+    for pod in pods:
+        container = pod["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "huatuo-teacher"
+    for job in yaml.safe_load_all((REPO / "cluster/kuberay/rayjobs.yaml").read_text()):
+        if job:
+            env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+            assert env["working_dir"] == "/app" and "OPENAI_API_KEY" not in str(env)
+
+
+def test_ray_up_starts_every_node_with_token_auth() -> None:
+    aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    assert aws["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in aws[key] if "ray start" in c]
+        assert start and all("export RAY_AUTH_MODE=token;" in c for c in start), key
+
+
+def _readme_cluster_block() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "get-auth-token" in b)
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def _status(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_readme_commands_on_a_fresh_home_start_a_head_with_token_auth(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    temp_dir = tempfile.mkdtemp(prefix="hr-auth-", dir="/tmp")  # short: Ray's socket paths
+    dash = free_port()
+    flags = (f" --node-ip-address 127.0.0.1 --port {free_port()} --dashboard-port {dash}"
+             f" --ray-client-server-port {free_port()} --dashboard-agent-listen-port {free_port()}"
+             f" --num-cpus 1 --temp-dir {temp_dir} --disable-usage-stats")  # fmt: skip
+    lines = []
+    for line in _readme_cluster_block():
+        if line.startswith("source "):
+            continue  # the test's PATH already names the venv
+        if line.startswith("ray start --head"):
+            line += flags
+        if line.startswith("jobs/submit.sh"):
+            lines.append(f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{dash}/api/jobs/ > {tmp_path / 'no-token'}")  # fmt: skip
+        lines.append(line)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"HOME": str(home), "RAY_ADDRESS": f"http://127.0.0.1:{dash}",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    started = time.time()
+    try:
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+        token = (home / ".ray" / "auth_token").read_text().strip()
+        url = f"http://127.0.0.1:{dash}/api/jobs/"
+        without, wrong, right = _status(url, None), _status(url, "x" * 64), _status(url, token)
+    finally:
+        _kill_leftovers(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    print(f"README cluster commands: {time.time() - started:.0f} s")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "no-token").read_text() == "401"  # refused before the job was sent
+    assert (without, wrong, right) == (401, 403, 200)  # no token; a wrong one
+    assert "Job 'raysubmit_" in run.stderr + run.stdout and "succeeded" in run.stderr + run.stdout
+    assert "critic+reward" in run.stdout  # the job's own output: `plan` sized the PPO preset
+    assert oct((home / ".ray" / "auth_token").stat().st_mode & 0o777) == "0o600"
+    assert token not in run.stdout + run.stderr  # the token is never printed
+
+
+def test_readme_recipe_commands_name_files_stages_and_configs_that_exist() -> None:
+    """The paper-recipe walk-through: every file it applies, every stage and config it submits
+    (its `python -m huatuo_ray` commands are loaded by test_cluster_configs)."""
+    from huatuo_ray.config import load_config
+    from huatuo_ray.stages import STAGES
+
+    text = (REPO / "README.md").read_text()
+    recipe = text[text.index("## Running the paper recipe") : text.index("## What to watch")]
+    applied = re.findall(r"kubectl (?:apply|delete) -f (\S+?)`?(?:\s|$)", recipe)
+    assert {"cluster/kuberay/storage.yaml", "cluster/kuberay/raycluster.yaml",
+            "cluster/kuberay/pipeline.yaml"} <= set(applied)  # fmt: skip
+    for path in applied:
+        assert (REPO / path).exists(), path
+    submitted = re.findall(r"jobs/submit\.sh ([a-z-]+) (\S+?)`", recipe)
+    assert submitted
+    for stage, config in submitted:
+        load_config(STAGES[stage].load()[0], str(REPO / config))
+    assert "python -m huatuo_ray pipeline --config jobs/paper/pipeline.yaml --dry-run" in recipe
+    assert "apply_delta" in recipe and "Ziya-LLaMA-13B-Pretrain-v1" in recipe
