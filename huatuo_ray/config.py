@@ -51,6 +51,13 @@ def option(
     return dataclasses.field(metadata=metadata, **kwargs)
 
 
+def input_artifact(
+    help: str, made_by: str | None = None, default: Any = dataclasses.MISSING
+) -> Any:
+    """A field naming a dataset artifact the stage reads (checked before it starts)."""
+    return option(default, help=help, input="artifact", made_by=made_by)
+
+
 def _copy(value: Any) -> Any:
     import copy
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray.config import option
+from huatuo_ray.config import input_artifact, option
 from huatuo_ray.dialogue import Dialogue
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.agents import Turns, case_and_diagnosis, consultation, patient_turn
@@ -38,10 +38,8 @@ from huatuo_ray.teacher.stage import (
 class DialoguesConfig(TeacherStageConfig):
     """Distil multi-turn consultations with a patient agent and a doctor agent."""
 
-    input: str = option(
-        help="dataset artifact of real cases (meddialog_cases or meddialog)",
-        input="artifact",
-        made_by="data",
+    input: str = input_artifact(
+        "dataset artifact of real cases (meddialog_cases or meddialog)", made_by="data"
     )
     max_turns: int = option(6, help="most patient/doctor exchanges in one consultation")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray.config import option
+from huatuo_ray.config import input_artifact
 from huatuo_ray.dialogue import Dialogue, RecordError, turn
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.client import TeacherClient
@@ -31,10 +31,8 @@ from huatuo_ray.teacher.stage import (
 class PolishConfig(TeacherStageConfig):
     """Rewrite real doctor answers and dialogues with the teacher."""
 
-    input: str = option(
-        help="dataset artifact of real single-turn answers or dialogues",
-        input="artifact",
-        made_by="data",
+    input: str = input_artifact(
+        "dataset artifact of real single-turn answers or dialogues", made_by="data"
     )
 
 

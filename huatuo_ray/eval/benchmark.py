@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.config import ClusterConfig, ModelConfig, input_artifact, option, to_dict
 from huatuo_ray.dialogue import encode_prompt
 from huatuo_ray.eval.answers import generate_answers
 from huatuo_ray.eval.text_metrics import METRICS, score_corpus
@@ -31,9 +31,7 @@ class BenchmarkSet:
     """One test set."""
 
     name: str = option(help="name in the table, e.g. cMedQA2")
-    path: str = option(
-        help="dialogue artifact of question/answer records", input="artifact", made_by="data"
-    )
+    path: str = input_artifact("dialogue artifact of question/answer records", made_by="data")
 
 
 @dataclass

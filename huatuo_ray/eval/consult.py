@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from huatuo_ray.config import TeacherConfig, option
+from huatuo_ray.config import TeacherConfig, input_artifact, option
 from huatuo_ray.dialogue import Dialogue, RecordError
 from huatuo_ray.inference.server_actor import ModelServerConfig
 from huatuo_ray.models.fetch import local_model_path
@@ -51,10 +51,8 @@ from huatuo_ray.teacher.stage import (
 class ConsultConfig(TeacherStageConfig):
     """Consultations between a teacher-played patient and the model under test."""
 
-    cases: str = option(
-        help="dataset artifact of real cases (meddialog_cases or meddialog)",
-        input="artifact",
-        made_by="data",
+    cases: str = input_artifact(
+        "dataset artifact of real cases (meddialog_cases or meddialog)", made_by="data"
     )
     name: str = option("model", help="the doctor's name in the outputs and tables")
     doctor: TeacherConfig = field(default_factory=TeacherConfig)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.config import ClusterConfig, option, to_dict
+from huatuo_ray.config import ClusterConfig, input_artifact, option, to_dict
 from huatuo_ray.eval.tally import markdown, tally
 from huatuo_ray.teacher.prompts import render_conversation
 
@@ -38,9 +38,7 @@ VOTES = {"1", "2", "equal"}
 class DoctorExportConfig:
     """Anonymised, order-scrambled pairs for human raters."""
 
-    pairs: str = option(
-        help="the judge stage's output (judged pairs)", input="artifact", made_by="judge"
-    )
+    pairs: str = input_artifact("the judge stage's output (judged pairs)", made_by="judge")
     output: str = option(help="folder for the raters: pairs.csv and form.html")
     key_output: str = option(help="folder for key.json (kept from the raters)")
     n: int = option(50, help="pairs to rate (the paper: 50)")

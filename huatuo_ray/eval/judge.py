@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.config import option
+from huatuo_ray.config import input_artifact, option
 from huatuo_ray.dialogue import Dialogue, encode_prompt
 from huatuo_ray.eval.answers import conversation, field_of, generate_answers
 from huatuo_ray.eval.tally import markdown, tally
@@ -70,11 +70,8 @@ class JudgeConfig(TeacherStageConfig):
 
     a: Candidate = option(help="model A (outcomes are A's: win = A judged better)")
     b: Candidate = option(help="model B")
-    questions: str | None = option(
-        None,
-        help="artifact of questions, for candidates given a model",
-        input="artifact",
-        made_by="data",
+    questions: str | None = input_artifact(
+        "artifact of questions, for candidates given a model", made_by="data", default=None
     )
     match_on: str = option("id", help="pair records on id or meta.<key>")
     category: str = option("meta.label", help="group results by this field (id, meta.<key>)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray.config import option
+from huatuo_ray.config import input_artifact
 from huatuo_ray.dialogue import Dialogue, turn
 from huatuo_ray.teacher import parsers
 from huatuo_ray.teacher.client import TeacherClient
@@ -31,10 +31,8 @@ from huatuo_ray.teacher.stage import (
 class TeacherAnswersConfig(TeacherStageConfig):
     """Collect the teacher's answers to evaluation questions (the judge's baseline)."""
 
-    input: str = option(
-        help="dataset artifact of questions (records ending with a user turn)",
-        input="artifact",
-        made_by="data",
+    input: str = input_artifact(
+        "dataset artifact of questions (records ending with a user turn)", made_by="data"
     )
 
 

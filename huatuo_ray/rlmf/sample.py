@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
+from huatuo_ray.config import ClusterConfig, ModelConfig, input_artifact, option, to_dict
 from huatuo_ray.dialogue import encode_prompt
 from huatuo_ray.inference.batch import generate_rows
 from huatuo_ray.inference.generation import (
@@ -37,10 +37,8 @@ log = logging.getLogger(__name__)
 class SampleConfig:
     """Sample k responses per RL prompt from a model."""
 
-    inputs: list[str] = option(
-        help="dialogue artifacts of real data (data or polish outputs)",
-        input="artifact",
-        made_by="data",
+    inputs: list[str] = input_artifact(
+        "dialogue artifacts of real data (data or polish outputs)", made_by="data"
     )
     output: str = option(help="artifact folder to write")
     model: ModelConfig = field(default_factory=ModelConfig)

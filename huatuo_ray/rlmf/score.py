@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from huatuo_ray import storage
-from huatuo_ray.config import option
+from huatuo_ray.config import input_artifact, option
 from huatuo_ray.dialogue import Dialogue, RecordError
 from huatuo_ray.rlmf.feedback import FeedbackStats, Judgement
 from huatuo_ray.teacher import grammars, parsers, prompts
@@ -47,7 +47,7 @@ JUDGEMENTS = "judgements.jsonl"
 class ScoreConfig(TeacherStageConfig):
     """Mixed feedback: teacher ratings of response pairs, kept when both orders agree."""
 
-    input: str = option(help="artifact of the sample stage", input="artifact", made_by="sample")
+    input: str = input_artifact("artifact of the sample stage", made_by="sample")
     pairs_per_prompt: int | None = option(None, help="pairs rated per prompt (None: all k(k-1)/2)")
     seed: int = option(0, help="seed of the pair choice")
 

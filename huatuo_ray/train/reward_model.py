@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.config import option, to_dict
+from huatuo_ray.config import input_artifact, option, to_dict
 from huatuo_ray.train.deepspeed_setup import OptimConfig
 from huatuo_ray.train.loop import TrainStageConfig
 from huatuo_ray.train.ray_trainer import fit, promote_best
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 class RewardModelConfig(TrainStageConfig):
     """Train the reward model on preference pairs."""
 
-    preferences: str = option(
-        help="preference artifact (the score stage's output)", input="artifact", made_by="score"
+    preferences: str = input_artifact(
+        "preference artifact (the score stage's output)", made_by="score"
     )
     validation_fraction: float = option(0.1, help="share of prompts held out for validation")
     max_length: int = option(1024, help="longest prompt + response; longer pairs are rejected")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from huatuo_ray import artifacts, storage
-from huatuo_ray.config import option, to_dict
+from huatuo_ray.config import input_artifact, option, to_dict
 from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.models.preflight import check_base_model
 from huatuo_ray.train.loop import TrainStageConfig
@@ -33,16 +33,11 @@ log = logging.getLogger(__name__)
 class SFTConfig(TrainStageConfig):
     """Supervised fine-tuning on the hybrid data."""
 
-    train: str = option(
-        help="dataset artifact of training dialogues (e.g. MIXTURE/train)",
-        input="artifact",
-        made_by="mixture",
+    train: str = input_artifact(
+        "dataset artifact of training dialogues (e.g. MIXTURE/train)", made_by="mixture"
     )
-    validation: str | None = option(
-        None,
-        help="dataset artifact for validation (e.g. MIXTURE/validation)",
-        input="artifact",
-        made_by="mixture",
+    validation: str | None = input_artifact(
+        "dataset artifact for validation (e.g. MIXTURE/validation)", made_by="mixture", default=None
     )
     max_length: int = option(2048, help="tokens per sample (and per packed row); paper: 2048")
     packing: bool = option(True, help="pack several samples per row, kept apart by the mask")
