@@ -82,6 +82,12 @@ STAGES: dict[str, Stage] = {
             "RLMF: a reward model on the preferences, Ray Train + DeepSpeed, Bradley-Terry loss",
         ),
         Stage(
+            "dpo",
+            "huatuo_ray.train.dpo",
+            "DPOConfig",
+            "RLMF without RL: DPO or IPO on the preferences, Ray Train + DeepSpeed, reference once",
+        ),
+        Stage(
             "ppo",
             "huatuo_ray.rlmf.ppo",
             "PPOConfig",
