@@ -94,6 +94,12 @@ STAGES: dict[str, Stage] = {
             "RLMF: PPO on the reward model with a KL penalty; Ray actor groups, vLLM rollouts",
         ),
         Stage(
+            "grpo",
+            "huatuo_ray.rlmf.ppo",
+            "GRPOConfig",
+            "RLMF: the ppo recipe without a critic: GRPO, Dr. GRPO, RLOO or REINFORCE++ over groups",
+        ),
+        Stage(
             "benchmark",
             "huatuo_ray.eval.benchmark",
             "BenchmarkConfig",
