@@ -34,7 +34,8 @@ def teacher_reward(base_url: str, budget: TeacherBudget | None = None) -> ppo.Re
     return ppo.RewardConfig(
         kind="teacher",
         teacher=TeacherRewardConfig(
-            teacher=teacher_config(base_url, max_tokens=64), budget=budget or TeacherBudget()
+            teacher=teacher_config(base_url, max_tokens=64, timeout_s=10.0),
+            budget=budget or TeacherBudget(),
         ),
         resources=SMALL,
     )
@@ -84,3 +85,35 @@ def test_teacher_reward_drives_a_run_and_its_budget_stops_one(
     assert manifest["teacher_usage"]["reward"]["paid"] <= 40
     assert len(history(stopped)) == 2 and (stopped / "model.safetensors").exists()
     assert json.loads((stopped / "checkpoints" / "iter_000002" / "state.json").read_text())
+
+
+def test_teacher_worker_rates_groups_in_both_orders_within_its_budget(
+    tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoTokenizer
+
+    from huatuo_ray.rlmf.experience import make_experience
+    from huatuo_ray.rlmf.teacher_reward import TeacherRewardWorker
+    from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
+
+    monkeypatch.setenv(TEACHER_KEY_ENV, TEACHER_KEY)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["的的的", "好", "的", "的的"]  # one group of 4: target words 3, 0, 1, 2
+    responses = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    exp = make_experience([[5]] * 4, responses, [True] * 4, 0)
+    turns = [{"role": "user", "content": "头痛"}]
+    infos = [{"prompt": "头痛", "reference": "休息", "meta": {"turns": turns}}] * 4
+    with ScriptedOpenAIServer(target_word_judge) as server:
+        spec = teacher_reward(server.base_url, TeacherBudget(max_requests_per_iteration=6))
+        worker = TeacherRewardWorker(spec.teacher, 4, -1.0, tiny_model_dir, str(tmp_path / "c"))
+        scores, raw, unrated, spent = worker.scores(exp, infos)
+        # Pairs (0, 1) and (2, 3), each in both orders: 4 requests; rating = 1 + count.
+        assert scores.tolist() == [4.0, 1.0, 2.0, 3.0] and (unrated, spent) == (0, False)
+        assert server.stats.succeeded == 4
+        # A second call in the same iteration would pass 6 requests: refused, nothing sent.
+        _, _, _, spent = worker.scores(exp, infos)
+        assert spent and server.stats.succeeded == 4
+        worker.begin_iteration()  # a new iteration: the same requests now come from the cache
+        scores, _, _, spent = worker.scores(exp, infos)
+        assert not spent and scores.tolist() == [4.0, 1.0, 2.0, 3.0]
+        assert server.stats.succeeded == 4 and worker.usage()["cached"] == 4

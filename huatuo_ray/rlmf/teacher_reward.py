@@ -119,7 +119,7 @@ class TeacherRewardWorker:
             empty = torch.full((len(infos),), self.fallback)
             return empty, empty.clone(), 0, True
         paid_before = self.client.usage.paid
-        ratings = self.loop.run_until_complete(asyncio.gather(*(self._rate(*j) for j in jobs)))
+        ratings = self.loop.run_until_complete(self._rate_all(jobs))
         self.iteration_paid += self.client.usage.paid - paid_before
         got: list[list[float]] = [[] for _ in infos]
         for (rows, _), rated in zip(jobs, ratings):
@@ -151,6 +151,9 @@ class TeacherRewardWorker:
                 jobs.append(((a, b), ask(info, responses[a], responses[b])))
                 jobs.append(((b, a), ask(info, responses[b], responses[a])))  # swapped
         return jobs
+
+    async def _rate_all(self, jobs: list[tuple[tuple, list]]) -> list:
+        return await asyncio.gather(*(self._rate(*job) for job in jobs))
 
     async def _rate(self, rows: tuple, messages: list) -> tuple[float, float] | None:
         from huatuo_ray.dialogue import RecordError
