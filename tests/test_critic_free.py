@@ -162,3 +162,31 @@ def test_driver_takes_group_advantages_and_keeps_kl_out_of_the_reward() -> None:
     assert exp.kl.tolist() == [[0.5, 0.0], [0.0, 0.0]]  # measured, logged...
     assert exp.rewards.tolist() == [[0.0, 3.0], [1.0, 0.0]]  # ...but not in the reward
     assert exp.advantages.tolist() == [[1.0, 1.0], [-1.0, 0.0]]  # r - group mean (2)
+
+
+def test_dynamic_filtering_drops_equal_groups_and_refills() -> None:
+    from huatuo_ray.rlmf.experience import make_experience
+    from huatuo_ray.rlmf.filtering import informative_rollout
+
+    config = ppo.PPOConfig(
+        inputs=["x"], output="y", algorithm=ppo.AlgorithmConfig(advantage="grpo",
+        dynamic_filtering=True, max_filter_rounds=3), sampling=SamplingConfig(n=2),
+        rollout_size=2, minibatch_size=4, micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4),
+    )  # fmt: skip
+    rollouts = iter([[1.0, 1.0, 0.0, 2.0], [3.0, 3.0, 5.0, 4.0], [9.0, 9.0, 9.0, 9.0]])
+
+    def sample():
+        scores = next(rollouts)
+        exp = make_experience([[5]] * 4, [[7]] * 4, [True] * 4, 0)
+        exp.scores = torch.tensor(scores)
+        return exp
+
+    counts: dict = {}
+    exp = informative_rollout(config, sample, counts, 0)
+    # Round 1 keeps its second group, round 2 its second: enough (2 groups), round 3 not drawn.
+    assert exp.scores.tolist() == [0.0, 2.0, 5.0, 4.0] and counts["filtered_groups"] == 2
+    rollouts = iter([[1.0, 1.0, 2.0, 2.0]] * 3)
+    counts = {}
+    exp = informative_rollout(config, sample, counts, 0)
+    # Nothing informative in 3 rounds: the batch keeps its size with dropped groups.
+    assert exp.scores.tolist() == [1.0, 1.0, 2.0, 2.0] and counts["filtered_groups"] == 6
