@@ -26,7 +26,7 @@ def critic_free(inputs, model: str, out: Path, advantage: str, **overrides) -> p
         sampling=SamplingConfig(n=4, max_new_tokens=16, temperature=1.0, top_p=1.0),
         rollout_size=4,  # 4 prompts x 4 answers: the 16 answers of the PPO test
         kl=ppo.KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
-        iterations=16,
+        iterations=20,  # as the PPO test
     )
     return ppo_config(inputs, model, out, "hf", weight_sync="object_store", **(fields | overrides))
 
@@ -56,7 +56,7 @@ def test_critic_free_estimators_raise_the_reward_without_a_critic(
     assert manifest["advantage"] == advantage
     assert "critic" not in manifest["groups"] and "critic" not in manifest["placement"]
     records = history(out)
-    assert len(records) == 16 and all("value_loss" not in h for h in records)
+    assert len(records) == 20 and all("value_loss" not in h for h in records)
     assert_reward_rose(records, 1.0)  # the PPO test's margin
     assert max(h["rollout_logprob_gap"] for h in records) < 1e-4
     assert all("kl_loss" in h for h in records)  # KL in the loss, not in the reward
@@ -95,7 +95,7 @@ def test_function_reward_drives_a_run_and_its_exceptions_are_counted(
         )
     )
     records = history(out)
-    assert manifest["training"]["iterations"] == 16
+    assert manifest["training"]["iterations"] == 20
     # Every answer's call of the broken function was counted, plus the answers with no target.
     assert all(h["reward_errors"] >= 16 for h in records)
     assert "filtered_groups" in records[0]

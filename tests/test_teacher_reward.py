@@ -4,6 +4,7 @@ when its teacher budget is spent."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def test_teacher_reward_drives_a_run_and_its_budget_stops_one(
         assert_reward_rose(records, 0.5)
         usage = manifest["teacher_usage"]["reward"]
         # 4 prompts x 2 pairs x 2 orders per iteration, less what the cache answered.
-        assert usage["requests"] == 16 * 16 and usage["paid"] + usage["cached"] == 16 * 16
+        assert usage["requests"] == 16 * 20 and usage["paid"] + usage["cached"] == 16 * 20
         assert manifest["stopped"] is None and server.stats.succeeded == usage["paid"]
 
         stopped = tmp_path / "teacher-budget"
@@ -103,17 +104,23 @@ def test_teacher_worker_rates_groups_in_both_orders_within_its_budget(
     exp = make_experience([[5]] * 4, responses, [True] * 4, 0)
     turns = [{"role": "user", "content": "头痛"}]
     infos = [{"prompt": "头痛", "reference": "休息", "meta": {"turns": turns}}] * 4
+    loop = asyncio.new_event_loop()  # one loop, as in the async actor
+
+    def rate(*args):
+        return loop.run_until_complete(worker.scores(*args))
+
     with ScriptedOpenAIServer(target_word_judge) as server:
         spec = teacher_reward(server.base_url, TeacherBudget(max_requests_per_iteration=6))
         worker = TeacherRewardWorker(spec.teacher, 4, -1.0, tiny_model_dir, str(tmp_path / "c"))
-        scores, raw, unrated, spent = worker.scores(exp, infos)
+        scores, raw, unrated, spent = rate(exp, infos)
         # Pairs (0, 1) and (2, 3), each in both orders: 4 requests; rating = 1 + count.
         assert scores.tolist() == [4.0, 1.0, 2.0, 3.0] and (unrated, spent) == (0, False)
         assert server.stats.succeeded == 4
         # A second call in the same iteration would pass 6 requests: refused, nothing sent.
-        _, _, _, spent = worker.scores(exp, infos)
+        _, _, _, spent = rate(exp, infos)
         assert spent and server.stats.succeeded == 4
         worker.begin_iteration()  # a new iteration: the same requests now come from the cache
-        scores, _, _, spent = worker.scores(exp, infos)
+        scores, _, _, spent = rate(exp, infos)
         assert not spent and scores.tolist() == [4.0, 1.0, 2.0, 3.0]
         assert server.stats.succeeded == 4 and worker.usage()["cached"] == 4
+    loop.close()

@@ -57,7 +57,8 @@ def pairs_of_group(n: int) -> list[tuple[int, int]]:
 
 
 class TeacherRewardWorker:
-    """One teacher client (its own event loop, cache and rate limits) scoring rollout chunks."""
+    """One teacher client (cache, rate limits) scoring rollout chunks: an async Ray actor, its
+    requests in flight together on the actor's event loop."""
 
     def __init__(self, spec: TeacherRewardConfig, n: int, fallback: float, tokenizer_path: str,
                  cache_uri: str):  # fmt: skip
@@ -70,7 +71,6 @@ class TeacherRewardWorker:
         t = spec.teacher
         self.spec, self.n, self.fallback = spec, n, fallback
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.loop = asyncio.new_event_loop()
         limiter = LocalLimiter(t.requests_per_minute, t.tokens_per_minute)
         self.client = TeacherClient(t, ResponseCache(cache_uri), limiter)
         self.iteration_paid = 0
@@ -104,7 +104,7 @@ class TeacherRewardWorker:
             )
         )
 
-    def scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, Any, int, bool]:
+    async def scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, Any, int, bool]:
         """(scores, raw ratings, answers left unrated, budget spent) for the rows of ``exp``."""
         import torch
 
@@ -119,7 +119,7 @@ class TeacherRewardWorker:
             empty = torch.full((len(infos),), self.fallback)
             return empty, empty.clone(), 0, True
         paid_before = self.client.usage.paid
-        ratings = self.loop.run_until_complete(self._rate_all(jobs))
+        ratings = await asyncio.gather(*(self._rate(*job) for job in jobs))
         self.iteration_paid += self.client.usage.paid - paid_before
         got: list[list[float]] = [[] for _ in infos]
         for (rows, _), rated in zip(jobs, ratings):
@@ -151,9 +151,6 @@ class TeacherRewardWorker:
                 jobs.append(((a, b), ask(info, responses[a], responses[b])))
                 jobs.append(((b, a), ask(info, responses[b], responses[a])))  # swapped
         return jobs
-
-    async def _rate_all(self, jobs: list[tuple[tuple, list]]) -> list:
-        return await asyncio.gather(*(self._rate(*job) for job in jobs))
 
     async def _rate(self, rows: tuple, messages: list) -> tuple[float, float] | None:
         from huatuo_ray.dialogue import RecordError
