@@ -19,6 +19,14 @@ Responses cut at ``sampling.max_new_tokens`` (no EOS) keep their reward-model sc
 ``reward.unfinished_score`` is set, in which case that (normalised) score replaces it: the
 reward model never saw cut answers, and a fixed penalty teaches the policy to finish.
 
+Without a critic (``algorithm.advantage`` grpo, dr_grpo, rloo, reinforce_pp,
+reinforce_pp_baseline; the ``grpo`` stage's default), each prompt gets ``sampling.n`` answers,
+no critic group is created, and the advantages come from each group's rewards
+(:mod:`~huatuo_ray.rlmf.advantages`); ``kl.placement: loss`` moves the KL term from the rewards
+into the policy loss. The score is the weighted sum of the reward sources (``reward`` and
+``extra_rewards``: the reward model, the teacher, a Python function; :mod:`~huatuo_ray.rlmf.rewards`);
+a teacher source whose budget is spent stops the run cleanly (``stopped`` in the manifest).
+
 Checkpoints (every ``checkpoint.every_iterations``): policy and critic DeepSpeed states (weights,
 optimizer, LR schedule) and the driver's state (iteration, beta, prompt position, metrics) in
 ``OUTPUT/checkpoints/iter_N``; ``latest`` names the newest complete one. Rerunning the same
