@@ -10,8 +10,12 @@ frozen-trunk reference, broadcast weight sync), with random weights from a Llama
 have a fixed length (``ignore_eos``) so both engines generate the same number of tokens. The first
 iteration (engine warm-up) is left out; the figures are means over the others.
 
-Last line: one JSON object with ``vllm_vs_hf_rollout`` (rollout tokens/s, vLLM over HF) and the
-seconds of each part of the iteration for each engine.
+A third run is GRPO (``algorithm.advantage: grpo``, no critic group) with HF rollouts at the same
+number of generated answers: ``rollout / 4`` prompts x 4 answers each.
+
+Last line: one JSON object with ``vllm_vs_hf_rollout`` (rollout tokens/s, vLLM over HF),
+``grpo_vs_ppo_iteration`` (GRPO's iteration seconds over PPO-with-GAE's, both HF rollouts), the
+actor count of each, and the seconds of each part of the iteration for each run.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from huatuo_ray.rlmf.actors.group import Resources  # noqa: E402
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig  # noqa: E402
 
 PARTS = ("generate_s", "experience_s", "train_s", "sync_s")
+GROUP = 4  # GRPO's answers per prompt
 
 
 def prompts_artifact(folder: str, n: int) -> str:
@@ -55,7 +60,9 @@ def prompts_artifact(folder: str, n: int) -> str:
     return folder
 
 
-def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
+def config(
+    args: argparse.Namespace, root: str, backend: str, advantage: str = "gae"
+) -> ppo.PPOConfig:
     gpu = args.gpu
     # One GPU shared by every group: the rollout engine takes most of it.
     share = {"rollout": 0.5, "policy": 0.2, "critic": 0.2, "reward": 0.1} if gpu else {}
@@ -64,9 +71,11 @@ def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
         return Resources(workers=1, num_cpus=0.25, num_gpus=share.get(group, 0.0))
 
     ds = DeepSpeedConfig(zero_stage=0 if not gpu else 2)
+    n = 1 if advantage == "gae" else GROUP
     return ppo.PPOConfig(
+        algorithm=ppo.AlgorithmConfig(advantage=advantage),
         inputs=[os.path.join(root, "prompts")],
-        output=os.path.join(root, f"out-{backend}"),
+        output=os.path.join(root, f"out-{backend}-{advantage}"),
         model=ModelConfig(path=os.path.join(root, "policy")),
         reward=ppo.RewardConfig(
             model=ModelConfig(path=os.path.join(root, "reward")), resources=res("reward")
@@ -89,10 +98,10 @@ def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
             chunk_size=args.chunk,
         ),
         sampling=SamplingConfig(
-            n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_new_tokens=args.response_tokens
+            n=n, temperature=1.0, top_p=1.0, ignore_eos=True, max_new_tokens=args.response_tokens
         ),  # fmt: skip
         iterations=args.iterations,
-        rollout_size=args.rollout,
+        rollout_size=args.rollout // n,  # the same number of answers
         minibatch_size=args.chunk,
         micro_batch_size=args.chunk,
         ppo_epochs=args.ppo_epochs,
@@ -102,12 +111,17 @@ def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
     )
 
 
-def measure(args: argparse.Namespace, root: str, backend: str) -> dict[str, float]:
-    ppo.main(config(args, root, backend))
-    lines = Path(root, f"out-{backend}", "metrics.jsonl").read_text().splitlines()
+def measure(
+    args: argparse.Namespace, root: str, backend: str, advantage: str = "gae"
+) -> dict[str, float]:
+    manifest = ppo.main(config(args, root, backend, advantage))
+    lines = Path(root, f"out-{backend}-{advantage}", "metrics.jsonl").read_text().splitlines()
     steady = [json.loads(line) for line in lines][1:]  # the first iteration warms engines up
     keys = (*PARTS, "rollout_tokens_per_s", "samples_per_s")
-    return {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
+    figures = {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
+    figures["iteration_s"] = round(sum(figures[k] for k in PARTS), 4)
+    figures["actors"] = sum(len(nodes) for nodes in manifest["placement"].values())
+    return figures
 
 
 def main() -> None:
@@ -122,6 +136,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--ppo-epochs", type=int, default=1)
     parser.add_argument("--gpu", action="store_true", help="one GPU shared by all groups")
+    parser.add_argument("--no-vllm", action="store_true", help="only PPO vs GRPO, HF rollouts")
     args = parser.parse_args()
 
     import ray
@@ -134,15 +149,19 @@ def main() -> None:
         build_tiny_reward_model(os.path.join(root, "reward"), shape, os.path.join(root, "policy"))
         prompts_artifact(os.path.join(root, "prompts"), args.rollout)
         hf = measure(args, root, "hf")
-        vllm = measure(args, root, "vllm")
+        grpo = measure(args, root, "hf", "grpo")
+        vllm = None if args.no_vllm else measure(args, root, "vllm")
     ray.shutdown()
     machine = "GPU" if args.gpu else f"CPU, {os.cpu_count()} cores"
-    for name, figures in (("hf", hf), ("vllm", vllm)):
+    runs = {"hf": hf, "grpo": grpo, **({"vllm": vllm} if vllm else {})}
+    for name, figures in runs.items():
         print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
+    ratio = vllm["rollout_tokens_per_s"] / hf["rollout_tokens_per_s"] if vllm else None
     print(json.dumps({
-        "vllm_vs_hf_rollout": round(vllm["rollout_tokens_per_s"] / hf["rollout_tokens_per_s"], 3),
-        **{f"vllm_{k}": v for k, v in vllm.items()},
-        **{f"hf_{k}": v for k, v in hf.items()},
+        "vllm_vs_hf_rollout": round(ratio, 3) if ratio else None,
+        "grpo_vs_ppo_iteration": round(grpo["iteration_s"] / hf["iteration_s"], 3),
+        "ppo_actors": hf["actors"], "grpo_actors": grpo["actors"],
+        **{f"{name}_{k}": v for name, figures in runs.items() for k, v in figures.items()},
         "model": f"llama {args.hidden} x {args.layers} layers, vocab {args.vocab} (random)",
         "rollout": args.rollout, "chunk": args.chunk, "response_tokens": args.response_tokens,
         "machine": f"{machine}, {platform.machine()}",

@@ -83,10 +83,22 @@ STAGES: dict[str, Stage] = {
             "RLMF: a reward model on the preferences, Ray Train + DeepSpeed, Bradley-Terry loss",
         ),
         Stage(
+            "dpo",
+            "huatuo_ray.train.dpo",
+            "DPOConfig",
+            "RLMF without RL: DPO or IPO on the preferences, Ray Train + DeepSpeed, reference once",
+        ),
+        Stage(
             "ppo",
             "huatuo_ray.rlmf.ppo",
             "PPOConfig",
             "RLMF: PPO on the reward model with a KL penalty; Ray actor groups, vLLM rollouts",
+        ),
+        Stage(
+            "grpo",
+            "huatuo_ray.rlmf.ppo",
+            "GRPOConfig",
+            "RLMF: the ppo recipe without a critic: GRPO, Dr. GRPO, RLOO or REINFORCE++ over groups",
         ),
         Stage(
             "benchmark",

@@ -19,6 +19,14 @@ Responses cut at ``sampling.max_new_tokens`` (no EOS) keep their reward-model sc
 ``reward.unfinished_score`` is set, in which case that (normalised) score replaces it: the
 reward model never saw cut answers, and a fixed penalty teaches the policy to finish.
 
+Without a critic (``algorithm.advantage`` grpo, dr_grpo, rloo, reinforce_pp,
+reinforce_pp_baseline; the ``grpo`` stage's default), each prompt gets ``sampling.n`` answers,
+no critic group is created, and the advantages come from each group's rewards
+(:mod:`~huatuo_ray.rlmf.advantages`); ``kl.placement: loss`` moves the KL term from the rewards
+into the policy loss. The score is the weighted sum of the reward sources (``reward`` and
+``extra_rewards``: the reward model, the teacher, a Python function; :mod:`~huatuo_ray.rlmf.rewards`);
+a teacher source whose budget is spent stops the run cleanly (``stopped`` in the manifest).
+
 Checkpoints (every ``checkpoint.every_iterations``): policy and critic DeepSpeed states (weights,
 optimizer, LR schedule) and the driver's state (iteration, beta, prompt position, metrics) in
 ``OUTPUT/checkpoints/iter_N``; ``latest`` names the newest complete one. Rerunning the same
@@ -46,6 +54,7 @@ from huatuo_ray.config import ClusterConfig, ModelConfig, option, to_dict
 from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.rlmf.actors.group import Resources
+from huatuo_ray.rlmf.teacher_reward import TeacherRewardConfig
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
 log = logging.getLogger(__name__)
@@ -107,8 +116,21 @@ class ReferenceConfig:
 
 @dataclass
 class RewardConfig:
-    """The frozen reward model."""
+    """A reward source (:mod:`~huatuo_ray.rlmf.rewards`): the frozen reward model or a function."""
 
+    kind: Literal["model", "teacher", "function"] = option(
+        "model",
+        help="model: the reward model; teacher: the teacher's rating against the doctor's reply;"
+        " function: a Python callable (rule, verifier)",
+    )
+    weight: float = option(1.0, help="weight of this source in the summed score")
+    function: str = option(
+        "", help="kind function: 'module:function' of (prompt, response, reference, meta) -> float"
+    )
+    fallback: float = option(
+        0.0, help="kind function/teacher: the score when it raises or cannot rate (counted)"
+    )
+    teacher: TeacherRewardConfig = field(default_factory=TeacherRewardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     normalise: bool = option(True, help="(score - mean) / std with the RM manifest's statistics")
     unfinished_score: float | None = option(
@@ -137,6 +159,31 @@ class KLConfig:
     target: float | None = option(None, help="adaptive controller's target KL; null: fixed beta")
     horizon: int = option(10_000, help="adaptive controller's horizon in samples")
     estimator: Literal["k1", "k2", "k3"] = option("k1", help="per-token KL estimate (trlx: k1)")
+    placement: Literal["reward", "loss"] = option(
+        "reward",
+        help="reward: -beta KL in the token rewards (PPO); loss: beta KL added to the policy "
+        "loss, with a fixed beta (GRPO, usually with k3)",
+    )
+
+
+@dataclass
+class AlgorithmConfig:
+    """How advantages are estimated (:mod:`~huatuo_ray.rlmf.advantages`)."""
+
+    advantage: Literal[
+        "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
+    ] = option(
+        "gae",
+        help="gae: a critic (PPO); the others need none and sample sampling.n answers per prompt",
+    )
+    dynamic_filtering: bool = option(
+        False, help="drop groups whose rewards are all equal and sample more prompts to refill"
+    )
+    max_filter_rounds: int = option(4, help="rollouts per iteration at most when filtering")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
 
 
 @dataclass
@@ -165,11 +212,17 @@ class PPOConfig:
         default_factory=lambda: SamplingConfig(n=1, temperature=1.0, top_p=1.0)
     )
     kl: KLConfig = field(default_factory=KLConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    extra_rewards: list[RewardConfig] = option(
+        [], help="more reward sources, summed with `reward` by their weights"
+    )
     weight_sync: Literal["broadcast", "object_store"] = option(
         "broadcast", help="broadcast: NCCL/gloo group; object_store: through Ray's object store"
     )
     iterations: int = option(100, help="PPO iterations (rollout + update)")
-    rollout_size: int = option(64, help="prompts per iteration (paper: 64)")
+    rollout_size: int = option(
+        64, help="prompts per iteration (paper: 64); rows = rollout_size x sampling.n"
+    )
     minibatch_size: int = option(8, help="rows per optimizer step over all workers")
     micro_batch_size: int = option(4, help="rows per forward/backward per worker")
     ppo_epochs: int = option(4, help="passes over each rollout (paper: 4)")
@@ -192,24 +245,40 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         workers = self.policy.resources.workers
-        if self.rollout_size % self.minibatch_size:
-            raise ValueError("rollout_size must be a multiple of minibatch_size")
+        rows = self.rows
+        if rows % self.minibatch_size:
+            raise ValueError("rollout_size x sampling.n must be a multiple of minibatch_size")
         for group in ("policy", "critic"):
             n = getattr(self, group).resources.workers
             if self.minibatch_size % (self.micro_batch_size * n):
                 raise ValueError(
                     f"minibatch_size must be a multiple of micro_batch_size x {group} workers"
                 )
-        if self.rollout.chunk_size % workers or self.rollout_size % self.rollout.chunk_size:
+        if self.rollout.chunk_size % workers or rows % self.rollout.chunk_size:
             raise ValueError(
-                "rollout_size must be a multiple of rollout.chunk_size, itself a multiple of the"
-                " policy workers"
+                "rollout_size x sampling.n must be a multiple of rollout.chunk_size, itself a"
+                " multiple of the policy workers"
             )
         for group in ("critic", "reference", "reward"):
             if getattr(self, group).resources.workers > self.rollout.chunk_size:
                 raise ValueError(f"{group}: more workers than rollout.chunk_size rows to share")
-        if self.sampling.n != 1:
-            raise ValueError("PPO samples one response per prompt (sampling.n: 1)")
+        if self.algorithm.uses_critic and self.sampling.n != 1:
+            raise ValueError("advantage gae samples one response per prompt (sampling.n: 1)")
+        if not self.algorithm.uses_critic and self.sampling.n < 2:
+            raise ValueError(f"advantage {self.algorithm.advantage} needs sampling.n >= 2")
+        if self.algorithm.max_filter_rounds < 1:
+            raise ValueError("algorithm.max_filter_rounds must be >= 1")
+        for i, source in enumerate(self.reward_sources):
+            if (source.kind == "function") != bool(source.function):
+                raise ValueError(f"reward source {i}: `function` is needed by kind function only")
+            pairwise = source.kind == "teacher" and source.teacher.mode == "pairwise"
+            if pairwise and (
+                source.resources.workers != 1 or self.rollout.chunk_size % self.sampling.n
+            ):
+                raise ValueError(
+                    f"reward source {i}: pairwise teacher rewards need whole groups: 1 worker and"
+                    " rollout.chunk_size a multiple of sampling.n"
+                )
         rollout = self.rollout
         if (
             rollout.resources.num_gpus
@@ -229,6 +298,37 @@ class PPOConfig:
             raise ValueError(
                 "reference.mode frozen_trunk needs policy.trainable_layers >= 1 and ZeRO <= 2"
             )
+
+    @property
+    def rows(self) -> int:
+        """Samples per iteration: ``sampling.n`` answers to each of ``rollout_size`` prompts."""
+        return self.rollout_size * self.sampling.n
+
+    @property
+    def reward_sources(self) -> list[RewardConfig]:
+        return [self.reward, *self.extra_rewards]
+
+
+def reward_group_names(config: PPOConfig) -> list[str]:
+    """``reward``, ``reward_1``, ...: one actor group per reward source."""
+    return ["reward"] + [f"reward_{i}" for i in range(1, len(config.reward_sources))]
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """The ``ppo`` recipe with critic-free defaults (the ``grpo`` stage): GRPO advantages over
+    4 answers per prompt, KL (k3) in the loss; any other estimator by ``algorithm.advantage``."""
+
+    algorithm: AlgorithmConfig = field(default_factory=lambda: AlgorithmConfig(advantage="grpo"))
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(n=4, temperature=1.0, top_p=1.0)
+    )
+    kl: KLConfig = field(default_factory=lambda: KLConfig(placement="loss", estimator="k3"))
+
+
+def teacher_groups(config: PPOConfig) -> list[str]:
+    names = zip(reward_group_names(config), config.reward_sources)
+    return [name for name, source in names if source.kind == "teacher"]
 
 
 def _frozen_trunk_possible(config: PPOConfig) -> bool:
@@ -273,7 +373,7 @@ def main(config: PPOConfig) -> dict[str, Any]:
     prompts = PromptStream(config, tokenizer)
 
     total_steps = (  # optimizer steps, for the LR schedule
-        config.iterations * config.ppo_epochs * (config.rollout_size // config.minibatch_size)
+        config.iterations * config.ppo_epochs * (config.rows // config.minibatch_size)
     )
     groups: dict[str, Any] = {}
     try:
@@ -292,10 +392,8 @@ def run(
 
     from huatuo_ray.rlmf import ppo_math
 
-    ray.get(
-        groups["policy"].setup_distributed(total_steps)
-        + groups["critic"].setup_distributed(total_steps)
-    )
+    trained = [name for name in ("policy", "critic") if name in groups]  # no critic: critic-free
+    ray.get([ref for name in trained for ref in groups[name].setup_distributed(total_steps)])
     placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
     sync = WeightSync(config, groups)
 
@@ -308,18 +406,26 @@ def run(
     while state["iteration"] < config.iterations:
         iteration = state["iteration"]
         times: dict[str, float] = {}
-        exp = collect_experience(config, groups, prompts, pad_id, iteration, kl_control.beta, times)
+        counts: dict[str, float] = {}
+        ray.get([r for n in teacher_groups(config) for r in groups[n].call("begin_iteration")])
+        exp = collect_experience(
+            config, groups, prompts, pad_id, iteration, kl_control.beta, times, counts
+        )
+        if counts.get("budget_spent"):  # stop cleanly: no training on a partly judged rollout
+            state["stopped"] = "teacher budget spent"
+            log.warning("ppo: teacher budget spent at iteration %d: stopping", iteration + 1)
+            if iteration > 0:
+                save_checkpoint(config, groups, state)
+            break
 
-        # 3. train policy and critic concurrently on the same rows
+        # 3. train policy and critic (if any) concurrently on the same rows
         started = time.perf_counter()
-        policy_refs = groups["policy"].call_shards(
-            "train", exp.shards(len(groups["policy"])), iteration
-        )
-        critic_refs = groups["critic"].call_shards(
-            "train", exp.shards(len(groups["critic"])), iteration
-        )
-        stats = ray.get(policy_refs + critic_refs)  # rank 0's are already means over ranks
-        policy_stats, critic_stats = stats[0], stats[len(policy_refs)]
+        refs = {
+            n: groups[n].call_shards("train", exp.shards(len(groups[n])), iteration)
+            for n in trained
+        }
+        stats = {n: ray.get(r)[0] for n, r in refs.items()}  # rank 0's: means over ranks
+        policy_stats, critic_stats = stats["policy"], stats.get("critic", {})
         times["train_s"] = time.perf_counter() - started
 
         # 4. weight sync, then the KL controller
@@ -334,7 +440,7 @@ def run(
         state["beta"] = kl_control.beta
         state["position"] = prompts.position
         record = metrics.log(
-            iteration + 1, exp, beta, sequence_kl, policy_stats, critic_stats, times
+            iteration + 1, exp, beta, sequence_kl, {**policy_stats, **counts}, critic_stats, times
         )
         state["history"].append(record)
         done = state["iteration"] == config.iterations
@@ -353,16 +459,47 @@ def collect_experience(
     iteration: int,
     beta: float,
     times: dict[str, float],
+    counts: dict[str, float] | None = None,
 ) -> Any:
     """Steps 1 and 2 of an iteration: the rollout (chunks of prompts over the engines), then
     log-probs, values and scores per chunk, joined into one Experience with its rewards and
-    advantages (KL penalty ``beta``)."""
+    advantages (KL penalty ``beta``). ``sampling.n`` answers per prompt lie in consecutive rows
+    (a group); with ``algorithm.dynamic_filtering`` groups of equal rewards are dropped and more
+    prompts drawn (:func:`~huatuo_ray.rlmf.filtering.informative_rollout`). ``counts`` gets the
+    reward functions' errors and the groups filtered out."""
+    from huatuo_ray.rlmf.filtering import informative_rollout
+
+    counts = {} if counts is None else counts
+
+    def sample() -> Any:
+        return sample_and_score(config, groups, prompts, pad_id, iteration, times, counts)
+
+    exp = informative_rollout(config, sample, counts, pad_id)
+    started = time.perf_counter()
+    add_rewards_and_advantages(exp, beta, config)
+    times["experience_s"] += time.perf_counter() - started
+    return exp
+
+
+def sample_and_score(
+    config: PPOConfig,
+    groups: dict[str, Any],
+    prompts: PromptStream,
+    pad_id: int,
+    iteration: int,
+    times: dict[str, float],
+    counts: dict[str, float],
+) -> Any:
+    """One rollout of ``rollout_size`` prompts x ``sampling.n`` answers, with the models'
+    log-probs, values (with a critic) and summed reward scores."""
     import ray
 
+    from huatuo_ray.rlmf import rewards
     from huatuo_ray.rlmf.experience import concat, make_experience
 
     started = time.perf_counter()
-    batch = prompts.next_batch(config.rollout_size)
+    n = config.sampling.n
+    batch = [p.answer(k) for p in prompts.next_batch(config.rollout_size) for k in range(n)]
     chunks = [
         batch[i : i + config.rollout.chunk_size]
         for i in range(0, len(batch), config.rollout.chunk_size)
@@ -375,7 +512,7 @@ def collect_experience(
         for i, chunk in enumerate(chunks)
     ]
     samples = ray.get(pending)
-    times["generate_s"] = time.perf_counter() - started
+    times["generate_s"] = times.get("generate_s", 0.0) + time.perf_counter() - started
 
     started = time.perf_counter()
     parts = []
@@ -387,30 +524,56 @@ def collect_experience(
             pad_id,
             [o.logprobs for o in outs],
         )
-        parts.append((exp, experience_calls(groups, exp, config.reference.frozen_trunk)))
+        calls = experience_calls(groups, exp, config.reference.frozen_trunk)
+        infos = [p.info for p in chunk]
+        calls |= rewards.reward_calls(groups, reward_group_names(config), exp, infos)
+        parts.append((exp, calls))
+    weights = {
+        name: source.weight
+        for name, source in zip(reward_group_names(config), config.reward_sources)
+    }
     filled = []
     for exp, calls in parts:
-        fill_experience(exp, {k: ray.get(v) for k, v in calls.items()})
+        results = {k: ray.get(v) for k, v in calls.items()}
+        fill_experience(exp, results)
+        exp.scores, exp.raw_scores, errors, spent = rewards.combine(results, weights)
+        counts["reward_errors"] = counts.get("reward_errors", 0) + errors
+        if spent:
+            counts["budget_spent"] = 1
         filled.append(exp)
     exp = concat(filled, pad_id)
-    add_rewards_and_advantages(exp, beta, config)
-    times["experience_s"] = time.perf_counter() - started
+    times["experience_s"] = times.get("experience_s", 0.0) + time.perf_counter() - started
     return exp
 
 
 def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
     """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
-    whitened advantages; cut responses take ``reward.unfinished_score`` when it is set."""
+    whitened advantages; cut responses take ``reward.unfinished_score`` when it is set. With
+    ``kl.placement: loss`` the rewards carry no KL (the policy loss does); a critic-free
+    estimator replaces GAE (returns are then unused: there is no critic to fit)."""
     import torch
 
-    from huatuo_ray.rlmf import ppo_math
+    from huatuo_ray.rlmf import advantages, ppo_math
 
     if config.reward.unfinished_score is not None:
         penalty = torch.tensor(config.reward.unfinished_score, dtype=exp.scores.dtype)
         exp.scores = torch.where(exp.finished, exp.scores, penalty)
     mask = exp.action_mask.float()
     exp.kl = ppo_math.kl_estimate(exp.logprobs, exp.ref_logprobs, config.kl.estimator) * mask
-    exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, beta)
+    reward_beta = beta if config.kl.placement == "reward" else 0.0
+    exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, reward_beta)
+    if not config.algorithm.uses_critic:
+        exp.advantages = advantages.critic_free_advantages(
+            config.algorithm.advantage,
+            exp.scores,
+            exp.kl,
+            mask,
+            config.sampling.n,
+            reward_beta,
+            config.gamma,
+        )
+        exp.returns = torch.zeros_like(mask)
+        return
     exp.advantages, exp.returns = ppo_math.gae(
         exp.rewards, exp.values, mask, config.gamma, config.lam
     )
@@ -442,6 +605,8 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
     from huatuo_ray.rlmf.actors.group import ActorGroup, colocated_placement
     from huatuo_ray.rlmf.actors.policy import PolicyWorker
     from huatuo_ray.rlmf.actors.rollout import RolloutWorker
+    from huatuo_ray.rlmf.rewards import FunctionRewardWorker
+    from huatuo_ray.rlmf.teacher_reward import TeacherRewardWorker
 
     resources = {
         "policy": config.policy.resources,
@@ -453,6 +618,8 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
     for names in config.colocate:
         if config.reference.frozen_trunk:
             names = [n for n in names if n != "reference"]
+        if not config.algorithm.uses_critic:
+            names = [n for n in names if n != "critic"]
         if len(names) > 1:
             placement = colocated_placement(names, resources)
             shared.update({n: placement for n in names})
@@ -462,8 +629,19 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         return ActorGroup(name, actor_class, resources[name], args, placement, share)
 
     groups["policy"] = group("policy", PolicyWorker, config, config.policy)
-    groups["critic"] = group("critic", CriticWorker, config, config.critic)
-    groups["reward"] = group("reward", RewardWorker, config.reward.model, config.reward.normalise)
+    if config.algorithm.uses_critic:  # the critic-free estimators need no value model
+        groups["critic"] = group("critic", CriticWorker, config, config.critic)
+    for name, source in zip(reward_group_names(config), config.reward_sources):
+        resources[name] = source.resources
+        if source.kind == "function":
+            args = (source.function, source.fallback, config.model.path)
+            groups[name] = group(name, FunctionRewardWorker, *args)
+        elif source.kind == "teacher":
+            cache = os.path.join(config.output, "_teacher_cache", name)
+            args = (source.teacher, config.sampling.n, source.fallback, config.model.path, cache)
+            groups[name] = group(name, TeacherRewardWorker, *args)
+        else:
+            groups[name] = group(name, RewardWorker, source.model, source.normalise)
     if not config.reference.frozen_trunk:
         groups["reference"] = group(
             "reference", ReferenceWorker, config.model, config.sampling.temperature
@@ -481,23 +659,23 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
 
 
 def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> dict[str, list]:
-    """Start every model's part of one chunk's experience, each group over its workers."""
+    """Start the policy's, critic's and reference's part of one chunk's experience, each group
+    over its workers (the rewards: :func:`~huatuo_ray.rlmf.rewards.reward_calls`)."""
 
     def sharded(name: str, method: str) -> list:
         return groups[name].call_shards(method, exp.shards(len(groups[name])))
 
-    calls = {
-        "policy": sharded("policy", "log_probs"),
-        "critic": sharded("critic", "values"),
-        "reward": sharded("reward", "scores"),
-    }
+    calls = {"policy": sharded("policy", "log_probs")}
+    if "critic" in groups:
+        calls["critic"] = sharded("critic", "values")
     if not frozen_trunk:
         calls["reference"] = sharded("reference", "log_probs")
     return calls
 
 
 def fill_experience(exp: Any, results: dict[str, list]) -> None:
-    """Put the models' answers (lists over each group's shards) into ``exp``."""
+    """Put the models' answers (lists over each group's shards) into ``exp``; no critic: values
+    of 0 (unused)."""
     import torch
 
     exp.logprobs = torch.cat([lp for lp, _ in results["policy"]])
@@ -505,9 +683,10 @@ def fill_experience(exp: Any, results: dict[str, list]) -> None:
         exp.ref_logprobs = torch.cat(results["reference"])
     else:
         exp.ref_logprobs = torch.cat([ref for _, ref in results["policy"]])
-    exp.values = torch.cat(results["critic"])
-    exp.scores = torch.cat([s for s, _ in results["reward"]])
-    exp.raw_scores = torch.cat([r for _, r in results["reward"]])
+    if "critic" in results:
+        exp.values = torch.cat(results["critic"])
+    else:
+        exp.values = torch.zeros_like(exp.logprobs)
 
 
 class WeightSync:
@@ -557,6 +736,11 @@ class WeightSync:
 class Prompt:
     id: str
     ids: list[int]
+    info: dict[str, Any] = field(default_factory=dict)  # prompt text, reference, meta (rewards)
+
+    def answer(self, k: int) -> Prompt:
+        """The prompt as asked for its k-th answer of a group (its own sampling seed)."""
+        return self if k == 0 else Prompt(f"{self.id}#{k}", self.ids, self.info)
 
     def seed(self, base: int, iteration: int) -> int:
         from huatuo_ray.inference.generation import prompt_seed
@@ -582,7 +766,12 @@ class PromptStream:
                     {"id": prompt.id, "reason": f"prompt of {len(ids)} tokens > max_prompt_tokens"}
                 )
                 continue
-            self.prompts.append(Prompt(prompt.id, ids))
+            info = {
+                "prompt": prompt.turns[-1]["content"],
+                "reference": prompt.meta.get("reference", ""),
+                "meta": {**prompt.meta, "id": prompt.id, "turns": prompt.turns},
+            }
+            self.prompts.append(Prompt(prompt.id, ids, info))
         if not self.prompts:
             raise ValueError(f"ppo: no usable prompts in {config.inputs}")
         log.warning("ppo: %d prompts (%d rejected)", len(self.prompts), len(self.rejects))
@@ -622,8 +811,12 @@ def save_checkpoint(config: PPOConfig, groups: dict[str, Any], state: dict[str, 
     root = _checkpoints(config)
     folder = os.path.join(root, f"iter_{state['iteration']:06d}")
     ray.get(
-        groups["policy"].call("save_checkpoint", os.path.join(folder, "policy"))
-        + groups["critic"].call("save_checkpoint", os.path.join(folder, "critic"))
+        [
+            ref
+            for name in ("policy", "critic")
+            if name in groups
+            for ref in groups[name].call("save_checkpoint", os.path.join(folder, name))
+        ]
     )
     storage.write_json(os.path.join(folder, "state.json"), state)
     tmp = os.path.join(root, "latest.tmp")
@@ -648,8 +841,12 @@ def load_latest_checkpoint(
     with open(latest) as f:
         folder = os.path.join(_checkpoints(config), f.read().strip())
     ray.get(
-        groups["policy"].call("load_checkpoint", os.path.join(folder, "policy"))
-        + groups["critic"].call("load_checkpoint", os.path.join(folder, "critic"))
+        [
+            ref
+            for name in ("policy", "critic")
+            if name in groups
+            for ref in groups[name].call("load_checkpoint", os.path.join(folder, name))
+        ]
     )
     state = storage.read_json(os.path.join(folder, "state.json"))
     state["restarts"].append(state["iteration"])
@@ -722,7 +919,7 @@ class PPOMetrics:
             "ppo %d/%d reward %.3f±%.3f kl %.3f beta %.3f entropy %.2f clip %.3f vloss %.4f len %.1f"
             " gap %.1e | gen %.1fs exp %.1fs train %.1fs sync %.2fs | ETA %.0fs",
             iteration, self.config.iterations, record["reward_mean"], record["reward_std"],
-            sequence_kl, beta, record["entropy"], record["clip_fraction"], record["value_loss"],
+            sequence_kl, beta, record["entropy"], record["clip_fraction"], record.get("value_loss", 0.0),
             record["response_length"], record["rollout_logprob_gap"], times["generate_s"], times["experience_s"],
             times["train_s"], times["sync_s"], eta,
         )  # fmt: skip
@@ -762,6 +959,12 @@ def finish(
         inputs=[artifacts.input_summary(u) for u in config.inputs],
         head="AutoModelForCausalLM",
         reference=config.reference.mode,
+        advantage=config.algorithm.advantage,
+        stopped=state.get("stopped"),  # why the run ended before `iterations`, if it did
+        teacher_usage={
+            n: ray.get(groups[n].workers[0].usage.remote()) for n in teacher_groups(config)
+        },
+        groups=sorted(groups),  # the actor groups created (no critic: a critic-free run)
         reward_normalisation=normalisation,
         placement=placement,  # node id of each worker, per group
         training={

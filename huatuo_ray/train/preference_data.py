@@ -18,7 +18,7 @@ import numpy as np
 from huatuo_ray.dialogue import Dialogue, encode_prompt
 from huatuo_ray.models.fetch import local_model_path
 
-PAIR_COLUMNS = ["chosen_ids", "rejected_ids", "margin"]
+PAIR_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "prompt_len"]
 
 
 def is_validation(prompt_id: str, fraction: float, seed: int = 0) -> bool:
@@ -50,6 +50,7 @@ class TokenizePairs:
         out = []
         for row in batch.to_pylist():
             record = Dialogue.from_row(row)
+            prompt_len = len(encode_prompt(self.tokenizer, record.turns))
             chosen = encode_response(self.tokenizer, record.turns, record.meta["chosen"])
             rejected = encode_response(self.tokenizer, record.turns, record.meta["rejected"])
             reject = ""
@@ -63,6 +64,7 @@ class TokenizePairs:
                     "chosen_ids": chosen,
                     "rejected_ids": rejected,
                     "margin": float(record.meta.get("margin", 0.0)),
+                    "prompt_len": prompt_len,
                     "reject": reject,
                 }
             )
@@ -70,7 +72,8 @@ class TokenizePairs:
 
 
 def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
-    """Chosen rows then rejected rows, right-padded to one length: (2B, L) tensors + margins."""
+    """Chosen rows then rejected rows, right-padded to one length: (2B, L) tensors, plus the
+    (B,) per-pair columns: margins, prompt lengths, and DPO's reference log-probs when present."""
     import torch
 
     sides = [list(x) for x in batch["chosen_ids"]] + [list(x) for x in batch["rejected_ids"]]
@@ -79,11 +82,17 @@ def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
     mask = np.zeros((len(sides), longest), dtype=np.int64)
     for r, s in enumerate(sides):
         ids[r, : len(s)], mask[r, : len(s)] = s, 1
-    return {
+    out = {
         "input_ids": torch.as_tensor(ids),
         "attention_mask": torch.as_tensor(mask),
         "margin": torch.as_tensor(np.asarray(batch["margin"], dtype=np.float32)),
     }
+    if "prompt_len" in batch:
+        out["prompt_len"] = torch.as_tensor(np.asarray(batch["prompt_len"], dtype=np.int64))
+    for name in ("ref_chosen", "ref_rejected"):
+        if name in batch:
+            out[name] = torch.as_tensor(np.asarray(batch[name], dtype=np.float32))
+    return out
 
 
 def prepare_pairs(
@@ -105,3 +114,16 @@ def prepare_pairs(
     rejects = [json.loads(r["reject"]) for r in ds.filter(lambda r: r["reject"] != "").iter_rows()]
     pairs = ds.filter(lambda r: r["reject"] == "").select_columns(PAIR_COLUMNS).materialize()
     return pairs, rejects
+
+
+def split_preferences(
+    rows: list[dict[str, Any]], fraction: float, seed: int, where: str
+) -> dict[str, list[dict[str, Any]]]:
+    """{"train": rows, "validation": rows} split by a hash of each row's prompt id."""
+    split: dict[str, list] = {"train": [], "validation": []}
+    for row in rows:
+        prompt_id = json.loads(row["meta"]).get("prompt_id", row["id"])
+        split["validation" if is_validation(prompt_id, fraction, seed) else "train"].append(row)
+    if not split["train"] or not split["validation"]:
+        raise ValueError(f"{where}: too few preferences for a train/validation split")
+    return split

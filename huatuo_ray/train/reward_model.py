@@ -12,7 +12,6 @@ std over the training pairs in its manifest (``reward_normalisation``), which PP
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ class RewardModelConfig(TrainStageConfig):
 
 def main(config: RewardModelConfig) -> dict[str, Any]:
     from huatuo_ray.runtime import connect
-    from huatuo_ray.train.preference_data import is_validation, prepare_pairs
+    from huatuo_ray.train.preference_data import prepare_pairs, split_preferences
     from huatuo_ray.train.reward_loop import train_loop
 
     connect(config.cluster, "reward-model")
@@ -70,16 +69,7 @@ def main(config: RewardModelConfig) -> dict[str, Any]:
     if os.path.exists(config.model.path):
         config.model.path = os.path.abspath(config.model.path)
     rows = list(artifacts.iter_rows(config.preferences))
-    split: dict[str, list] = {"train": [], "validation": []}
-    for row in rows:
-        prompt_id = json.loads(row["meta"]).get("prompt_id", row["id"])
-        split[
-            "validation"
-            if is_validation(prompt_id, config.validation_fraction, config.seed)
-            else "train"
-        ].append(row)
-    if not split["train"] or not split["validation"]:
-        raise ValueError(f"{config.preferences}: too few preferences for a train/validation split")
+    split = split_preferences(rows, config.validation_fraction, config.seed, config.preferences)
     prepared = {k: prepare_pairs(v, config.model.path, config.max_length) for k, v in split.items()}
     train_pairs = prepared["train"][0].count()
     tensorboard_dir = config.tensorboard_dir or (

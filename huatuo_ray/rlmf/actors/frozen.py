@@ -65,8 +65,9 @@ class RewardWorker(ModelWorker):
         return self.stats
 
     @torch.no_grad()
-    def scores(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised scores, raw scores), (B,) each."""
+    def scores(self, exp: Experience, infos: list | None = None) -> tuple[torch.Tensor, ...]:
+        """(normalised scores, raw scores), (B,) each; ``infos`` (the prompts' texts, which
+        function rewards read) is not needed here."""
         exp = exp.to(self.device)
         values = self.model(exp.sequences, exp.attention_mask, exp.position_ids)
         raw = last_token_scores(values, exp).cpu()

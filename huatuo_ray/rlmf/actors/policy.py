@@ -17,7 +17,7 @@ from huatuo_ray.rlmf.model_ops import (
     forward_logits,
     token_logprobs,
 )
-from huatuo_ray.rlmf.ppo_math import entropy_from_logits, masked_mean, policy_loss
+from huatuo_ray.rlmf.ppo_math import entropy_from_logits, kl_estimate, masked_mean, policy_loss
 from huatuo_ray.train.core import freeze_bottom, load_model, load_tokenizer
 
 
@@ -70,16 +70,18 @@ class PolicyWorker(TrainableWorker):
         loss, stats = policy_loss(
             logprobs, micro.logprobs, micro.advantages, micro.action_mask, self.config.clip_ratio
         )
+        stats = {k: float(v) for k, v in stats.items()}
+        kl = self.config.kl
+        if kl.placement == "loss":  # GRPO's KL term: beta x KL(pi || pi_ref) in the loss
+            token_kl = kl_estimate(logprobs, micro.ref_logprobs, kl.estimator)
+            kl_loss = masked_mean(token_kl, micro.action_mask)
+            loss = loss + kl.init_beta * kl_loss
+            stats["kl_loss"] = float(kl_loss.detach())
         temperature = self.config.sampling.temperature
         entropy = masked_mean(
             entropy_from_logits(logits.detach() / max(temperature, 1e-6)), micro.action_mask
         )
-        return loss, {
-            "policy_loss": float(loss.detach()),
-            "entropy": float(entropy),
-            "clip_fraction": float(stats["clip_fraction"]),
-            "approx_kl": float(stats["approx_kl"]),
-        }
+        return loss, {"policy_loss": float(loss.detach()), "entropy": float(entropy), **stats}
 
     # ---------------------------------------------------------------- weight sync
 

@@ -1,0 +1,166 @@
+"""The ``teacher`` reward kind: the teacher judges each answer online against the real doctor's
+reply, with the appendix-B rating prompt, through the project's cached, rate-limited
+:class:`~huatuo_ray.teacher.client.TeacherClient`, from a Ray actor.
+
+Two modes:
+
+* ``pairwise`` (the paper's mixed feedback, online): the answers of a group are paired (0-1,
+  2-3, ...; an odd last one with the first), each pair rated in both orders (position swap), and
+  an answer's score is the mean of the ratings it got (1-10);
+* ``versus_doctor``: each answer is rated against the doctor's own reply standing as the other
+  response, in one order: a 1-10 score on the teacher's scale, independent of the group.
+
+Budgets (``budget``): total paid requests, total cost (USD) and paid requests per iteration. The
+worker never sends a request that would pass one: it answers ``spent`` instead, and the driver
+stops the run cleanly before training on that rollout (the manifest says why). Cached answers
+cost nothing and are not counted. An answer the teacher could not rate (unparseable after the
+retries, or the request failed for good) gets the source's ``fallback`` and is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from huatuo_ray.config import TeacherConfig, option
+
+
+@dataclass
+class TeacherBudget:
+    """Limits of the teacher reward's spending; null: no limit."""
+
+    max_requests: int | None = option(None, help="paid teacher requests over the whole run")
+    max_cost_usd: float | None = option(None, help="teacher cost over the whole run (USD)")
+    max_requests_per_iteration: int | None = option(None, help="paid requests per iteration")
+
+
+@dataclass
+class TeacherRewardConfig:
+    """The ``teacher`` reward kind's settings."""
+
+    teacher: TeacherConfig = option(TeacherConfig(), help="the judging endpoint")
+    mode: Literal["pairwise", "versus_doctor"] = option(
+        "pairwise", help="pairwise: answers of a group rated in pairs, both orders; "
+        "versus_doctor: each answer rated against the doctor's reply"
+    )  # fmt: skip
+    max_parse_retries: int = option(2, help="asks again when a rating does not parse")
+    budget: TeacherBudget = option(TeacherBudget(), help="spending limits that stop the run")
+
+
+def pairs_of_group(n: int) -> list[tuple[int, int]]:
+    """Pairs (i, j) covering every answer of a group of ``n``, each to be rated in both orders."""
+    pairs = [(i, i + 1) for i in range(0, n - 1, 2)]
+    if n % 2 and n > 1:
+        pairs.append((n - 1, 0))
+    return pairs
+
+
+class TeacherRewardWorker:
+    """One teacher client (cache, rate limits) scoring rollout chunks: an async Ray actor, its
+    requests in flight together on the actor's event loop."""
+
+    def __init__(self, spec: TeacherRewardConfig, n: int, fallback: float, tokenizer_path: str,
+                 cache_uri: str):  # fmt: skip
+        from transformers import AutoTokenizer
+
+        from huatuo_ray.teacher.cache import ResponseCache
+        from huatuo_ray.teacher.client import TeacherClient
+        from huatuo_ray.teacher.limiter import LocalLimiter
+
+        t = spec.teacher
+        self.spec, self.n, self.fallback = spec, n, fallback
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        limiter = LocalLimiter(t.requests_per_minute, t.tokens_per_minute)
+        self.client = TeacherClient(t, ResponseCache(cache_uri), limiter)
+        self.iteration_paid = 0
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def normalisation(self) -> dict[str, float]:
+        return {"mean": 0.0, "std": 1.0}
+
+    def usage(self) -> dict[str, Any]:
+        return self.client.usage.to_dict()
+
+    def begin_iteration(self) -> None:
+        self.iteration_paid = 0
+
+    def _would_pass_budget(self, requests: int) -> bool:
+        """Whether ``requests`` more paid requests (at the mean cost so far) pass a limit."""
+        b, used = self.spec.budget, self.client.usage
+        cost_each = used.cost_usd / used.paid if used.paid else 0.0
+        return (
+            (b.max_requests is not None and used.paid + requests > b.max_requests)
+            or (
+                b.max_requests_per_iteration is not None
+                and self.iteration_paid + requests > b.max_requests_per_iteration
+            )
+            or (
+                b.max_cost_usd is not None and used.cost_usd + requests * cost_each > b.max_cost_usd
+            )
+        )
+
+    async def scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, Any, int, bool]:
+        """(scores, raw ratings, answers left unrated, budget spent) for the rows of ``exp``."""
+        import torch
+
+        responses = [
+            self.tokenizer.decode(
+                exp.responses[row][exp.action_mask[row].bool()].tolist(), skip_special_tokens=True
+            )
+            for row in range(len(infos))
+        ]
+        jobs = self._jobs(responses, infos)
+        if self._would_pass_budget(len(jobs)):  # a bound: cached answers would be free
+            empty = torch.full((len(infos),), self.fallback)
+            return empty, empty.clone(), 0, True
+        paid_before = self.client.usage.paid
+        ratings = await asyncio.gather(*(self._rate(*job) for job in jobs))
+        self.iteration_paid += self.client.usage.paid - paid_before
+        got: list[list[float]] = [[] for _ in infos]
+        for (rows, _), rated in zip(jobs, ratings):
+            if rated is not None:
+                for row, value in zip(rows, rated):
+                    if row is not None:
+                        got[row].append(value)
+        values = [sum(g) / len(g) if g else self.fallback for g in got]
+        scores = torch.tensor(values, dtype=torch.float32)
+        return scores, scores.clone(), sum(1 for g in got if not g), False
+
+    def _jobs(self, responses: list[str], infos: list[dict]) -> list[tuple[tuple, list]]:
+        """((row of A, row of B or None), messages) per request."""
+        from huatuo_ray.teacher.prompts import rating_messages
+
+        def ask(info: dict, a: str, b: str) -> list:
+            turns = info["meta"]["turns"]
+            return rating_messages(turns[:-1], info["prompt"], info["reference"], a, b)
+
+        jobs = []
+        if self.spec.mode == "versus_doctor":
+            for row, (text, info) in enumerate(zip(responses, infos)):
+                jobs.append(((row, None), ask(info, text, info["reference"])))
+            return jobs
+        for start in range(0, len(responses), self.n):
+            for i, j in pairs_of_group(min(self.n, len(responses) - start)):
+                a, b = start + i, start + j
+                info = infos[a]
+                jobs.append(((a, b), ask(info, responses[a], responses[b])))
+                jobs.append(((b, a), ask(info, responses[b], responses[a])))  # swapped
+        return jobs
+
+    async def _rate(self, rows: tuple, messages: list) -> tuple[float, float] | None:
+        from huatuo_ray.dialogue import RecordError
+        from huatuo_ray.teacher.client import TeacherError
+        from huatuo_ray.teacher.parsers import parse_rating
+        from huatuo_ray.teacher.stage import ask_parsed
+
+        try:
+            return await ask_parsed(
+                self.client, messages, parse_rating, self.spec.max_parse_retries
+            )
+        except (TeacherError, RecordError):
+            return None

@@ -1,0 +1,192 @@
+"""Critic-free RL end to end on a local Ray (the PPO test's prompts, tiny policy and target-token
+reward model): GRPO and REINFORCE++-baseline with 4 answers per prompt raise the reward by the
+margin the PPO test asserts, with no critic actor; a ``function`` reward drives a run too, its
+exceptions counted, not fatal. Pieces of the reward sources by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from huatuo_ray.config import ModelConfig
+from huatuo_ray.inference.generation import SamplingConfig
+from huatuo_ray.rlmf import ppo, rewards
+from huatuo_ray.rlmf.actors.group import Resources
+from tests.test_ppo import ppo_config, ppo_inputs  # noqa: F401 - the module's fixture
+
+SMALL = Resources(workers=1, num_cpus=0.25)
+
+
+def critic_free(inputs, model: str, out: Path, advantage: str, **overrides) -> ppo.PPOConfig:
+    fields = dict(
+        algorithm=ppo.AlgorithmConfig(advantage=advantage),
+        sampling=SamplingConfig(n=4, max_new_tokens=16, temperature=1.0, top_p=1.0),
+        rollout_size=4,  # 4 prompts x 4 answers: the 16 answers of the PPO test
+        kl=ppo.KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
+        iterations=20,  # as the PPO test
+    )
+    return ppo_config(inputs, model, out, "hf", weight_sync="object_store", **(fields | overrides))
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_reward_rose(records: list[dict], margin: float, key: str = "reward_mean") -> None:
+    values = [h[key] for h in records]
+    first = sum(values[:3]) / 3
+    best = max(sum(values[i : i + 3]) / 3 for i in range(len(values) - 2))
+    assert best - first > margin, [round(v, 2) for v in values]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp_baseline"])
+def test_critic_free_estimators_raise_the_reward_without_a_critic(
+    ppo_inputs,  # noqa: F811
+    tiny_model_dir: str,
+    tmp_path: Path,
+    local_ray,
+    advantage: str,
+) -> None:
+    out = tmp_path / advantage
+    manifest = ppo.main(critic_free(ppo_inputs, tiny_model_dir, out, advantage))
+    assert manifest["advantage"] == advantage
+    assert "critic" not in manifest["groups"] and "critic" not in manifest["placement"]
+    records = history(out)
+    assert len(records) == 20 and all("value_loss" not in h for h in records)
+    assert_reward_rose(records, 1.0)  # the PPO test's margin
+    assert max(h["rollout_logprob_gap"] for h in records) < 1e-4
+    assert all("kl_loss" in h for h in records)  # KL in the loss, not in the reward
+
+
+@pytest.mark.slow
+def test_function_reward_drives_a_run_and_its_exceptions_are_counted(
+    ppo_inputs,  # noqa: F811
+    tiny_model_dir: str,
+    tmp_path: Path,
+    local_ray,
+) -> None:
+    out = tmp_path / "rule"
+    reward = ppo.RewardConfig(
+        kind="function",
+        function="tests.support.rule_rewards:count_target_word",
+        fallback=0.0,
+        resources=SMALL,
+    )
+    broken = ppo.RewardConfig(
+        kind="function",
+        function="tests.support.rule_rewards:always_fails",
+        fallback=0.0,
+        weight=0.5,
+        resources=SMALL,
+    )
+    manifest = ppo.main(
+        critic_free(
+            ppo_inputs,
+            tiny_model_dir,
+            out,
+            "grpo",
+            reward=reward,
+            extra_rewards=[broken],
+            algorithm=ppo.AlgorithmConfig(advantage="grpo", dynamic_filtering=True),
+        )
+    )
+    records = history(out)
+    assert manifest["training"]["iterations"] == 20
+    # Every answer's call of the broken function was counted, plus the answers with no target.
+    assert all(h["reward_errors"] >= 16 for h in records)
+    assert "filtered_groups" in records[0]
+    assert_reward_rose(records, 0.5)
+
+
+def test_reward_function_names_and_failures() -> None:
+    fn = rewards.load_function("tests.support.rule_rewards:count_target_word")
+    assert rewards.call_safely(fn, -1.0, "p", "的的", "", {}) == (2.0, True)
+    assert rewards.call_safely(fn, -1.0, "p", "none", "", {}) == (-1.0, False)
+    assert rewards.call_safely(lambda *a: float("nan"), 0.5, "p", "r", "", {}) == (0.5, False)
+    for bad in ("no_colon", "tests.support.rule_rewards:missing", "no.such.module:f"):
+        with pytest.raises(ValueError, match="reward.function"):
+            rewards.load_function(bad)
+
+
+def test_reward_sources_are_summed_by_weight() -> None:
+    results = {
+        "reward": [(torch.tensor([1.0, 2.0]), torch.tensor([10.0, 20.0]))],
+        "reward_1": [
+            (torch.tensor([4.0]), torch.tensor([4.0]), 1),
+            (torch.tensor([0.0]),) * 2 + (2,),
+        ],
+    }
+    total, raw, errors, spent = rewards.combine(results, {"reward": 1.0, "reward_1": 0.5})
+    assert total.tolist() == [3.0, 2.0] and raw.tolist() == [10.0, 20.0] and errors == 3
+    assert not spent
+    results["reward_1"][1] = (torch.tensor([0.0]),) * 2 + (0, True)  # a teacher out of budget
+    assert rewards.combine(results, {"reward": 1.0, "reward_1": 0.5})[3]
+    assert rewards.shard_bounds(5, 2) == [(0, 2), (2, 5)]  # as Experience.shards splits
+
+
+def test_config_checks_of_critic_free_runs() -> None:
+    base = dict(inputs=["x"], output="o", model=ModelConfig(path="m"), rollout_size=4)
+    with pytest.raises(ValueError, match="sampling.n >= 2"):
+        ppo.PPOConfig(**base, algorithm=ppo.AlgorithmConfig(advantage="grpo"),
+                      minibatch_size=4, micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4))  # fmt: skip
+    with pytest.raises(ValueError, match="gae samples one"):
+        ppo.PPOConfig(**base, sampling=SamplingConfig(n=4), minibatch_size=4,
+                      micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4))  # fmt: skip
+    with pytest.raises(ValueError, match="kind function only"):
+        ppo.PPOConfig(**base, reward=ppo.RewardConfig(kind="function"), minibatch_size=4,
+                      micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4))  # fmt: skip
+    ok = ppo.PPOConfig(**base, algorithm=ppo.AlgorithmConfig(advantage="rloo"),
+                       sampling=SamplingConfig(n=4), minibatch_size=8, micro_batch_size=4,
+                       rollout=ppo.RolloutConfig(chunk_size=8))  # fmt: skip
+    assert ok.rows == 16 and not ok.algorithm.uses_critic
+
+
+def test_driver_takes_group_advantages_and_keeps_kl_out_of_the_reward() -> None:
+    from huatuo_ray.rlmf.experience import make_experience
+
+    config = ppo.PPOConfig(
+        inputs=["x"], output="y", algorithm=ppo.AlgorithmConfig(advantage="dr_grpo"),
+        sampling=SamplingConfig(n=2), kl=ppo.KLConfig(placement="loss"), rollout_size=4,
+        minibatch_size=8, micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=8),
+    )  # fmt: skip
+    exp = make_experience([[5], [5]], [[7, 8], [7]], [True, True], 0)
+    exp.logprobs = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]])
+    exp.ref_logprobs = torch.tensor([[-1.5, -2.0], [-1.0, 0.0]])
+    exp.values = torch.zeros(2, 2)
+    exp.scores = torch.tensor([3.0, 1.0])
+    ppo.add_rewards_and_advantages(exp, 0.1, config)
+    assert exp.kl.tolist() == [[0.5, 0.0], [0.0, 0.0]]  # measured, logged...
+    assert exp.rewards.tolist() == [[0.0, 3.0], [1.0, 0.0]]  # ...but not in the reward
+    assert exp.advantages.tolist() == [[1.0, 1.0], [-1.0, 0.0]]  # r - group mean (2)
+
+
+def test_dynamic_filtering_drops_equal_groups_and_refills() -> None:
+    from huatuo_ray.rlmf.experience import make_experience
+    from huatuo_ray.rlmf.filtering import informative_rollout
+
+    config = ppo.PPOConfig(
+        inputs=["x"], output="y", algorithm=ppo.AlgorithmConfig(advantage="grpo",
+        dynamic_filtering=True, max_filter_rounds=3), sampling=SamplingConfig(n=2),
+        rollout_size=2, minibatch_size=4, micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4),
+    )  # fmt: skip
+    rollouts = iter([[1.0, 1.0, 0.0, 2.0], [3.0, 3.0, 5.0, 4.0], [9.0, 9.0, 9.0, 9.0]])
+
+    def sample():
+        scores = next(rollouts)
+        exp = make_experience([[5]] * 4, [[7]] * 4, [True] * 4, 0)
+        exp.scores = torch.tensor(scores)
+        return exp
+
+    counts: dict = {}
+    exp = informative_rollout(config, sample, counts, 0)
+    # Round 1 keeps its second group, round 2 its second: enough (2 groups), round 3 not drawn.
+    assert exp.scores.tolist() == [0.0, 2.0, 5.0, 4.0] and counts["filtered_groups"] == 2
+    rollouts = iter([[1.0, 1.0, 2.0, 2.0]] * 3)
+    counts = {}
+    exp = informative_rollout(config, sample, counts, 0)
+    # Nothing informative in 3 rounds: the batch keeps its size with dropped groups.
+    assert exp.scores.tolist() == [1.0, 1.0, 2.0, 2.0] and counts["filtered_groups"] == 6
