@@ -26,6 +26,8 @@ STAGES_WITH_INPUTS = {
     "score": "score.yaml",
     "reward-model": "reward-model.yaml",
     "ppo": "ppo.yaml",
+    "grpo": "grpo.yaml",
+    "dpo": "dpo.yaml",
     "benchmark": "benchmark.yaml",
     "judge": "judge.yaml",
     "consult": "consult.yaml",
