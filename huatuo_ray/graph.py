@@ -29,6 +29,8 @@ IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "score": (("input",), ("output",)),
     "reward-model": (("preferences", "model.path"), ("output",)),
     "ppo": (("inputs[]", "model.path", "reward.model.path", "critic.model.path"), ("output",)),
+    "grpo": (("inputs[]", "model.path", "reward.model.path"), ("output",)),
+    "dpo": (("preferences", "model.path"), ("output",)),
     "benchmark": (("sets[].path", "model.path"), ("output",)),
     "teacher-answers": (("input",), ("output",)),
     "judge": (("a.model", "a.answers", "b.model", "b.answers", "questions"), ("output",)),

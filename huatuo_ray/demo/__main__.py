@@ -6,7 +6,7 @@ It runs ``jobs/tiny/pipeline.yaml`` (the recipe, written once) in this process, 
 under ``--output``: the tiny model first, then vLLM's OpenAI-compatible server on it as the local
 teacher (no API key, no network) for the rest — ``data``, stage 1 (``self-instruct``,
 ``dialogues``, ``polish``), the ``mixture``, ``sft``, the mixed feedback (``sample``, ``score``,
-``reward-model``), ``ppo``, and the evaluation (``benchmark``, ``judge``, ``consult`` of both
+``reward-model``), ``ppo``, ``grpo`` (no critic) and ``dpo``, and the evaluation (``benchmark``, ``judge``, ``consult`` of both
 models, ``judge`` of the consultations, ``doctor-export`` and the ``report``). A step whose output
 is complete is skipped, so a second run picks up where the first stopped.
 
@@ -96,19 +96,22 @@ def summarise(steps: dict[str, dict[str, Any]]) -> None:
         )
     if best := result("reward-model").get("training", {}).get("best"):
         print(f"reward model: validation accuracy {best['accuracy']:.2f} at step {best['step']}")
-    if rl := result("ppo").get("training"):
-        first, last = rl["first"], rl["last"]
-        print(
-            f"ppo: {rl['iterations']} iterations, reward {first['reward_mean']:.2f} -> "
-            f"{last['reward_mean']:.2f}, KL {last['kl']:.2f}, sync {last['sync_s'] * 1000:.0f} ms"
-        )
+    for stage in ("ppo", "grpo"):
+        if rl := result(stage).get("training"):
+            first, last = rl["first"], rl["last"]
+            print(
+                f"{stage}: {rl['iterations']} iterations, reward {first['reward_mean']:.2f} -> "
+                f"{last['reward_mean']:.2f}, KL {last['kl']:.2f}"
+            )
+    if best := result("dpo").get("training", {}).get("best"):
+        print(f"dpo: validation preference accuracy {best['accuracy']:.2f} at step {best['step']}")
     for name, scores in result("benchmark").get("metrics", {}).items():
         shown = ", ".join(f"{k} {scores[k]:.1f}" for k in ("BLEU-1", "ROUGE-L", "Distinct-2"))
         print(f"benchmark ({name}): {shown}")
     for key, title in (
         ("judge:jobs/tiny/judge.yaml", "single-turn"),
         ("judge:jobs/tiny/judge.consult.yaml", "consultations"),
-    ):
+    ):  # the GRPO and DPO comparisons are in the report
         if table := result(key).get("results", {}).get("table"):
             overall = table.get("overall", {})
             print(
