@@ -240,6 +240,12 @@ class TeacherMapper:
 
         rows = batch.to_pylist()
         results = await asyncio.gather(*(self._one(r) for r in rows))
+        # The batch's answers reach storage before its records leave: an actor killed later
+        # loses nothing that a record was made of.
+        await self.teacher.flush()
+        for client in self.fn_kwargs.values():
+            if isinstance(client, TeacherClient):
+                await client.flush()
         return pa.Table.from_pylist(list(results))
 
 
