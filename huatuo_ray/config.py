@@ -129,8 +129,8 @@ class BatchConfig:
     discount: float = option(0.5, help="share off the online price for batch answers (OpenAI: 0.5)")
 
     def __post_init__(self) -> None:
-        if self.max_requests_per_file < 1 or self.max_bytes_per_file < 1024:
-            raise ValueError("max_requests_per_file must be >= 1, max_bytes_per_file >= 1024")
+        if self.max_requests_per_file < 1 or self.max_bytes_per_file < 1:
+            raise ValueError("max_requests_per_file and max_bytes_per_file must be >= 1")
         if self.poll_s <= 0 or self.poll_max_s < self.poll_s or self.max_rounds < 1:
             raise ValueError("poll_s must be > 0, poll_max_s >= poll_s, max_rounds >= 1")
         if not 0.0 <= self.discount <= 1.0:
