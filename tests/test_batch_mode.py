@@ -4,9 +4,10 @@
 * a batch is looked at through validating -> in_progress -> finalizing -> completed, its answers
   land in the response cache at the batch discount, its error lines are failures with a reason;
   a batch over the service's request limit ends ``failed`` and every line is a failure;
-* ``polish`` and ``score`` in batch mode make the same records as online mode, asking nothing
-  online; a run killed while its batch is in progress resumes without a new batch for the same
-  requests; expired lines go online or become rejects, as configured.
+* ``score`` in batch mode makes the same records as online mode, asking nothing online; a
+  ``polish`` run killed while its batch is in progress resumes without a new batch for the same
+  requests and makes the records an online run makes; expired lines go online or become
+  rejects, as configured.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 from huatuo_ray import artifacts
 from huatuo_ray.config import BatchConfig
 from huatuo_ray.dialogue import Dialogue, turn
-from huatuo_ray.distill.polish import PolishConfig, polish_record
+from huatuo_ray.distill.polish import PolishConfig
 from huatuo_ray.distill.polish import main as polish_main
 from huatuo_ray.rlmf import score
 from huatuo_ray.teacher.batch import FOLDER, STATE, BatchRunner, request_files
@@ -165,19 +166,14 @@ WORKERS = WorkersConfig(num_workers=1, batch_size=8, max_parse_retries=1)
 
 
 @pytest.mark.slow
-def test_polish_and_score_in_batch_mode_make_the_online_records(local_ray, tmp_path: Path) -> None:
-    inputs, prompts = consultations(tmp_path / "in"), samples(tmp_path / "samples")
+def test_score_in_batch_mode_makes_the_online_records(local_ray, tmp_path: Path) -> None:
+    prompts = samples(tmp_path / "samples")
     with BatchAPIServer(medical_responder) as server:
         online = teacher_config(server.base_url)
-        polish_main(PolishConfig(input=inputs, output=str(tmp_path / "p1"), teacher=online,
-                                 workers=WORKERS))  # fmt: skip
         score.main(score.ScoreConfig(input=prompts, output=str(tmp_path / "s1"), teacher=online,
                                      workers=WORKERS))  # fmt: skip
         server.reset_stats()
         batch = batch_teacher(server.base_url)
-        polished = polish_main(
-            PolishConfig(input=inputs, output=str(tmp_path / "p2"), teacher=batch, workers=WORKERS)
-        )
         scored = score.main(
             score.ScoreConfig(
                 input=prompts, output=str(tmp_path / "s2"), teacher=batch, workers=WORKERS
@@ -185,12 +181,12 @@ def test_polish_and_score_in_batch_mode_make_the_online_records(local_ray, tmp_p
         )
         online_calls = server.stats.total  # chat completions asked online in batch mode
     assert online_calls == 0
-    assert rows_of(tmp_path / "p2") == rows_of(tmp_path / "p1") and polished["rows"] == 6
     assert rows_of(tmp_path / "s2") == rows_of(tmp_path / "s1") and scored["rows"] > 0
-    assert len(server.created) == 2  # one batch per stage: score's 9 pairs x 2 orders in one
+    # 3 prompts x 3 pairs x 2 orders, all in one batch of one round (pairs are independent)
+    assert len(server.created) == 1 and len(server.created[0][1]) == 18
     assert scored["batch"]["requests_submitted"] == 18 and scored["batch"]["rounds"] == 1
-    usage = polished["teacher"]["usage"]
-    assert usage["paid"] == 6 and usage["cached"] == 6  # bought in the batch, replayed by the map
+    usage = scored["teacher"]["usage"]
+    assert usage["paid"] == 18 and usage["cached"] == 18  # bought in the batch, replayed by the map
 
 
 KILLED = """
@@ -239,9 +235,13 @@ def test_a_run_killed_while_its_batch_runs_resumes_without_a_new_batch(
             )
         )
         created, online_calls = list(server.created), server.stats.total
+        # the same inputs online, in a fresh folder: the same records
+        polish_main(PolishConfig(input=inputs, output=str(tmp_path / "online"),
+                                 teacher=teacher_config(server.base_url), workers=WORKERS))  # fmt: skip
     assert created == [(batch_id, submitted)] and len(submitted) == 6  # no second batch
-    assert online_calls == 6 and manifest["rows"] == 6  # the batch's 6 answers, none online
+    assert online_calls == 0 and manifest["rows"] == 6  # the batch's 6 answers, none online
     assert manifest["batch"]["batches"] == [batch_id] and manifest["teacher"]["usage"]["paid"] == 6
+    assert rows_of(output) == rows_of(tmp_path / "online")
 
 
 @pytest.mark.slow
@@ -259,8 +259,7 @@ def test_expired_lines_go_online_or_to_rejects(local_ray, tmp_path: Path, failed
                 max_reject_fraction=0.9,
             )
         )
-        batch_answers = server.stats.total
-        online = server.stats.total - batch_answers
+        online = server.stats.total  # chat completions asked online
     report = manifest["batch"]
     expired = "batch line failed: batch_expired: This request could not be executed before the "
     expired += "completion window expired."
@@ -271,9 +270,4 @@ def test_expired_lines_go_online_or_to_rejects(local_ray, tmp_path: Path, failed
     else:
         assert manifest["rows"] == 3
         assert manifest["rejects"]["by_reason"] == {f"teacher failed: {expired}": 3}
-    assert online == 0 or failed_lines == "online"
-
-
-def test_polish_record_is_what_collect_runs() -> None:
-    # the kill test's subprocess imports the record function by name
-    assert polish_record.__name__ == "polish_record"
+    assert online == (3 if failed_lines == "online" else 0)
