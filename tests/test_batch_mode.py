@@ -31,6 +31,7 @@ from huatuo_ray.distill.polish import main as polish_main
 from huatuo_ray.rlmf import score
 from huatuo_ray.teacher.batch import FOLDER, STATE, BatchRunner, request_files
 from huatuo_ray.teacher.cache import ResponseCache, request_key
+from huatuo_ray.teacher.client import TeacherFatalError, usage_counts
 from huatuo_ray.teacher.stage import WorkersConfig
 from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, teacher_config
 from tests.support.batch_api import BatchAPIServer
@@ -69,6 +70,26 @@ def test_request_files_keep_to_both_limits() -> None:
         "url": "/v1/chat/completions",
         "body": chat_body(0),
     }
+
+
+def test_cost_counts_the_batch_discount_and_cached_input() -> None:
+    teacher = teacher_config("http://x", price_input_per_1m=2.0, price_output_per_1m=8.0,
+                             price_cached_input_per_1m=1.0)  # fmt: skip
+    usage = {"prompt_tokens": 1000, "completion_tokens": 500,
+             "prompt_tokens_details": {"cached_tokens": 400}}  # fmt: skip
+    # 600 x $2 + 400 x $1 + 500 x $8 per million = $0.0056; half of it in a batch
+    assert usage_counts(usage, teacher)["cost_usd"] == pytest.approx(0.0056)
+    assert usage_counts(usage, teacher, discount=0.5)["cost_usd"] == pytest.approx(0.0028)
+
+
+def test_a_wrong_key_stops_batch_mode_with_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(TEACHER_KEY_ENV, "sk-wrong-key-123456")
+    with BatchAPIServer(require_api_key=TEACHER_KEY) as server:
+        runner = BatchRunner(batch_teacher(server.base_url), str(tmp_path), "t",
+                             ResponseCache(str(tmp_path / "cache")))  # fmt: skip
+        with pytest.raises(TeacherFatalError, match="HTTP 401") as caught:
+            runner.submit(_requests(2), 1)
+    assert "sk-wrong-key-123456" not in str(caught.value)
 
 
 def _requests(n: int) -> dict[str, dict[str, Any]]:

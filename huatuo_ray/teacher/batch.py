@@ -46,8 +46,11 @@ from huatuo_ray.teacher.client import (
     NotCached,
     TeacherClient,
     TeacherError,
+    TeacherFatalError,
     Usage,
     api_key,
+    error_fields,
+    redact,
     usage_counts,
 )
 
@@ -163,7 +166,8 @@ class BatchRunner:
             if storage.exists(self.state_path)
             else {"batches": [], "failed": {}}
         )
-        common = {"api_key": api_key(teacher), "max_retries": 5, "timeout": teacher.timeout_s}
+        self._openai, self._key = openai, api_key(teacher)
+        common = {"api_key": self._key, "max_retries": 5, "timeout": teacher.timeout_s}
         if teacher.api_kind == "azure":
             self.client = openai.AzureOpenAI(
                 azure_endpoint=teacher.base_url, api_version=teacher.azure_api_version, **common
@@ -172,6 +176,19 @@ class BatchRunner:
             self.client = openai.OpenAI(base_url=teacher.base_url, **common)
         self.usage = Usage()
         self.answered = 0
+
+    def _api(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One Files/Batches call; an HTTP error the SDK's own retries did not get past stops
+        the stage with the server's message (the key taken out), as in online mode."""
+        try:
+            return call(*args, **kwargs)
+        except self._openai.APIStatusError as e:
+            code, message = error_fields(e)
+            said = " ".join(redact(message, self._key).split())[:300]
+            raise TeacherFatalError(
+                f"the batch API at {self.teacher.base_url} answered HTTP {e.status_code}"
+                f"{f' ({code})' if code else ''} to {what}: {said}"
+            ) from None
 
     def _save(self) -> None:
         storage.write_json(self.state_path, self.state)
@@ -207,10 +224,14 @@ class BatchRunner:
         """Upload the entry's file (unless a killed run already did) and create its batch."""
         if "input_file_id" not in entry:
             data = data or storage.read_bytes(storage.join(self.folder, entry["file"]))
-            uploaded = self.client.files.create(file=(entry["file"], data), purpose="batch")
+            uploaded = self._api(
+                "an upload", self.client.files.create, file=(entry["file"], data), purpose="batch"
+            )
             entry["input_file_id"] = uploaded.id
             self._save()
-        batch = self.client.batches.create(
+        batch = self._api(
+            "a new batch",
+            self.client.batches.create,
             input_file_id=entry["input_file_id"],
             endpoint="/chat/completions"
             if self.teacher.api_kind == "azure"
@@ -231,7 +252,7 @@ class BatchRunner:
         while waiting:
             counts = {"completed": 0, "failed": 0, "total": 0}
             for entry in list(waiting):
-                batch = self.client.batches.retrieve(entry["id"])
+                batch = self._api("a status look", self.client.batches.retrieve, entry["id"])
                 done = batch.request_counts
                 for name in counts:
                     counts[name] += getattr(done, name, 0) if done else 0
@@ -279,7 +300,7 @@ class BatchRunner:
         storage.delete(storage.join(self.folder, entry["file"]))
 
     def _lines(self, file_id: str) -> list[dict[str, Any]]:
-        text = self.client.files.content(file_id).content.decode("utf-8")
+        text = self._api("a download", self.client.files.content, file_id).content.decode("utf-8")
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def _store(self, line: dict[str, Any]) -> bool:
