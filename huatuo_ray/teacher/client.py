@@ -14,6 +14,8 @@ What it adds to a bare ``chat.completions.create``:
   at once with that ``finish_reason``, not retried as unreadable (each retry would be paid);
 * the rate-limit headers of every response pace the job's shared limiter;
 * the response cache: an answer is paid for once, and a rerun replays it;
+* a recording mode for the Batch API (:mod:`~huatuo_ray.teacher.batch`): requests not cached are
+  noted, not sent, and failed batch lines fail their records with the service's reason;
 * usage and cost accounting, counted per outcome.
 
 The API key is read from the environment variable the config names. It never appears in a log

@@ -20,6 +20,9 @@ and a rerun recomputes the whole map from the inputs, replaying cached answers. 
 written only at the end, from the map's output, so each input row appears exactly once: as a
 record or as a reject.
 
+``teacher.mode: batch`` buys the answers through the Batch API before the map
+(:mod:`~huatuo_ray.teacher.batch`): the map then finds them in the cache.
+
 Two ways a stage fails instead of writing an empty success:
 
 * a :class:`~huatuo_ray.teacher.client.TeacherFatalError` (a wrong key, an unknown model, a
