@@ -1,5 +1,5 @@
-"""The segment cache: round trip, the old one-file-per-answer layout, a SIGKILL losing only what
-was not flushed, two writers side by side, and the event loop never waiting on a flush."""
+"""The segment cache: round trip, the old one-file-per-answer layout, a teacher client killed with
+SIGKILL losing (and buying again) only what was not flushed, two writers side by side."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 from huatuo_ray.teacher.cache import SEGMENTS, LegacyCache, ResponseCache, request_key
+from huatuo_ray.teacher.client import TeacherClient
+from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, teacher_config
+from tests.support.openai_servers import ScriptedOpenAIServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,38 +55,63 @@ def test_old_layout_still_reads(tmp_path: Path) -> None:
 
 
 WRITER = """
-import sys, time
-from huatuo_ray.teacher.cache import ResponseCache, request_key
-cache = ResponseCache(sys.argv[1], flush_every=10)
-for i in range(25):
-    cache.put(request_key("m", [{"role": "user", "content": f"问题{i}"}], {}), {"text": str(i)})
-print("put 25", flush=True)
-time.sleep(60)
+import asyncio, sys, time
+from huatuo_ray.teacher.cache import ResponseCache
+from huatuo_ray.teacher.client import TeacherClient
+from tests.conftest import teacher_config
+from tests.support.openai_servers import ScriptedOpenAIServer
+
+async def ask(client):
+    for i in range(25):  # one at a time: answers 1..25 arrive in order
+        await client.chat([{"role": "user", "content": f"问题{i}"}])
+
+with ScriptedOpenAIServer() as server:
+    cache = ResponseCache(sys.argv[1], flush_every=10)
+    asyncio.run(ask(TeacherClient(teacher_config(server.base_url), cache)))
+    print("asked 25", flush=True)
+    time.sleep(60)
 """
 
 
-def test_sigkill_loses_only_the_answers_since_the_last_flush(tmp_path: Path) -> None:
+def question(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"问题{i}"}]
+
+
+def test_sigkill_loses_only_the_answers_since_the_last_flush(tmp_path: Path, monkeypatch) -> None:
     uri = str(tmp_path / "c")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), TEACHER_KEY_ENV: TEACHER_KEY}
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, uri], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
-        assert proc.stdout.readline().strip() == "put 25"
+        assert proc.stdout.readline().strip() == "asked 25"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    cache = ResponseCache(uri)
-    # Flushed at 10 and 20: those 20 stay; answers 20..24 were only buffered and are bought again.
-    assert cache.keys() == {key(i) for i in range(20)}
+    # Flushed at 10 and 20: those 20 stay; answers 20..24 were only buffered.
+    assert len(ResponseCache(uri)) == 20
     # A line cut short by a kill is skipped, and the writers after it are unaffected.
     segment = next((tmp_path / "c" / SEGMENTS).iterdir())
     with open(segment, "a", encoding="utf-8") as f:
         f.write('{"key": "cut-sho')
-    assert ResponseCache(uri).keys() == {key(i) for i in range(20)}
+    assert len(ResponseCache(uri)) == 20
+    # The rerun buys again exactly the 5 answers the kill lost.
+    monkeypatch.setenv(TEACHER_KEY_ENV, TEACHER_KEY)
+
+    async def rerun(client: TeacherClient) -> None:
+        for i in range(25):
+            answer = await client.chat(question(i))
+            assert answer.cached == (i < 20)
+        await client.close()
+
+    with ScriptedOpenAIServer() as server:
+        client = TeacherClient(teacher_config(server.base_url), ResponseCache(uri))
+        asyncio.run(rerun(client))
+        assert server.stats.total == 5
+    assert client.usage.paid == 5 and client.usage.cached == 20
 
 
 def test_two_writers_keep_their_own_segments(tmp_path: Path) -> None:
