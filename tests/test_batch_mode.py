@@ -292,3 +292,26 @@ def test_expired_lines_go_online_or_to_rejects(local_ray, tmp_path: Path, failed
         assert manifest["rows"] == 3
         assert manifest["rejects"]["by_reason"] == {f"teacher failed: {expired}": 3}
     assert online == (3 if failed_lines == "online" else 0)
+
+
+@pytest.mark.slow
+def test_an_answer_that_does_not_parse_is_asked_again_in_the_next_round(
+    local_ray, tmp_path: Path
+) -> None:
+    def responder(body: dict[str, Any]) -> str:
+        if "发热1天" in body["messages"][-1]["content"] and "seed" not in body:
+            return "<HuatuoGPT回复>："  # a role tag and nothing else: no answer to parse
+        return medical_responder(body)
+
+    with BatchAPIServer(responder) as server:
+        manifest = polish_main(
+            PolishConfig(
+                input=consultations(tmp_path / "in"),
+                output=str(tmp_path / "out"),
+                teacher=batch_teacher(server.base_url),
+                workers=WORKERS,
+            )
+        )
+        online = server.stats.total
+    assert [len(ids) for _, ids in server.created] == [6, 1]  # the ask-again in round 2
+    assert manifest["batch"]["rounds"] == 2 and online == 0 and manifest["rows"] == 6
