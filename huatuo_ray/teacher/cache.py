@@ -7,8 +7,9 @@ Ray worker reaches it.
 
 Layout: ``uri/segments/<writer>-<n>.jsonl``, one JSON line per answer (``{"key": ..., ...}``).
 Each cache object is one *writer* with its own segment files, so workers never write the same
-file. Answers are buffered and appended every ``flush_every`` answers, on :meth:`flush` (the
-teacher map calls it after each batch of records) and on :meth:`close`; on a local disk a writer
+file. Answers are buffered and appended every ``flush_every`` answers or ``flush_s`` seconds
+(checked as answers arrive), on :meth:`flush` (the teacher map calls it after each batch of
+records) and on :meth:`close`; on a local disk a writer
 appends to one file, on object storage (no append) each flush is one new object. A run killed
 with SIGKILL loses only the answers since its last flush; a line cut short by the kill is skipped
 when read. The index (key -> record) is built by reading every segment once, on first use.
@@ -28,6 +29,7 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -70,10 +72,13 @@ class ResponseCache:
     object at once, and to other writers after it is flushed and they (re)load.
     """
 
-    def __init__(self, uri: str, flush_every: int = 256, writer: str | None = None):
-        if flush_every < 1:
-            raise ValueError("flush_every must be at least 1")
-        self.uri, self.flush_every = uri, flush_every
+    def __init__(
+        self, uri: str, flush_every: int = 256, flush_s: float = 5.0, writer: str | None = None
+    ):
+        if flush_every < 1 or flush_s <= 0:
+            raise ValueError("flush_every must be at least 1 and flush_s positive")
+        self.uri, self.flush_every, self.flush_s = uri, flush_every, flush_s
+        self._flushed_at = time.monotonic()
         self.writer = writer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._index: dict[str, dict[str, Any]] | None = None
         self._legacy = False  # the one-file-per-answer layout is present
@@ -133,7 +138,8 @@ class ResponseCache:
             self._load()
         self._index[key] = record  # type: ignore[index]
         self._pending.append(json.dumps({"key": key, **record}, ensure_ascii=False))
-        return len(self._pending) >= self.flush_every
+        due = time.monotonic() - self._flushed_at >= self.flush_s
+        return due or len(self._pending) >= self.flush_every
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         if self._add(key, record):
@@ -147,6 +153,7 @@ class ResponseCache:
 
     def _take(self) -> list[str]:
         lines, self._pending = self._pending, []
+        self._flushed_at = time.monotonic()
         return lines
 
     def flush(self) -> None:
