@@ -125,6 +125,7 @@ def test_score_killed_and_resumed_pays_no_judgement_twice(
     import sys
     import time
 
+    from huatuo_ray.teacher.cache import ResponseCache
     from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
     from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
     from tests.support.scripted_teacher import medical_responder
@@ -155,7 +156,7 @@ def test_score_killed_and_resumed_pays_no_judgement_twice(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             time.sleep(2)
-            cached_at_kill = len(list((out / "_teacher_cache").glob("*/*.json")))
+            cached_at_kill = len(ResponseCache(str(out / "_teacher_cache")))
             res = subprocess.run(
                 cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300
             )
