@@ -28,7 +28,7 @@ def key(i: int) -> str:
 
 
 def test_round_trip_buffers_then_flushes_into_one_segment(tmp_path: Path) -> None:
-    cache = ResponseCache(str(tmp_path / "c"), flush_every=4)
+    cache = ResponseCache(str(tmp_path / "c"), flush_every=4, flush_s=3600)
     for i in range(10):
         cache.put(key(i), answer(i))
     assert cache.get(key(3)) == answer(3)  # visible to its writer before any flush
@@ -66,7 +66,7 @@ async def ask(client):
         await client.chat([{"role": "user", "content": f"问题{i}"}])
 
 with ScriptedOpenAIServer() as server:
-    cache = ResponseCache(sys.argv[1], flush_every=10)
+    cache = ResponseCache(sys.argv[1], flush_every=10, flush_s=3600)
     asyncio.run(ask(TeacherClient(teacher_config(server.base_url), cache)))
     print("asked 25", flush=True)
     time.sleep(60)

@@ -75,7 +75,7 @@ class ResponseCache:
     """
 
     def __init__(
-        self, uri: str, flush_every: int = 256, flush_s: float = 5.0, writer: str | None = None
+        self, uri: str, flush_every: int = 256, flush_s: float = 1.0, writer: str | None = None
     ):
         if flush_every < 1 or flush_s <= 0:
             raise ValueError("flush_every must be at least 1 and flush_s positive")
