@@ -6,6 +6,12 @@ self-instruct answer step (``run_teacher_map`` with ``answer_record``: prompt bu
 client's retries/cache/limits, parsing, records) pushes N requests through it; a plain sequential
 ``openai`` loop runs in the same process as the baseline.
 
+The cache figure: N answers written on the event loop to a local-disk cache in the segment layout
+(``aput``, flushes in a worker thread) against the one-file-per-answer layout of earlier versions
+(one blocking atomic write per answer), same run; ``cache_speedup`` is the ratio of answers per
+second, ``max_loop_stall_ms`` the longest the event loop went without running a 1 ms ticker while
+the segment cache wrote (the old layout's stall is printed beside it).
+
     python benchmarks/teacher_throughput.py [--requests 1200] [--latency 0.25] [--cap 12]
 
 Printed: the pipeline's throughput end to end (Ray Data actor start-up included) and in steady
@@ -16,6 +22,7 @@ loop. The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -29,6 +36,7 @@ import openai
 from huatuo_ray.config import TeacherConfig
 from huatuo_ray.dialogue import Dialogue, turn
 from huatuo_ray.distill.self_instruct import answer_record
+from huatuo_ray.teacher.cache import LegacyCache, ResponseCache, request_key
 from huatuo_ray.teacher.stage import run_teacher_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the loopback server lives in tests/
@@ -53,6 +61,61 @@ def rows(n: int) -> list[dict]:
     ]
 
 
+async def _write_answers(put, n: int) -> tuple[float, float]:
+    """(answers per second, longest event-loop stall in ms) of ``await put(i)`` for i < n."""
+    stall, running = 0.0, True
+
+    async def ticker() -> None:
+        nonlocal stall
+        last = time.perf_counter()
+        while running:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            stall, last = max(stall, now - last - 0.001), now
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    started = time.perf_counter()
+    for i in range(n):  # answers arrive one per loop iteration, as from the network
+        await put(i)
+        await asyncio.sleep(0)
+    rate = n / (time.perf_counter() - started)
+    running = False
+    await tick
+    return rate, stall * 1000
+
+
+def cache_figures(n: int) -> dict:
+    record = {"text": "您好，建议您注意休息，多喝温水。" * 8, "usage": {"prompt_tokens": 60}}
+    keys = [request_key("m", [{"role": "user", "content": f"问题{i}"}], {}) for i in range(n)]
+    folder = tempfile.mkdtemp(prefix="cache-bench-")
+    legacy = LegacyCache(os.path.join(folder, "legacy"))
+    segments = ResponseCache(os.path.join(folder, "segments"))
+
+    async def put_legacy(i: int) -> None:
+        legacy.put(keys[i], record)  # what the client did: a blocking write on the loop
+
+    async def put_segment(i: int) -> None:
+        await segments.aput(keys[i], record)
+
+    async def run_segments() -> tuple[float, float]:
+        rate, stall = await _write_answers(put_segment, n)
+        await segments.aflush()
+        return rate, stall
+
+    legacy_rate, legacy_stall = asyncio.run(_write_answers(put_legacy, n))
+    segment_rate, segment_stall = asyncio.run(run_segments())
+    assert len(ResponseCache(os.path.join(folder, "segments"))) == n
+    return {
+        "cache_answers": n,
+        "cache_legacy_answers_per_s": round(legacy_rate, 1),
+        "cache_segment_answers_per_s": round(segment_rate, 1),
+        "cache_speedup": round(segment_rate / legacy_rate, 2),
+        "max_loop_stall_ms": round(segment_stall, 2),
+        "legacy_max_loop_stall_ms": round(legacy_stall, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1200)
@@ -60,7 +123,11 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=12)
     parser.add_argument("--sequential", type=int, default=20, help="requests of the baseline")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--cache-answers", type=int, default=5000, help="answers of the cache figure"
+    )
     args = parser.parse_args()
+    cache = cache_figures(args.cache_answers)
 
     import ray
 
@@ -119,6 +186,7 @@ def main() -> None:
         "sequential_rps": round(sequential_rps, 2),
         "speedup_vs_sequential": round(end_to_end_rps / sequential_rps, 2),
         "max_server_concurrency": stats.max_concurrency,
+        **cache,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
     print(
@@ -126,6 +194,12 @@ def main() -> None:
         f"({figures['ratio_to_bound_end_to_end']:.2f} of bound), {steady_rps:.1f} req/s steady "
         f"({figures['ratio_to_bound']:.2f}); sequential {sequential_rps:.2f} req/s; "
         f"speed-up {figures['speedup_vs_sequential']:.1f}x"
+    )
+    print(
+        f"cache: segments {cache['cache_segment_answers_per_s']:.0f} answers/s vs one file per "
+        f"answer {cache['cache_legacy_answers_per_s']:.0f} ({cache['cache_speedup']:.1f}x); "
+        f"longest loop stall {cache['max_loop_stall_ms']:.1f} ms (old layout "
+        f"{cache['legacy_max_loop_stall_ms']:.1f} ms)"
     )
     print(json.dumps(figures))
 

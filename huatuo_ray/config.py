@@ -118,6 +118,40 @@ class ModelConfig:
 
 
 @dataclass
+class BatchConfig:
+    """The Batch API (``teacher.mode: batch``): OpenAI's ``/v1/files`` + ``/v1/batches`` and the
+    services with the same shape (Azure OpenAI global batch, vLLM's ``run_batch`` files)."""
+
+    max_requests_per_file: int = option(50_000, help="requests per batch file (OpenAI: 50,000)")
+    max_bytes_per_file: int = option(200 * 2**20, help="bytes per batch file (OpenAI: 200 MB)")
+    completion_window: str = option("24h", help="the window the service has to finish a batch")
+    poll_s: float = option(30.0, help="first wait between two looks at a batch's status")
+    poll_max_s: float = option(600.0, help="longest wait between two looks (back-off x1.5)")
+    max_rounds: int = option(
+        6,
+        help="batch rounds (a record's next request, a parse retry: one round each); what is "
+        "still missing after them is asked online",
+    )
+    failed_lines: Literal["online", "reject"] = option(
+        "online",
+        help="a line the batch failed or left expired: asked online, or its record rejected "
+        "with the reason",
+    )
+    parse_retries: Literal["batch", "online"] = option(
+        "batch", help="where an answer that did not parse is asked again: next round or online"
+    )
+    discount: float = option(0.5, help="share off the online price for batch answers (OpenAI: 0.5)")
+
+    def __post_init__(self) -> None:
+        if self.max_requests_per_file < 1 or self.max_bytes_per_file < 1:
+            raise ValueError("max_requests_per_file and max_bytes_per_file must be >= 1")
+        if self.poll_s <= 0 or self.poll_max_s < self.poll_s or self.max_rounds < 1:
+            raise ValueError("poll_s must be > 0, poll_max_s >= poll_s, max_rounds >= 1")
+        if not 0.0 <= self.discount <= 1.0:
+            raise ValueError("discount must lie in [0, 1]")
+
+
+@dataclass
 class TeacherConfig:
     """An OpenAI-compatible endpoint. The API key is read from the environment, never stored."""
 
@@ -180,6 +214,17 @@ class TeacherConfig:
     )
     price_input_per_1m: float = option(0.0, help="USD per million prompt tokens, for the cost")
     price_output_per_1m: float = option(0.0, help="USD per million completion tokens")
+    price_cached_input_per_1m: float | None = option(
+        None,
+        help="USD per million prompt tokens the server read from its prompt cache (usage "
+        "prompt_tokens_details.cached_tokens); null: the input price",
+    )
+    mode: Literal["online", "batch"] = option(
+        "online",
+        help="online: one request at a time, answers in seconds; batch: the Batch API (/v1/files"
+        " + /v1/batches), half the price, answers within completion_window (hours); see README",
+    )
+    batch: BatchConfig = option(BatchConfig(), help="settings of teacher.mode: batch")
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:

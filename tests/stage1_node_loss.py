@@ -19,6 +19,7 @@ from ray.cluster_utils import Cluster
 from huatuo_ray.config import ClusterConfig
 from huatuo_ray.distill.polish import PolishConfig
 from huatuo_ray.distill.polish import main as polish_main
+from huatuo_ray.teacher.cache import ResponseCache
 from huatuo_ray.teacher.stage import CACHE_DIR, WorkersConfig
 from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, teacher_config
 from tests.support.openai_servers import ScriptedOpenAIServer
@@ -50,10 +51,10 @@ def main() -> None:
             thread.start()
             cache = Path(out) / CACHE_DIR
             deadline = time.time() + 120
-            while len(list(cache.rglob("*.json"))) < 6:
+            while len(ResponseCache(str(cache))) < 6:
                 assert time.time() < deadline and thread.is_alive()
                 time.sleep(0.1)
-            results["answers_before_removal"] = len(list(cache.rglob("*.json")))
+            results["answers_before_removal"] = len(ResponseCache(str(cache)))
             nodes_before = len([n for n in ray.nodes() if n["Alive"]])
             cluster.remove_node(worker)
             results["nodes_before"] = nodes_before

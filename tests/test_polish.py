@@ -17,6 +17,7 @@ from huatuo_ray.config import TeacherConfig
 from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.distill.polish import PolishConfig
 from huatuo_ray.distill.polish import main as polish_main
+from huatuo_ray.teacher.cache import ResponseCache
 from huatuo_ray.teacher.stage import WorkersConfig
 from tests.conftest import TEACHER_KEY, teacher_config  # noqa: E402
 from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
@@ -140,7 +141,7 @@ def test_polish_killed_and_resumed_pays_nothing_twice(
                     last, quiet_since = proxy.stats.delivered_ok, time.time()
                 time.sleep(0.1)
             paid_before = proxy.stats.delivered_ok
-            cached_at_kill = len(list((out / "_teacher_cache").glob("*/*.json")))
+            cached_at_kill = len(ResponseCache(str(out / "_teacher_cache")))
             assert paid_before < 30 and not (out / "manifest.json").exists()
             assert cached_at_kill >= 4
 

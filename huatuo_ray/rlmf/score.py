@@ -79,14 +79,17 @@ async def score_record(
     candidates = list(itertools.combinations(range(len(responses)), 2))
     if pairs is not None and pairs < len(candidates):
         candidates = sorted(random.Random(f"{seed}:{prompt.id}").sample(candidates, pairs))
-    judged = []
-    for i, j in candidates:
+
+    async def judge(i: int, j: int) -> dict[str, Any]:
         x, y = responses[i], responses[j]
         x_first, y_first = await asyncio.gather(
             _rate(teacher, history, query, reference, x, y, retries),
             _rate(teacher, history, query, reference, y, x, retries),
         )
-        judged.append({"x": i, "y": j, "x_first": x_first, "y_first": y_first})
+        return {"x": i, "y": j, "x_first": x_first, "y_first": y_first}
+
+    # All pairs at once: the requests do not depend on each other (one batch round in batch mode).
+    judged = list(await asyncio.gather(*(judge(i, j) for i, j in candidates)))
     prompt.meta["judged"] = judged
     return Outcome(prompt)
 

@@ -14,6 +14,8 @@ What it adds to a bare ``chat.completions.create``:
   at once with that ``finish_reason``, not retried as unreadable (each retry would be paid);
 * the rate-limit headers of every response pace the job's shared limiter;
 * the response cache: an answer is paid for once, and a rerun replays it;
+* a recording mode for the Batch API (:mod:`~huatuo_ray.teacher.batch`): requests not cached are
+  noted, not sent, and failed batch lines fail their records with the service's reason;
 * usage and cost accounting, counted per outcome.
 
 The API key is read from the environment variable the config names. It never appears in a log
@@ -105,6 +107,32 @@ class Usage:
         return out
 
 
+class NotCached(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by a recording client (batch mode's collect pass) for a request not yet cached."""
+
+
+def usage_counts(usage: dict[str, Any], config: TeacherConfig, discount: float = 0.0) -> dict:
+    """Token counts and cost of one answer's ``usage``; prompt tokens the server says it read
+    from its prompt cache are priced at ``price_cached_input_per_1m``; ``discount`` is a share
+    off the whole (the Batch API's 50%)."""
+    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    details = usage.get("prompt_tokens_details") or {}
+    cached = min(prompt, int(details.get("cached_tokens") or usage.get("cached_tokens") or 0))
+    cached_price = config.price_cached_input_per_1m
+    if cached_price is None:
+        cached_price = config.price_input_per_1m
+    cost = (
+        (prompt - cached) * config.price_input_per_1m
+        + cached * cached_price
+        + completion * config.price_output_per_1m
+    ) / 1e6
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cost_usd": cost * (1.0 - discount),
+    }
+
+
 # The usage of the record a task works on: set per asyncio task by the Ray Data mapper.
 RECORD_USAGE: ContextVar[Usage | None] = ContextVar("record_usage", default=None)
 
@@ -191,6 +219,10 @@ class TeacherClient:
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._rng = random.Random(seed)
         self.fatal: TeacherFatalError | None = None  # set once: every later call raises it
+        # Batch mode: requests that are not cached are noted here instead of asked (see
+        # :mod:`~huatuo_ray.teacher.batch`), and batch lines that failed for good, by key.
+        self.recording: list[tuple[str, int, dict[str, Any]]] | None = None
+        self.refused: dict[str, str] = {}
 
     def sampling(self, **overrides: Any) -> dict[str, Any]:
         """The request's sampling fields: null ones left out, ``max_tokens`` under the field
@@ -220,27 +252,23 @@ class TeacherClient:
             params["seed"] = variant
         extra_body = params.pop("extra_body", None) or self.config.extra_body or None
         key = request_key(self.config.model, messages, {**params, "extra_body": extra_body})
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+        if self.cache is not None and (hit := await self.cache.aget(key)) is not None:
             self._count(requests=1, cached=1)
             return TeacherAnswer(
                 hit["text"], key, True, 0, hit.get("usage", {}), hit.get("finish_reason", "stop")
             )
+        if key in self.refused:  # a batch line that failed, configured to be a reject
+            self._count_failure("batch")
+            raise TeacherError(self.refused[key])
+        if self.recording is not None:  # the batch mode's collect pass: note it, ask nothing
+            body = {"model": self.config.model, "messages": messages, **params}
+            self.recording.append((key, variant, {**body, **(extra_body or {})}))
+            raise NotCached(key)
         text, usage, finish, attempts = await self._call(messages, params, extra_body)
         if self.cache is not None:
             record = {"text": text, "usage": usage, "finish_reason": finish}
-            self.cache.put(key, {**record, "model": self.config.model, "time": time.time()})
-        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        self._count(
-            requests=1,
-            paid=1,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cost_usd=(
-                prompt * self.config.price_input_per_1m
-                + completion * self.config.price_output_per_1m
-            )
-            / 1e6,
-        )
+            await self.cache.aput(key, {**record, "model": self.config.model, "time": time.time()})
+        self._count(requests=1, paid=1, **usage_counts(usage, self.config))
         return TeacherAnswer(text, key, False, attempts, usage, finish)
 
     def _backoff(self, attempt: int) -> float:
@@ -325,7 +353,13 @@ class TeacherClient:
         if (record := RECORD_USAGE.get()) is not None:
             record.add(counts)
 
+    async def flush(self) -> None:
+        """Write the answers the cache still buffers."""
+        if self.cache is not None:
+            await self.cache.aflush()
+
     async def close(self) -> None:
+        await self.flush()
         await self._client.close()
 
 
@@ -336,7 +370,10 @@ def _read_completion(resp: Any) -> tuple[str, dict[str, int], str]:
     choice = resp.choices[0]
     message = choice.message
     usage = resp.usage.model_dump() if resp.usage else {}
+    details = usage.get("prompt_tokens_details") or {}
     usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+    if details.get("cached_tokens"):  # priced lower: kept for the cost
+        usage["cached_tokens"] = int(details["cached_tokens"])
     finish = str(choice.finish_reason or "stop")
     text = message.content
     if finish == "content_filter":

@@ -20,6 +20,9 @@ and a rerun recomputes the whole map from the inputs, replaying cached answers. 
 written only at the end, from the map's output, so each input row appears exactly once: as a
 record or as a reject.
 
+``teacher.mode: batch`` buys the answers through the Batch API before the map
+(:mod:`~huatuo_ray.teacher.batch`): the map then finds them in the cache.
+
 Two ways a stage fails instead of writing an empty success:
 
 * a :class:`~huatuo_ray.teacher.client.TeacherFatalError` (a wrong key, an unknown model, a
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from huatuo_ray import artifacts, storage, telemetry
-from huatuo_ray.config import ClusterConfig, TeacherConfig, option, to_dict
+from huatuo_ray.config import ClusterConfig, ConfigError, TeacherConfig, option, to_dict
 from huatuo_ray.dialogue import Dialogue, RecordError
 from huatuo_ray.teacher.client import (
     BLOCKED,
@@ -196,6 +199,7 @@ class TeacherMapper:
         fn_kwargs: dict[str, Any],
         stage: str,
         agents: dict[str, TeacherConfig] | None = None,
+        refused: dict[str, str] | None = None,
     ):
         import ray
 
@@ -206,6 +210,7 @@ class TeacherMapper:
         self.fn_kwargs, self.stage = dict(fn_kwargs), stage
         limiter = RemoteLimiter(ray.get_actor(limiter_name)) if limiter_name else None
         self.teacher = TeacherClient(teacher, ResponseCache(cache_uri), limiter)
+        self.teacher.refused = dict(refused or {})  # batch lines that failed: rejects
         # Other endpoints the record function talks to (e.g. the model under test in ``consult``),
         # passed to it by name; each keeps its own answer cache (not the teacher's limits).
         for name, agent in (agents or {}).items():
@@ -240,6 +245,12 @@ class TeacherMapper:
 
         rows = batch.to_pylist()
         results = await asyncio.gather(*(self._one(r) for r in rows))
+        # The batch's answers reach storage before its records leave: an actor killed later
+        # loses nothing that a record was made of.
+        await self.teacher.flush()
+        for client in self.fn_kwargs.values():
+            if isinstance(client, TeacherClient):
+                await client.flush()
         return pa.Table.from_pylist(list(results))
 
 
@@ -273,9 +284,11 @@ def run_teacher_map(
     limiter_name: str | None = None,
     stage: str = "teacher",
     agents: dict[str, TeacherConfig] | None = None,
+    refused: dict[str, str] | None = None,
 ) -> MapResult:
     """Run the record function over ``rows`` on a pool of ``workers`` actors. ``agents``: more
-    OpenAI-compatible endpoints, each given to the record function as a client of that name."""
+    OpenAI-compatible endpoints, each given to the record function as a client of that name;
+    ``refused``: request keys that fail at once with the given reason (failed batch lines)."""
     import pyarrow as pa
     import ray
 
@@ -294,6 +307,7 @@ def run_teacher_map(
             fn_kwargs or {},
             stage,
             agents,
+            refused,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -440,6 +454,21 @@ def run_teacher_stage(
     if (done := already_complete(config.output, config.overwrite)) is not None:
         return done
     given = read()
+    kwargs = {"retries": config.workers.max_parse_retries, **(fn_kwargs or {})}
+    batched = None
+    if config.teacher.mode == "batch":
+        if agents is not _no_agents:
+            raise ConfigError(
+                f"{stage}: teacher.mode=batch is not supported: each turn waits for the model "
+                "under test's live answer; use teacher.mode=online"
+            )
+        from huatuo_ray.teacher.batch import prefetch
+
+        cache_uri = storage.join(config.output, CACHE_DIR)
+        batched = prefetch(
+            given.rows, record_fn, kwargs, config.teacher, cache_uri, config.output, stage
+        )
+    refused = batched.failed if batched and config.teacher.batch.failed_lines == "reject" else {}
     with agents() as endpoints:
         result = run_teacher_map(
             given.rows,
@@ -448,15 +477,19 @@ def run_teacher_stage(
             config.output,
             workers=config.workers.num_workers,
             batch_size=config.workers.batch_size,
-            fn_kwargs={"retries": config.workers.max_parse_retries, **(fn_kwargs or {})},
+            fn_kwargs=kwargs,
             limiter_name=limiter_for_job(config.teacher),
             stage=stage,
             agents=endpoints or None,
+            refused=refused,
         )
-    if given.usage is not None:
-        result.usage.add(given.usage)
+    for usage in (given.usage, batched.usage if batched else None):
+        if usage is not None:
+            result.usage.add(usage)
     made = finish(result, given) if finish else StageOutput(result.records)
     extra = {"inputs_read": len(given.rows), **given.extra, **made.extra}
+    if batched is not None:
+        extra["batch"] = batched.report
     failed = made.failed or (len(result.rejects), len(given.rows), "inputs rejected")
     failure = reject_failure(*failed, config.max_reject_fraction)
     if failure:
