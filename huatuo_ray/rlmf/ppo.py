@@ -5,12 +5,16 @@
 The driver (this file, no GPU) places the actor groups (:mod:`~huatuo_ray.rlmf.actors`) and runs
 one iteration after another:
 
-1. **rollout**: ``rollout_size`` prompts (the paper: 64) go to the rollout engines in chunks of
-   ``rollout.chunk_size`` (8); each engine samples one response per prompt;
-2. **experience**: for each chunk, in parallel, the policy's log-probs of the sampled tokens
-   (plus the reference's, from its frozen trunk or a separate reference group), the critic's
-   values and the reward model's normalised score; the driver then computes the per-token KL,
-   r = r_RM - beta * KL, GAE advantages and returns (:mod:`~huatuo_ray.rlmf.ppo_math`);
+1. **rollout**: ``rollout_size`` prompts (the paper: 64) go to the rollout engines on the
+   ``rollout.schedule`` (:mod:`~huatuo_ray.rlmf.rollout_schedule`): ``streamed`` (default) hands
+   each engine its whole share at once and takes finished prompts back in pieces of
+   ``rollout.chunk_size``; ``chunked`` (the paper's) sends chunks of 8, one call each; each engine
+   samples one response per prompt;
+2. **experience**: for each piece, started as soon as it arrives, the policy's log-probs of the
+   sampled tokens (plus the reference's, from its frozen trunk or a separate reference group), the
+   critic's values and the reward model's normalised score; the driver then puts the rows back in
+   prompt order and computes the per-token KL, r = r_RM - beta * KL, GAE advantages and returns
+   (:mod:`~huatuo_ray.rlmf.ppo_math`);
 3. **train**: policy and critic, concurrently, run ``ppo_epochs`` over shuffled minibatches;
 4. **sync**: the policy's trainable weights go to every rollout engine
    (:mod:`~huatuo_ray.rlmf.weight_sync`); then the KL controller updates beta.
@@ -113,6 +117,9 @@ class RewardConfig:
     unfinished_score: float | None = option(
         None, help="normalised score given to responses cut at max_new_tokens (null: keep the RM's)"
     )
+    clip: float | None = option(
+        None, help="normalised scores clipped to [-clip, clip] (OpenRLHF: 10); null: off"
+    )
     resources: Resources = field(default_factory=Resources)
 
 
@@ -125,7 +132,19 @@ class RolloutConfig:
     strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = option(
         "SPREAD", help="placement of the engines over nodes"
     )
-    chunk_size: int = option(8, help="prompts per generation call (paper: 8)")
+    chunk_size: int = option(
+        8,
+        help="chunked: prompts per generation call (paper: 8); streamed: prompts per piece "
+        "returned and scored, and the unit of the engines' shares",
+    )
+    schedule: Literal["chunked", "streamed"] = option(
+        "streamed",
+        help="streamed: each engine gets its whole share at once and returns pieces as they "
+        "finish, scored while it decodes; chunked: one chunk per call, scoring after the last",
+    )
+    balance: Literal["count", "length"] = option(
+        "count", help="streamed: share chunks among engines by count or by prompt tokens"
+    )
 
 
 @dataclass
@@ -136,6 +155,12 @@ class KLConfig:
     target: float | None = option(None, help="adaptive controller's target KL; null: fixed beta")
     horizon: int = option(10_000, help="adaptive controller's horizon in samples")
     estimator: Literal["k1", "k2", "k3"] = option("k1", help="per-token KL estimate (trlx: k1)")
+    log_ratio_clamp: float | None = option(
+        20.0, help="|log pi/pi_ref| bound before the estimate (veRL: 20); null: none"
+    )
+    clamp: float | None = option(
+        10.0, help="per-token KL estimate bound [-c, c] (OpenRLHF, veRL: 10); null: none"
+    )
 
 
 @dataclass
@@ -174,6 +199,20 @@ class PPOConfig:
     ppo_epochs: int = option(4, help="passes over each rollout (paper: 4)")
     clip_ratio: float = option(0.2, help="PPO policy ratio clip")
     value_clip: float = option(0.2, help="value clip around the old values")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = option(
+        "token_mean",
+        help="policy and value losses over all response tokens of an optimizer step (all "
+        "micro-batches and ranks): token mean, mean of row token means, or mean of row sums",
+    )
+    dual_clip: float | None = option(
+        None, help="dual-clip constant c > 1: loss <= -A * c for A < 0 (veRL: 3); null: off"
+    )
+    log_ratio_clamp: float = option(20.0, help="|log pi/pi_old| bound before exp (veRL: 20)")
+    tis_cap: float | None = option(
+        None,
+        help="truncated importance sampling: weight each token by min(pi_old / pi_engine, cap) "
+        "for the rollout engine's mismatch (OpenRLHF/veRL: 2); null: off",
+    )
     gamma: float = option(1.0, help="discount")
     lam: float = option(0.95, help="GAE lambda")
     whiten_advantages: bool = option(True, help="whiten advantages over the rollout")
@@ -306,7 +345,10 @@ def run(
     while state["iteration"] < config.iterations:
         iteration = state["iteration"]
         times: dict[str, float] = {}
-        exp = collect_experience(config, groups, prompts, pad_id, iteration, kl_control.beta, times)
+        figures: dict[str, float] = {}
+        exp = collect_experience(
+            config, groups, prompts, pad_id, iteration, kl_control.beta, times, figures
+        )
 
         # 3. train policy and critic concurrently on the same rows
         started = time.perf_counter()
@@ -332,7 +374,7 @@ def run(
         state["beta"] = kl_control.beta
         state["position"] = prompts.position
         record = metrics.log(
-            iteration + 1, exp, beta, sequence_kl, policy_stats, critic_stats, times
+            iteration + 1, exp, beta, sequence_kl, policy_stats, critic_stats, times, figures
         )
         state["history"].append(record)
         done = state["iteration"] == config.iterations
@@ -351,54 +393,77 @@ def collect_experience(
     iteration: int,
     beta: float,
     times: dict[str, float],
+    figures: dict[str, float] | None = None,
 ) -> Any:
-    """Steps 1 and 2 of an iteration: the rollout (chunks of prompts over the engines), then
-    log-probs, values and scores per chunk, joined into one Experience with its rewards and
-    advantages (KL penalty ``beta``)."""
+    """Steps 1 and 2 of an iteration: the rollout on the schedule ``rollout.schedule``
+    (:mod:`~huatuo_ray.rlmf.rollout_schedule`), each piece's log-probs, values and scores started
+    as it arrives, joined in prompt order into one Experience with its rewards and advantages
+    (KL penalty ``beta``). ``figures`` receives ``overlap_fraction`` and ``engine_batch``."""
     import ray
+    import torch
 
+    from huatuo_ray.rlmf import rollout_schedule
     from huatuo_ray.rlmf.experience import concat, make_experience
 
-    started = time.perf_counter()
+    started = time.time()
     batch = prompts.next_batch(config.rollout_size)
-    chunks = [
-        batch[i : i + config.rollout.chunk_size]
-        for i in range(0, len(batch), config.rollout.chunk_size)
-    ]
+    ids = [p.ids for p in batch]
+    seeds = [p.seed(config.sampling.seed, iteration) for p in batch]
     engines = groups["rollout"].workers
-    pending = [
-        engines[i % len(engines)].generate.remote(
-            [p.ids for p in chunk], [p.seed(config.sampling.seed, iteration) for p in chunk]
+    generation: list[tuple[float, float]] = []
+    if config.rollout.schedule == "streamed":
+        pieces = rollout_schedule.streamed(
+            engines, ids, seeds, config.rollout.chunk_size, config.rollout.balance, generation
         )
-        for i, chunk in enumerate(chunks)
-    ]
-    samples = ray.get(pending)
-    times["generate_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    parts = []
-    for chunk, outs in zip(chunks, samples):
+    else:
+        pieces = rollout_schedule.chunked(engines, ids, seeds, config.rollout.chunk_size)
+    parts, order = [], []
+    for indices, samples in pieces:
         exp = make_experience(
-            [p.ids for p in chunk],
-            [o.token_ids for o in outs],
-            [o.finished for o in outs],
+            [ids[i] for i in indices],
+            [o.token_ids for o in samples],
+            [o.finished for o in samples],
             pad_id,
-            [o.logprobs for o in outs],
+            [o.logprobs for o in samples],
         )
         parts.append((exp, experience_calls(groups, exp, config.reference.frozen_trunk)))
+        order += indices
+    generated = time.time()
+    times["generate_s"] = generated - started
     filled = []
     for exp, calls in parts:
         fill_experience(exp, {k: ray.get(v) for k, v in calls.items()})
         filled.append(exp)
-    exp = concat(filled, pad_id)
+    exp = concat(filled, pad_id).select(torch.argsort(torch.tensor(order)))
     add_rewards_and_advantages(exp, beta, config)
-    times["experience_s"] = time.perf_counter() - started
+    times["experience_s"] = time.time() - generated
+    if figures is not None:
+        figures.update(schedule_figures(groups, generation or [(started, generated)]))
     return exp
+
+
+def schedule_figures(
+    groups: dict[str, Any], generation: list[tuple[float, float]]
+) -> dict[str, float]:
+    """How the rollout went: the share of generation time with scoring running, and the mean
+    sequences in flight per engine step (from the actors' own clocks and counters)."""
+    import ray
+
+    from huatuo_ray.rlmf import rollout_schedule
+
+    scorers = [n for n in ("policy", "critic", "reference", "reward") if n in groups]
+    scoring = [s for n in scorers for spans in ray.get(groups[n].call("timeline")) for s in spans]
+    engines = ray.get(groups["rollout"].call("engine_stats"))
+    return {
+        "overlap_fraction": rollout_schedule.overlap_fraction(generation, scoring),
+        "engine_batch": sum(e["mean_batch"] for e in engines) / len(engines),
+    }
 
 
 def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
     """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
-    whitened advantages; cut responses take ``reward.unfinished_score`` when it is set."""
+    whitened advantages; cut responses take ``reward.unfinished_score`` when it is set, scores
+    are clipped to ``reward.clip``, the KL estimate clamped as ``kl`` says."""
     import torch
 
     from huatuo_ray.rlmf import ppo_math
@@ -406,8 +471,16 @@ def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None
     if config.reward.unfinished_score is not None:
         penalty = torch.tensor(config.reward.unfinished_score, dtype=exp.scores.dtype)
         exp.scores = torch.where(exp.finished, exp.scores, penalty)
+    if config.reward.clip is not None:
+        exp.scores = exp.scores.clamp(-config.reward.clip, config.reward.clip)
     mask = exp.action_mask.float()
-    exp.kl = ppo_math.kl_estimate(exp.logprobs, exp.ref_logprobs, config.kl.estimator) * mask
+    kl = config.kl
+    exp.kl = (
+        ppo_math.kl_estimate(
+            exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp
+        )
+        * mask
+    )
     exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, beta)
     exp.advantages, exp.returns = ppo_math.gae(
         exp.rewards, exp.values, mask, config.gamma, config.lam
@@ -679,6 +752,7 @@ class PPOMetrics:
         policy_stats: dict[str, float],
         critic_stats: dict[str, float],
         times: dict[str, float],
+        figures: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         from huatuo_ray import telemetry
         from huatuo_ray.rlmf import ppo_math
@@ -705,6 +779,7 @@ class PPOMetrics:
             **times,
             "rollout_tokens_per_s": float(lengths.sum()) / max(times["generate_s"], 1e-9),
             "samples_per_s": len(exp) / max(sum(times.values()), 1e-9),
+            **(figures or {}),
         }
         for name, value in record.items():
             if name != "iteration":

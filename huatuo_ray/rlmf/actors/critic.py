@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from huatuo_ray.rlmf.actors.base import timed
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import ValueModel, response_values
-from huatuo_ray.rlmf.ppo_math import value_loss
+from huatuo_ray.rlmf.ppo_math import masked_mean, value_token_losses
 from huatuo_ray.train.core import freeze_bottom, load_model
 
 
@@ -24,6 +25,7 @@ class CriticWorker(TrainableWorker):
         freeze_bottom(model, self.role.trainable_layers, self.role.trainable_modules)
         return ValueModel(model)
 
+    @timed
     def values(self, exp: Experience) -> torch.Tensor:
         exp = exp.to(self.device)
         self.engine.eval()
@@ -35,10 +37,11 @@ class CriticWorker(TrainableWorker):
         values = response_values(
             self.engine(micro.sequences, micro.attention_mask, micro.position_ids), micro
         )
-        loss, stats = value_loss(
-            values, micro.values, micro.returns, micro.action_mask, self.config.value_clip
+        losses, clipped = value_token_losses(
+            values, micro.values, micro.returns, self.config.value_clip
         )
+        loss, logged = self.aggregate(losses, micro.action_mask)
         return loss, {
-            "value_loss": float(loss.detach()),
-            "value_clip_fraction": float(stats["value_clip_fraction"]),
+            "value_loss": logged,
+            "value_clip_fraction": float(masked_mean(clipped.float(), micro.action_mask.float())),
         }

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from huatuo_ray.config import ModelConfig
-from huatuo_ray.rlmf.actors.base import ModelWorker
+from huatuo_ray.rlmf.actors.base import ModelWorker, timed
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import ValueModel, forward_logits, last_token_scores, token_logprobs
 from huatuo_ray.train.core import load_model
@@ -28,6 +28,7 @@ class ReferenceWorker(ModelWorker):
         self.model = load_model(model, "causal", self.dtype(model))
         self.model.to(self.device).eval().requires_grad_(False)
 
+    @timed
     @torch.no_grad()
     def log_probs(self, exp: Experience) -> torch.Tensor:
         exp = exp.to(self.device)
@@ -57,6 +58,7 @@ class RewardWorker(ModelWorker):
     def normalisation(self) -> dict[str, float]:
         return self.stats
 
+    @timed
     @torch.no_grad()
     def scores(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised scores, raw scores), (B,) each."""

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from huatuo_ray.rlmf import weight_sync
+from huatuo_ray.rlmf.actors.base import timed
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import (
@@ -17,7 +18,12 @@ from huatuo_ray.rlmf.model_ops import (
     forward_logits,
     token_logprobs,
 )
-from huatuo_ray.rlmf.ppo_math import entropy_from_logits, masked_mean, policy_loss
+from huatuo_ray.rlmf.ppo_math import (
+    entropy_from_logits,
+    masked_mean,
+    policy_token_losses,
+    truncated_is_weights,
+)
 from huatuo_ray.train.core import freeze_bottom, load_model, load_tokenizer
 
 
@@ -46,6 +52,7 @@ class PolicyWorker(TrainableWorker):
             self.reference = FrozenTrunkReference(module, self.role.trainable_layers)
             self.reference.to(self.device, dtype)
 
+    @timed
     def log_probs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Policy log-probs of the sampled tokens, and the reference's from the frozen trunk."""
         exp = exp.to(self.device)
@@ -65,20 +72,27 @@ class PolicyWorker(TrainableWorker):
             )
 
     def micro_loss(self, micro: Experience) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
         logits = forward_logits(self.engine, micro)
-        logprobs = token_logprobs(logits, micro.responses, self.config.sampling.temperature)
-        loss, stats = policy_loss(
-            logprobs, micro.logprobs, micro.advantages, micro.action_mask, self.config.clip_ratio
-        )
-        temperature = self.config.sampling.temperature
+        logprobs = token_logprobs(logits, micro.responses, c.sampling.temperature)
+        is_weights = None
+        if c.tis_cap is not None and micro.rollout_logprobs is not None:
+            is_weights = truncated_is_weights(
+                micro.logprobs, micro.rollout_logprobs, micro.action_mask, c.tis_cap
+            )
+        losses, stats = policy_token_losses(
+            logprobs, micro.logprobs, micro.advantages, micro.action_mask, c.clip_ratio,
+            c.dual_clip, c.log_ratio_clamp, is_weights,
+        )  # fmt: skip
+        loss, logged = self.aggregate(losses, micro.action_mask)
         entropy = masked_mean(
-            entropy_from_logits(logits.detach() / max(temperature, 1e-6)), micro.action_mask
+            entropy_from_logits(logits.detach() / max(c.sampling.temperature, 1e-6)),
+            micro.action_mask,
         )
         return loss, {
-            "policy_loss": float(loss.detach()),
+            "policy_loss": logged,
             "entropy": float(entropy),
-            "clip_fraction": float(stats["clip_fraction"]),
-            "approx_kl": float(stats["approx_kl"]),
+            **{k: float(v) for k, v in stats.items()},
         }
 
     # ---------------------------------------------------------------- weight sync
