@@ -192,6 +192,9 @@ class PPOConfig:
     weight_sync: Literal["broadcast", "object_store"] = option(
         "broadcast", help="broadcast: NCCL/gloo group; object_store: through Ray's object store"
     )
+    sync_bucket_mb: float = option(
+        256.0, help="broadcast sync: MiB per bucket (the most an engine holds of an update)"
+    )
     iterations: int = option(100, help="PPO iterations (rollout + update)")
     rollout_size: int = option(64, help="prompts per iteration (paper: 64)")
     minibatch_size: int = option(8, help="rows per optimizer step over all workers")
@@ -366,6 +369,7 @@ def run(
         started = time.perf_counter()
         sync.push()
         times["sync_s"] = time.perf_counter() - started
+        figures.update(sync.last)
         sequence_kl = float(exp.kl.sum(-1).mean())
         beta = kl_control.beta
         kl_control.update(sequence_kl, len(exp))
@@ -588,6 +592,8 @@ class WeightSync:
         import ray
 
         self.method = config.weight_sync
+        self.bucket_bytes = int(config.sync_bucket_mb * 2**20)
+        self.last: dict[str, float] = {}
         self.policy, self.rollout = groups["policy"], groups["rollout"]
         if self.method != "broadcast":
             return
@@ -607,18 +613,29 @@ class WeightSync:
         )
 
     def push(self) -> float:
+        """One update to every engine; seconds. ``last`` keeps the engines' figures (bytes,
+        tensors, buckets held at once), logged with the time."""
         import ray
 
         started = time.perf_counter()
         if self.method == "broadcast":
-            ray.get(
-                self.policy.call("broadcast_weights")
-                + self.rollout.call("receive_broadcast", self.specs)
-            )
+            results = ray.get(
+                self.policy.call("broadcast_weights", self.bucket_bytes)
+                + self.rollout.call("receive_broadcast", self.specs, self.bucket_bytes)
+            )[len(self.policy) :]
         else:
             refs = [r for rs in ray.get(self.policy.call("weights_to_object_store")) for r in rs]
-            ray.get(self.rollout.call("load_weights", refs[0]))
-        return time.perf_counter() - started
+            results = ray.get(self.rollout.call("load_weights", refs[0]))
+        seconds = time.perf_counter() - started
+        self.last = {
+            "sync_mb": sum(r["bytes"] for r in results) / len(results) / 2**20,
+            "sync_peak_buckets": max(r["peak_buckets"] for r in results),
+        }
+        log.info(
+            "ppo: weight sync %.1f MB x %d engines in %.3f s (%s)",
+            self.last["sync_mb"], len(results), seconds, self.method,
+        )  # fmt: skip
+        return seconds
 
 
 # --------------------------------------------------------------------------- prompts

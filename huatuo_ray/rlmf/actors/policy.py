@@ -124,13 +124,20 @@ class PolicyWorker(TrainableWorker):
             return deepspeed.zero.GatheredParameters([param])
         return contextlib.nullcontext()
 
-    def broadcast_weights(self) -> float:
-        """Rank 0 broadcasts each trainable tensor (all ranks gather under ZeRO-3); seconds."""
+    def broadcast_weights(self, bucket_bytes: int) -> float:
+        """Rank 0 broadcasts the trainable tensors in buckets of ``bucket_bytes`` (all ranks
+        gather each parameter under ZeRO-3); seconds."""
         started = time.perf_counter()
-        for _, param in self._trainable_named():
-            with self._gathered(param):
-                if self.rank == 0:
-                    weight_sync.broadcast(self.sync_group, param.data)
+        specs = self.weight_specs()
+
+        def tensors() -> Any:
+            for _, param in self._trainable_named():
+                with self._gathered(param):
+                    yield param.data
+
+        root = self.rank == 0
+        group = self.sync_group if root else None
+        weight_sync.send_buckets(group, tensors(), specs, bucket_bytes, self.device, root)
         return time.perf_counter() - started
 
     def weights_to_object_store(self) -> list[Any]:

@@ -104,19 +104,29 @@ class RolloutWorker(ModelWorker):
                 "huatuo_join_sync_group", args=(addr, port, rank, world, backend)
             )
 
-    def receive_broadcast(self, specs: list[weight_sync.ParamSpec]) -> int:
+    def receive_broadcast(self, specs: list[weight_sync.ParamSpec], bucket_bytes: int) -> dict:
+        """One update from the broadcast group, streamed bucket by bucket into the engine;
+        ``{"tensors", "bytes", "peak_buckets"}`` (buckets held at once: 1)."""
         if isinstance(self.generator, HFGenerator):
             device = next(self.generator.model.parameters()).device
-            received = weight_sync.receive(self.sync_group, specs, device)
-            return weight_sync.copy_into(self.generator.model, received)
-        n = self.generator.llm.collective_rpc("huatuo_receive_broadcast", args=(specs,))[0]
+            meter = weight_sync.BucketMeter()
+            received = weight_sync.receive_buckets(
+                self.sync_group, specs, bucket_bytes, device, meter
+            )
+            weight_sync.copy_into(self.generator.model, received)
+            return meter.summary()
+        stats = self.generator.llm.collective_rpc(
+            "huatuo_receive_broadcast", args=(specs, bucket_bytes)
+        )[0]
         self.generator.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
-        return n
+        return stats
 
-    def load_weights(self, named: list[tuple[str, Any]]) -> int:
+    def load_weights(self, named: list[tuple[str, Any]]) -> dict:
         """The object-store path: ``named`` arrives as a Ray object (resolved by Ray)."""
         if isinstance(self.generator, HFGenerator):
-            return weight_sync.copy_into(self.generator.model, named)
-        n = self.generator.llm.collective_rpc("huatuo_load_weights", args=(named,))[0]
+            n = weight_sync.copy_into(self.generator.model, named)
+            size = sum(t.numel() * t.element_size() for _, t in named)
+            return {"tensors": n, "bytes": size, "peak_buckets": 1}
+        stats = self.generator.llm.collective_rpc("huatuo_load_weights", args=(named,))[0]
         self.generator.llm.reset_prefix_cache()
-        return n
+        return stats
