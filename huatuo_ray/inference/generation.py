@@ -184,7 +184,9 @@ class VLLMGenerator:
             [self._params(sampling, seed, logprobs) for seed in seeds],
             use_tqdm=False,
         )
+        # enqueue returns vLLM's internal ids ("<external>-<random>"); outputs carry the external.
         index = {rid: i for i, rid in enumerate(ids)}
+        index.update({rid.rsplit("-", 1)[0]: i for i, rid in enumerate(ids)})
         engine = self.llm.llm_engine
         finished: list[tuple[int, list[Sample]]] = []
         while engine.has_unfinished_requests():

@@ -420,7 +420,9 @@ def collect_experience(
             engines, ids, seeds, config.rollout.chunk_size, config.rollout.balance, generation
         )
     else:
-        pieces = rollout_schedule.chunked(engines, ids, seeds, config.rollout.chunk_size)
+        pieces = rollout_schedule.chunked(
+            engines, ids, seeds, config.rollout.chunk_size, generation
+        )
     parts, order = [], []
     for indices, samples in pieces:
         exp = make_experience(
@@ -442,7 +444,7 @@ def collect_experience(
     add_rewards_and_advantages(exp, beta, config)
     times["experience_s"] = time.time() - generated
     if figures is not None:
-        figures.update(schedule_figures(groups, generation or [(started, generated)]))
+        figures.update(schedule_figures(groups, generation))
     return exp
 
 

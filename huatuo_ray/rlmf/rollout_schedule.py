@@ -56,11 +56,19 @@ def assign(
 
 
 def chunked(
-    engines: list[Any], prompts: list[list[int]], seeds: list[int], chunk_size: int
+    engines: list[Any],
+    prompts: list[list[int]],
+    seeds: list[int],
+    chunk_size: int,
+    timeline: list[tuple[float, float]] | None = None,
 ) -> Iterator[Piece]:
-    """The paper's schedule: one call per chunk, round-robin; every piece once all are back."""
+    """The paper's schedule: one call per chunk, round-robin; every piece once all are back.
+    ``timeline`` receives the (start, all back) wall-clock times."""
+    import time
+
     import ray
 
+    started = time.time()
     parts = chunks(len(prompts), chunk_size)
     calls = [
         engines[i % len(engines)].generate.remote(
@@ -68,7 +76,10 @@ def chunked(
         )
         for i, part in enumerate(parts)
     ]
-    yield from zip(parts, ray.get(calls))
+    results = ray.get(calls)
+    if timeline is not None:
+        timeline.append((started, time.time()))
+    yield from zip(parts, results)
 
 
 def streamed(
