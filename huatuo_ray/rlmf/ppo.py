@@ -222,7 +222,10 @@ class PPOConfig:
     max_prompt_tokens: int = option(1024, help="longer prompts are rejected")
     last_turn_only: bool = option(False, help="one prompt per dialogue (its last doctor turn)")
     colocate: list[list[str]] = option(
-        [], help="groups sharing GPUs, e.g. [[policy, reference], [critic, reward]]"
+        [],
+        help="groups sharing GPUs, e.g. [[policy, reference], [critic, reward]]; with rollout "
+        "next to policy the engines live on the policy's GPUs (hybrid engine; vLLM sleeps "
+        "while the policy trains when rollout.engine.sleep_mode)",
     )
     checkpoint: CheckpointEvery = field(default_factory=CheckpointEvery)
     seed: int = option(
@@ -259,13 +262,15 @@ class PPOConfig:
             raise ValueError("rollout.resources.num_gpus must equal engine.tensor_parallel_size")
         if self.checkpoint.every_iterations < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every_iterations and checkpoint.keep must be >= 1")
-        groups = {"policy", "critic", "reference", "reward"}
+        groups = {"policy", "critic", "reference", "reward", "rollout"}
         named = [n for names in self.colocate for n in names]
         if not set(named) <= groups or len(named) != len(set(named)):
             raise ValueError(
                 f"colocate: {self.colocate}: groups among policy, critic, reference, reward,"
-                " each in one list at most"
+                " rollout, each in one list at most"
             )
+        if "rollout" in named and rollout.engine.tensor_parallel_size > 1:
+            raise ValueError("colocate: a colocated rollout engine runs on one GPU (TP 1)")
         if self.reference.mode == "frozen_trunk" and not _frozen_trunk_possible(self):
             raise ValueError(
                 "reference.mode frozen_trunk needs policy.trainable_layers >= 1 and ZeRO <= 2"
@@ -353,8 +358,9 @@ def run(
             config, groups, prompts, pad_id, iteration, kl_control.beta, times, figures
         )
 
-        # 3. train policy and critic concurrently on the same rows
+        # 3. train policy and critic concurrently on the same rows (colocated engines asleep)
         started = time.perf_counter()
+        hybrid_engine(config, groups, awake=False)
         policy_refs = groups["policy"].call_shards(
             "train", exp.shards(len(groups["policy"])), iteration
         )
@@ -367,6 +373,7 @@ def run(
 
         # 4. weight sync, then the KL controller
         started = time.perf_counter()
+        hybrid_engine(config, groups, awake=True)  # wake first: the sync writes into the engines
         sync.push()
         times["sync_s"] = time.perf_counter() - started
         figures.update(sync.last)
@@ -525,6 +532,7 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         "critic": config.critic.resources,
         "reference": config.reference.resources,
         "reward": config.reward.resources,
+        "rollout": config.rollout.resources,
     }
     shared: dict[str, tuple[Any, float]] = {}
     for names in config.colocate:
@@ -545,16 +553,30 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         groups["reference"] = group(
             "reference", ReferenceWorker, config.model, config.sampling.temperature
         )
+    placement, share = shared.get("rollout", (None, 1.0))
     groups["rollout"] = ActorGroup(
         "rollout",
         RolloutWorker,
         config.rollout.resources,
         (config.model.path, config.rollout.engine, config.sampling),
+        placement,
+        share,
         strategy=config.rollout.strategy,
         # vLLM's engine in the actor's own process (its multiprocessing engine cannot take
         # weights in place on CPUs, and one process per engine is simpler to place).
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
+
+
+def hybrid_engine(config: PPOConfig, groups: dict[str, Any], awake: bool) -> None:
+    """Put rollout engines that share the policy's GPUs to sleep while it trains (vLLM level 1:
+    weights to CPU memory, KV cache freed) and wake them before the weight sync, as veRL's hybrid
+    engine and OpenRLHF's colocate_all do. Engines without sleep mode (vLLM-CPU, HF) stay up."""
+    import ray
+
+    colocated = any("rollout" in names for names in config.colocate)
+    if colocated and config.rollout.engine.sleep_mode:
+        ray.get(groups["rollout"].call("wake_up" if awake else "sleep"))
 
 
 def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> dict[str, list]:
