@@ -216,6 +216,12 @@ class PPOConfig:
         help="truncated importance sampling: weight each token by min(pi_old / pi_engine, cap) "
         "for the rollout engine's mismatch (OpenRLHF/veRL: 2); null: off",
     )
+    pack: bool = option(
+        False,
+        help="policy, critic and reference forwards run each batch's rows packed into one "
+        "(restarted positions, block-causal mask), so padding costs nothing; pays off with "
+        "FlashAttention (varlen by position_ids), while a 4-D mask costs (rows x length)^2",
+    )
     gamma: float = option(1.0, help="discount")
     lam: float = option(0.95, help="GAE lambda")
     whiten_advantages: bool = option(True, help="whiten advantages over the rollout")
@@ -551,7 +557,7 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
     groups["reward"] = group("reward", RewardWorker, config.reward.model, config.reward.normalise)
     if not config.reference.frozen_trunk:
         groups["reference"] = group(
-            "reference", ReferenceWorker, config.model, config.sampling.temperature
+            "reference", ReferenceWorker, config.model, config.sampling.temperature, config.pack
         )
     placement, share = shared.get("rollout", (None, 1.0))
     groups["rollout"] = ActorGroup(

@@ -8,7 +8,7 @@ import torch
 from huatuo_ray.rlmf.actors.base import timed
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import Experience
-from huatuo_ray.rlmf.model_ops import ValueModel, response_values
+from huatuo_ray.rlmf.model_ops import ValueModel, forward_values
 from huatuo_ray.rlmf.ppo_math import masked_mean, value_token_losses
 from huatuo_ray.train.core import freeze_bottom, load_model
 
@@ -30,13 +30,10 @@ class CriticWorker(TrainableWorker):
         exp = exp.to(self.device)
         self.engine.eval()
         with torch.no_grad():
-            values = self.engine(exp.sequences, exp.attention_mask, exp.position_ids)
-        return response_values(values, exp).cpu()
+            return forward_values(self.engine, exp, self.config.pack).cpu()
 
     def micro_loss(self, micro: Experience) -> tuple[torch.Tensor, dict[str, float]]:
-        values = response_values(
-            self.engine(micro.sequences, micro.attention_mask, micro.position_ids), micro
-        )
+        values = forward_values(self.engine, micro, self.config.pack)
         losses, clipped = value_token_losses(
             values, micro.values, micro.returns, self.config.value_clip
         )

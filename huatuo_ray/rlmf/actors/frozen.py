@@ -23,8 +23,8 @@ class ReferenceWorker(ModelWorker):
     """The frozen SFT model, for full fine-tuning (with top layers only, the policy's frozen
     trunk serves the reference and this group is not created)."""
 
-    def __init__(self, model: ModelConfig, temperature: float):
-        self.temperature = temperature
+    def __init__(self, model: ModelConfig, temperature: float, pack: bool = False):
+        self.temperature, self.pack = temperature, pack
         self.model = load_model(model, "causal", self.dtype(model))
         self.model.to(self.device).eval().requires_grad_(False)
 
@@ -32,7 +32,7 @@ class ReferenceWorker(ModelWorker):
     @torch.no_grad()
     def log_probs(self, exp: Experience) -> torch.Tensor:
         exp = exp.to(self.device)
-        logits = forward_logits(self.model, exp)
+        logits = forward_logits(self.model, exp, self.pack)
         return token_logprobs(logits, exp.responses, self.temperature).cpu()
 
 

@@ -16,7 +16,9 @@ from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import (
     FrozenTrunkReference,
     forward_logits,
+    pack_rows,
     token_logprobs,
+    unpack_responses,
 )
 from huatuo_ray.rlmf.ppo_math import (
     entropy_from_logits,
@@ -57,15 +59,22 @@ class PolicyWorker(TrainableWorker):
         """Policy log-probs of the sampled tokens, and the reference's from the frozen trunk."""
         exp = exp.to(self.device)
         temperature = self.config.sampling.temperature
+        pack = self.config.pack
         self.engine.eval()
         with torch.no_grad():
             if self.reference is None:
-                logits = forward_logits(self.engine, exp)
+                logits = forward_logits(self.engine, exp, pack)
                 return token_logprobs(logits, exp.responses, temperature).cpu(), None
             with self.reference.capture():
-                logits = forward_logits(self.engine, exp)
-            width = exp.action_mask.shape[1]
-            ref_logits = self.reference.logits(keep=width + 1)[:, :-1]
+                logits = forward_logits(self.engine, exp, pack)
+            if pack:
+                packed = pack_rows(exp)
+                valid = exp.action_mask.bool()
+                ref = self.reference.logits(positions=packed.response_index[valid])
+                ref_logits = unpack_responses(ref, packed, exp)
+            else:
+                width = exp.action_mask.shape[1]
+                ref_logits = self.reference.logits(keep=width + 1)[:, :-1]
             return (
                 token_logprobs(logits, exp.responses, temperature).cpu(),
                 token_logprobs(ref_logits, exp.responses, temperature).cpu(),
@@ -73,7 +82,7 @@ class PolicyWorker(TrainableWorker):
 
     def micro_loss(self, micro: Experience) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        logits = forward_logits(self.engine, micro)
+        logits = forward_logits(self.engine, micro, c.pack)
         logprobs = token_logprobs(logits, micro.responses, c.sampling.temperature)
         is_weights = None
         if c.tis_cap is not None and micro.rollout_logprobs is not None:
