@@ -341,14 +341,14 @@ def run(
     """Set the groups up, resume if there is a checkpoint, then iterate."""
     import ray
 
-    from huatuo_ray.rlmf import ppo_math
+    from huatuo_ray.rlmf import ppo_math, weight_sync
 
     ray.get(
         groups["policy"].setup_distributed(total_steps)
         + groups["critic"].setup_distributed(total_steps)
     )
     placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
-    sync = WeightSync(config, groups)
+    sync = weight_sync.WeightSync(config, groups)
 
     state = load_latest_checkpoint(config, groups, prompts)
     if state["iteration"] > 0:
@@ -457,26 +457,8 @@ def collect_experience(
     add_rewards_and_advantages(exp, beta, config)
     times["experience_s"] = time.time() - generated
     if figures is not None:
-        figures.update(schedule_figures(groups, generation))
+        figures.update(rollout_schedule.figures(groups, generation))
     return exp
-
-
-def schedule_figures(
-    groups: dict[str, Any], generation: list[tuple[float, float]]
-) -> dict[str, float]:
-    """How the rollout went: the share of generation time with scoring running, and the mean
-    sequences in flight per engine step (from the actors' own clocks and counters)."""
-    import ray
-
-    from huatuo_ray.rlmf import rollout_schedule
-
-    scorers = [n for n in ("policy", "critic", "reference", "reward") if n in groups]
-    scoring = [s for n in scorers for spans in ray.get(groups[n].call("timeline")) for s in spans]
-    engines = ray.get(groups["rollout"].call("engine_stats"))
-    return {
-        "overlap_fraction": rollout_schedule.overlap_fraction(generation, scoring),
-        "engine_batch": sum(e["mean_batch"] for e in engines) / len(engines),
-    }
 
 
 def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
@@ -613,59 +595,6 @@ def fill_experience(exp: Any, results: dict[str, list]) -> None:
     exp.values = torch.cat(results["critic"])
     exp.scores = torch.cat([s for s, _ in results["reward"]])
     exp.raw_scores = torch.cat([r for _, r in results["reward"]])
-
-
-class WeightSync:
-    """Policy -> rollout engines, by broadcast group or object store; ``push()`` returns seconds."""
-
-    def __init__(self, config: PPOConfig, groups: dict[str, Any]):
-        import ray
-
-        self.method = config.weight_sync
-        self.bucket_bytes = int(config.sync_bucket_mb * 2**20)
-        self.last: dict[str, float] = {}
-        self.policy, self.rollout = groups["policy"], groups["rollout"]
-        if self.method != "broadcast":
-            return
-        self.specs = ray.get(self.policy.workers[0].weight_specs.remote())
-        ranks = ray.get(self.rollout.call("engine_ranks"))  # TP ranks of each engine (HF: 1)
-        offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
-        world = 1 + sum(ranks)
-        addr, port = ray.get(self.policy.workers[0].address.remote())
-        on_gpu = config.rollout.resources.num_gpus > 0 and config.policy.resources.num_gpus > 0
-        backend = "nccl" if on_gpu else "gloo"
-        ray.get(
-            self.policy.call("join_sync_group", addr, port, world, backend)
-            + [
-                w.join_sync_group.remote(addr, port, offset, world, backend)
-                for offset, w in zip(offsets, self.rollout.workers)
-            ]
-        )
-
-    def push(self) -> float:
-        """One update to every engine; seconds. ``last`` keeps the engines' figures (bytes,
-        tensors, buckets held at once), logged with the time."""
-        import ray
-
-        started = time.perf_counter()
-        if self.method == "broadcast":
-            results = ray.get(
-                self.policy.call("broadcast_weights", self.bucket_bytes)
-                + self.rollout.call("receive_broadcast", self.specs, self.bucket_bytes)
-            )[len(self.policy) :]
-        else:
-            refs = [r for rs in ray.get(self.policy.call("weights_to_object_store")) for r in rs]
-            results = ray.get(self.rollout.call("load_weights", refs[0]))
-        seconds = time.perf_counter() - started
-        self.last = {
-            "sync_mb": sum(r["bytes"] for r in results) / len(results) / 2**20,
-            "sync_peak_buckets": max(r["peak_buckets"] for r in results),
-        }
-        log.info(
-            "ppo: weight sync %.1f MB x %d engines in %.3f s (%s)",
-            self.last["sync_mb"], len(results), seconds, self.method,
-        )  # fmt: skip
-        return seconds
 
 
 # --------------------------------------------------------------------------- prompts

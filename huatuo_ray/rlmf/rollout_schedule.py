@@ -144,3 +144,17 @@ def overlap_fraction(
         (max(a, c), min(b, d)) for a, b in generation for c, d in scoring if min(b, d) > max(a, c)
     ]
     return union_length(both) / covered
+
+
+def figures(groups: dict[str, Any], generation: list[tuple[float, float]]) -> dict[str, float]:
+    """How the rollout went: the share of generation time with scoring running, and the mean
+    sequences in flight per engine step (from the actors' own clocks and counters)."""
+    import ray
+
+    scorers = [n for n in ("policy", "critic", "reference", "reward") if n in groups]
+    scoring = [s for n in scorers for spans in ray.get(groups[n].call("timeline")) for s in spans]
+    engines = ray.get(groups["rollout"].call("engine_stats"))
+    return {
+        "overlap_fraction": overlap_fraction(generation, scoring),
+        "engine_batch": sum(e["mean_batch"] for e in engines) / len(engines),
+    }

@@ -26,12 +26,15 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,6 @@ class BucketMeter:
         """Wait (briefly) until no bucket is alive. The receiver drops its references before
         asking for the next bucket, but the communication backend's thread may still hold the
         finished broadcast's tensor for a moment (gloo does): allocating then would hold two."""
-        import time
-
         deadline = time.monotonic() + timeout
         while self.live > 0 and time.monotonic() < deadline:
             time.sleep(0.0005)
@@ -251,3 +252,57 @@ class VLLMWeightReceiver:
             "bytes": sum(t.numel() * t.element_size() for _, t in named),
             "peak_buckets": 1,
         }
+
+
+class WeightSync:
+    """The driver's side: policy -> rollout engines, by broadcast group or object store, for
+    the PPO config ``config``; ``push()`` returns seconds."""
+
+    def __init__(self, config: Any, groups: dict[str, Any]):
+        import ray
+
+        self.method = config.weight_sync
+        self.bucket_bytes = int(config.sync_bucket_mb * 2**20)
+        self.last: dict[str, float] = {}
+        self.policy, self.rollout = groups["policy"], groups["rollout"]
+        if self.method != "broadcast":
+            return
+        self.specs = ray.get(self.policy.workers[0].weight_specs.remote())
+        ranks = ray.get(self.rollout.call("engine_ranks"))  # TP ranks of each engine (HF: 1)
+        offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        world = 1 + sum(ranks)
+        addr, port = ray.get(self.policy.workers[0].address.remote())
+        on_gpu = config.rollout.resources.num_gpus > 0 and config.policy.resources.num_gpus > 0
+        backend = "nccl" if on_gpu else "gloo"
+        ray.get(
+            self.policy.call("join_sync_group", addr, port, world, backend)
+            + [
+                w.join_sync_group.remote(addr, port, offset, world, backend)
+                for offset, w in zip(offsets, self.rollout.workers)
+            ]
+        )
+
+    def push(self) -> float:
+        """One update to every engine; seconds. ``last`` keeps the engines' figures (bytes,
+        tensors, buckets held at once), logged with the time."""
+        import ray
+
+        started = time.perf_counter()
+        if self.method == "broadcast":
+            results = ray.get(
+                self.policy.call("broadcast_weights", self.bucket_bytes)
+                + self.rollout.call("receive_broadcast", self.specs, self.bucket_bytes)
+            )[len(self.policy) :]
+        else:
+            refs = [r for rs in ray.get(self.policy.call("weights_to_object_store")) for r in rs]
+            results = ray.get(self.rollout.call("load_weights", refs[0]))
+        seconds = time.perf_counter() - started
+        self.last = {
+            "sync_mb": sum(r["bytes"] for r in results) / len(results) / 2**20,
+            "sync_peak_buckets": max(r["peak_buckets"] for r in results),
+        }
+        log.info(
+            "ppo: weight sync %.1f MB x %d engines in %.3f s (%s)",
+            self.last["sync_mb"], len(results), seconds, self.method,
+        )  # fmt: skip
+        return seconds
