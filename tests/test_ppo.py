@@ -171,6 +171,30 @@ def test_ppo_with_vllm_rollouts_raises_the_reward_and_vllm_loads_the_result(
     assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
 
 
+def test_ppo_with_rollout_engines_on_the_policy_bundles_raises_the_reward(
+    ppo_inputs, tiny_model_dir: str, tmp_path: Path, local_ray
+) -> None:
+    """The hybrid-engine placement on CPU bundles: rollout engines share the policy's placement
+    group (critic and reward share another); streamed rollouts; broadcast sync in small buckets,
+    of which each engine held one at a time."""
+    from ray.util import placement_group_table
+
+    out = tmp_path / "ppo-colocated"
+    config = ppo_config(
+        ppo_inputs, tiny_model_dir, out, "hf",
+        colocate=[["policy", "rollout"], ["critic", "reward"]],
+        weight_sync="broadcast", sync_bucket_mb=0.05,
+    )  # fmt: skip
+    config.rollout.engine.sleep_mode = True  # no sleep mode on CPUs: placement only
+    manifest = ppo.main(config)
+    history = check_learning(out, 20)
+    assert manifest["placement"]["rollout"] == manifest["placement"]["policy"]
+    names = {g["name"] for g in placement_group_table().values()}  # this session's groups
+    assert {"ppo-policy+rollout", "ppo-critic+reward"} <= names
+    assert all(h["sync_peak_buckets"] == 1 and h["sync_mb"] > 0.05 for h in history)
+    assert all(h["overlap_fraction"] >= 0 and h["engine_batch"] > 0 for h in history)
+
+
 def test_killed_ppo_job_resumes_from_its_checkpoint(
     ppo_inputs, tiny_model_dir: str, tmp_path: Path
 ) -> None:

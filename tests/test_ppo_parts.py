@@ -219,7 +219,7 @@ def test_ppo_config_checks_batch_terms_and_resolves_the_reference() -> None:
     with pytest.raises(ValueError, match="micro_batch_size"):
         _ppo_config(micro_batch_size=3)
     with pytest.raises(ValueError, match="colocate"):
-        _ppo_config(colocate=[["policy", "rollout"]])
+        _ppo_config(colocate=[["policy", "teacher"]])
 
 
 def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path) -> None:

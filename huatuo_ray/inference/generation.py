@@ -12,8 +12,9 @@ training) and return, per prompt, ``n`` samples as token ids and text. Used by `
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from huatuo_ray.config import option
 
@@ -52,6 +53,30 @@ class Generator(Protocol):
         logprobs: bool = False,
     ) -> list[list[Sample]]: ...
 
+    def stream(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: list[int],
+        piece_size: int,
+        logprobs: bool = False,
+    ) -> Iterator[list[tuple[int, list[Sample]]]]:
+        """All ``prompts`` at once; pieces of ``piece_size`` finished prompts as they finish,
+        each a list of (index into ``prompts``, its ``n`` samples)."""
+        ...
+
+
+@dataclass
+class StreamStats:
+    """What one engine did over its ``stream`` calls: engine steps and sequences in flight."""
+
+    steps: int = 0
+    in_flight: int = 0  # summed over steps: in_flight / steps = mean sequences per step
+
+    @property
+    def mean_batch(self) -> float:
+        return self.in_flight / self.steps if self.steps else 0.0
+
 
 @dataclass
 class EngineConfig:
@@ -63,6 +88,11 @@ class EngineConfig:
     tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine")
     enforce_eager: bool = option(False, help="vLLM: no CUDA graphs (always on CPU)")
     max_model_len: int | None = option(None, help="vLLM: longest prompt + response")
+    sleep_mode: bool = option(
+        False,
+        help="vLLM on GPUs: allow sleep (weights offloaded, KV cache freed) while a colocated "
+        "policy trains; ignored on CPUs (vLLM-CPU has no sleep mode)",
+    )
     hf_batch_prompts: bool = option(
         False,
         help="HF: all prompts of a call in one left-padded batch (faster; seeded per call, "
@@ -91,6 +121,17 @@ def make_generator(model_path: str, engine: EngineConfig) -> Generator:
     return HFGenerator(model_path, engine)
 
 
+def _cpu_scheduling(engine: EngineConfig) -> dict:
+    """vllm-cpu 0.32: a seeded request whose prompt is prefilled in parts (many prompts in one
+    call) fails ("CPU Generator does not use offset": the sampled token of a partial prefill is
+    discarded by rewinding the request's generator, which only CUDA generators can). Whole
+    prefills avoid it: chunked prefill off, a step's token budget >= the longest sequence."""
+    return {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(engine.max_model_len or 2048, 2048),
+    }
+
+
 class VLLMGenerator:
     def __init__(self, model_path: str, engine: EngineConfig):
         import torch
@@ -106,13 +147,16 @@ class VLLMGenerator:
             enforce_eager=engine.enforce_eager or not on_gpu,
             max_model_len=engine.max_model_len,
             seed=0,
+            enable_sleep_mode=engine.sleep_mode and on_gpu,
             # PPO pushes new weights into the engine through these worker methods.
             worker_extension_cls="huatuo_ray.rlmf.weight_sync.VLLMWeightReceiver",
             # Inside a Ray actor vLLM would place its TP workers with Ray, on GPUs the actor
             # already holds; its own processes use exactly the GPUs Ray gave the actor.
             **({"distributed_executor_backend": "mp"} if engine.tensor_parallel_size > 1 else {}),
+            **({} if on_gpu else _cpu_scheduling(engine)),
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.stats = StreamStats()
 
     def generate(
         self,
@@ -121,35 +165,68 @@ class VLLMGenerator:
         seeds: list[int],
         logprobs: bool = False,
     ) -> list[list[Sample]]:
-        from vllm import SamplingParams
-
-        params = [
-            SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k if sampling.top_k > 0 else -1,
-                max_tokens=sampling.max_new_tokens,
-                ignore_eos=sampling.ignore_eos,
-                seed=seed,
-                logprobs=0 if logprobs else None,  # 0: just the sampled token's
-            )
-            for seed in seeds
-        ]
+        params = [self._params(sampling, seed, logprobs) for seed in seeds]
         outputs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
         )
+        return [self._samples(out, logprobs) for out in outputs]
+
+    def _params(self, sampling: SamplingConfig, seed: int, logprobs: bool) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=sampling.max_new_tokens,
+            ignore_eos=sampling.ignore_eos,
+            seed=seed,
+            logprobs=0 if logprobs else None,  # 0: just the sampled token's
+        )
+
+    def stream(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: list[int],
+        piece_size: int,
+        logprobs: bool = False,
+    ) -> Iterator[list[tuple[int, list[Sample]]]]:
+        """Every prompt enters vLLM's scheduler at once (continuous batching decides how many
+        decode together); the engine is stepped here so finished requests leave in pieces."""
+        ids = self.llm.enqueue(
+            [{"prompt_token_ids": p} for p in prompts],
+            [self._params(sampling, seed, logprobs) for seed in seeds],
+            use_tqdm=False,
+        )
+        # enqueue returns vLLM's internal ids ("<external>-<random>"); outputs carry the external.
+        index = {rid: i for i, rid in enumerate(ids)}
+        index.update({rid.rsplit("-", 1)[0]: i for i, rid in enumerate(ids)})
+        engine = self.llm.llm_engine
+        finished: list[tuple[int, list[Sample]]] = []
+        while engine.has_unfinished_requests():
+            self.stats.steps += 1
+            self.stats.in_flight += engine.get_num_unfinished_requests()
+            for out in engine.step():
+                if out.finished:
+                    finished.append((index[out.request_id], self._samples(out, logprobs)))
+            while len(finished) >= piece_size:
+                yield finished[:piece_size]
+                finished = finished[piece_size:]
+        if finished:
+            yield finished
+
+    @staticmethod
+    def _samples(out: Any, logprobs: bool) -> list[Sample]:
         return [
-            [
-                Sample(
-                    list(c.token_ids),
-                    c.text,
-                    c.finish_reason == "stop",
-                    [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] if logprobs else None,
-                )
-                for c in out.outputs
-            ]
-            for out in outputs
+            Sample(
+                list(c.token_ids),
+                c.text,
+                c.finish_reason == "stop",
+                [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] if logprobs else None,
+            )
+            for c in out.outputs
         ]
 
 
@@ -166,6 +243,7 @@ class HFGenerator:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
         self.batch_prompts = engine.hf_batch_prompts
+        self.stats = StreamStats()
 
     def generate(
         self,
@@ -188,6 +266,23 @@ class HFGenerator:
                 flat += self._generate([prompt], sampling, logprobs)
         n = sampling.n
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def stream(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: list[int],
+        piece_size: int,
+        logprobs: bool = False,
+    ) -> Iterator[list[tuple[int, list[Sample]]]]:
+        """``generate`` has no continuous batching: one call per piece, in order. The same pieces
+        as ``generate`` calls of ``piece_size`` prompts draw the same samples."""
+        for start in range(0, len(prompts), piece_size):
+            stop = min(start + piece_size, len(prompts))
+            self.stats.steps += 1
+            self.stats.in_flight += (stop - start) * sampling.n
+            outs = self.generate(prompts[start:stop], sampling, seeds[start:stop], logprobs)
+            yield list(zip(range(start, stop), outs))
 
     def _generate(
         self, prompts: list[list[int]], sampling: SamplingConfig, logprobs: bool

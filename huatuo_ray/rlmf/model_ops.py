@@ -17,6 +17,7 @@ ZeRO <= 2, which :func:`~huatuo_ray.rlmf.ppo.resolve_reference` checks.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,9 +39,73 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(config, key, 0.0)
 
 
-def forward_logits(model: Any, exp: Experience) -> torch.Tensor:
+@dataclass
+class PackedRows:
+    """An Experience's rows without their padding, end to end in one row (as SFT packs):
+    positions restart at each row and ``segment_ids`` (1, 2, ...) keep rows apart in the
+    block-causal mask. ``response_index[i, j]``: the packed position whose output predicts
+    response token j of row i (0 under padding); ``last_index[i]``: row i's last real token."""
+
+    input_ids: torch.Tensor  # (1, T)
+    position_ids: torch.Tensor  # (1, T)
+    segment_ids: torch.Tensor  # (1, T)
+    response_index: torch.Tensor  # (B, R)
+    last_index: torch.Tensor  # (B,)
+
+    def model_inputs(self, model: Any) -> dict[str, Any]:
+        """Keyword arguments for a Hugging Face forward: FlashAttention separates the rows by
+        ``position_ids`` alone; other kernels get the 4-D block-causal mask."""
+        from huatuo_ray.train.packing import block_causal_mask
+
+        inputs: dict[str, Any] = {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "use_cache": False,
+        }
+        inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+        kernel = str(getattr(getattr(inner, "config", None), "_attn_implementation", ""))
+        if not kernel.startswith("flash_attention"):
+            dtype = next(inner.parameters()).dtype
+            inputs["attention_mask"] = block_causal_mask(self.segment_ids, dtype)
+        return inputs
+
+
+def pack_rows(exp: Experience) -> PackedRows:
+    real = exp.attention_mask.bool()
+    lengths = real.sum(1)
+    rows = len(lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    prompt_lengths = real[:, : exp.prompt_width].sum(1)
+    width = exp.action_mask.shape[1]
+    steps = torch.arange(width, device=lengths.device)
+    index = (starts + prompt_lengths - 1)[:, None] + steps[None]
+    segments = torch.repeat_interleave(torch.arange(1, rows + 1, device=lengths.device), lengths)
+    return PackedRows(
+        input_ids=exp.sequences[real][None],
+        position_ids=exp.position_ids[real][None],
+        segment_ids=segments[None],
+        response_index=torch.where(exp.action_mask.bool(), index, torch.zeros_like(index)),
+        last_index=starts + lengths - 1,
+    )
+
+
+def unpack_responses(packed_out: torch.Tensor, packed: PackedRows, exp: Experience) -> torch.Tensor:
+    """(K, ...) outputs at the real response positions (row-major) -> (B, R, ...), 0 on padding."""
+    valid = exp.action_mask.bool()
+    full = packed_out.new_zeros((*valid.shape, *packed_out.shape[1:]))
+    full[valid] = packed_out
+    return full
+
+
+def forward_logits(model: Any, exp: Experience, pack: bool = False) -> torch.Tensor:
     """Logits predicting each response token: (B, R, vocab). Only those positions go through
-    the LM head (the prompt's logits would cost B x P x vocab for nothing)."""
+    the LM head (the prompt's logits would cost B x P x vocab for nothing). ``pack``: the rows
+    run as one packed row (no padding computed); logits under padding are then 0."""
+    if pack:
+        packed = pack_rows(exp)
+        keep = packed.response_index[exp.action_mask.bool()]
+        out = model(**packed.model_inputs(model), logits_to_keep=keep)
+        return unpack_responses(out.logits[0], packed, exp)
     width = exp.action_mask.shape[1]
     out = model(
         input_ids=exp.sequences,
@@ -106,8 +171,11 @@ class FrozenTrunkReference:
         return _Capture(self)
 
     @torch.no_grad()
-    def logits(self, keep: int | None = None) -> torch.Tensor:
-        """The reference's logits at the captured positions (the last ``keep`` ones only)."""
+    def logits(
+        self, keep: int | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The reference's logits at the captured positions: the last ``keep`` ones, or (a
+        packed forward) those at ``positions`` of its one row, as (K, vocab)."""
         if any(c is None for c in self._captured):
             raise RuntimeError("no policy forward pass captured")
         hidden = None
@@ -120,7 +188,9 @@ class FrozenTrunkReference:
             out = layer(hidden, *args[1:], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         self._captured = [None] * len(self.layers)
-        if keep is not None:
+        if positions is not None:
+            hidden = hidden[0, positions]
+        elif keep is not None:
             hidden = hidden[:, -keep:]
         return self.frozen_head(self.frozen_norm(hidden))
 
@@ -175,6 +245,17 @@ class ValueModel(nn.Module):
 def response_values(values: torch.Tensor, exp: Experience) -> torch.Tensor:
     """V(s_t) for each response token t: read at the position before the token. (B, R)."""
     return values[:, exp.prompt_width - 1 : -1]
+
+
+def forward_values(model: Any, exp: Experience, pack: bool = False) -> torch.Tensor:
+    """A :class:`ValueModel`'s V(s_t) of each response token, (B, R); ``pack`` as in
+    :func:`forward_logits` (values under padding are then 0)."""
+    if not pack:
+        return response_values(model(exp.sequences, exp.attention_mask, exp.position_ids), exp)
+    packed = pack_rows(exp)
+    inputs = packed.model_inputs(model)
+    values = model(inputs["input_ids"], inputs.get("attention_mask"), inputs["position_ids"])
+    return unpack_responses(values[0, packed.response_index[exp.action_mask.bool()]], packed, exp)
 
 
 def last_token_scores(values: torch.Tensor, exp: Experience) -> torch.Tensor:

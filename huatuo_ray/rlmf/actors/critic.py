@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from huatuo_ray.rlmf.actors.base import timed
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import Experience
-from huatuo_ray.rlmf.model_ops import ValueModel, response_values
-from huatuo_ray.rlmf.ppo_math import value_loss
+from huatuo_ray.rlmf.model_ops import ValueModel, forward_values
+from huatuo_ray.rlmf.ppo_math import masked_mean, value_token_losses
 from huatuo_ray.train.core import freeze_bottom, load_model
 
 
@@ -24,21 +25,20 @@ class CriticWorker(TrainableWorker):
         freeze_bottom(model, self.role.trainable_layers, self.role.trainable_modules)
         return ValueModel(model)
 
+    @timed
     def values(self, exp: Experience) -> torch.Tensor:
         exp = exp.to(self.device)
         self.engine.eval()
         with torch.no_grad():
-            values = self.engine(exp.sequences, exp.attention_mask, exp.position_ids)
-        return response_values(values, exp).cpu()
+            return forward_values(self.engine, exp, self.config.pack).cpu()
 
     def micro_loss(self, micro: Experience) -> tuple[torch.Tensor, dict[str, float]]:
-        values = response_values(
-            self.engine(micro.sequences, micro.attention_mask, micro.position_ids), micro
+        values = forward_values(self.engine, micro, self.config.pack)
+        losses, clipped = value_token_losses(
+            values, micro.values, micro.returns, self.config.value_clip
         )
-        loss, stats = value_loss(
-            values, micro.values, micro.returns, micro.action_mask, self.config.value_clip
-        )
+        loss, logged = self.aggregate(losses, micro.action_mask)
         return loss, {
-            "value_loss": float(loss.detach()),
-            "value_clip_fraction": float(stats["value_clip_fraction"]),
+            "value_loss": logged,
+            "value_clip_fraction": float(masked_mean(clipped.float(), micro.action_mask.float())),
         }

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from huatuo_ray.config import ModelConfig
-from huatuo_ray.rlmf.actors.base import ModelWorker
+from huatuo_ray.rlmf.actors.base import ModelWorker, timed
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import ValueModel, forward_logits, last_token_scores, token_logprobs
 from huatuo_ray.train.core import load_model
@@ -23,15 +23,16 @@ class ReferenceWorker(ModelWorker):
     """The frozen SFT model, for full fine-tuning (with top layers only, the policy's frozen
     trunk serves the reference and this group is not created)."""
 
-    def __init__(self, model: ModelConfig, temperature: float):
-        self.temperature = temperature
+    def __init__(self, model: ModelConfig, temperature: float, pack: bool = False):
+        self.temperature, self.pack = temperature, pack
         self.model = load_model(model, "causal", self.dtype(model))
         self.model.to(self.device).eval().requires_grad_(False)
 
+    @timed
     @torch.no_grad()
     def log_probs(self, exp: Experience) -> torch.Tensor:
         exp = exp.to(self.device)
-        logits = forward_logits(self.model, exp)
+        logits = forward_logits(self.model, exp, self.pack)
         return token_logprobs(logits, exp.responses, self.temperature).cpu()
 
 
@@ -64,6 +65,7 @@ class RewardWorker(ModelWorker):
     def normalisation(self) -> dict[str, float]:
         return self.stats
 
+    @timed
     @torch.no_grad()
     def scores(self, exp: Experience, infos: list | None = None) -> tuple[torch.Tensor, ...]:
         """(normalised scores, raw scores), (B,) each; ``infos`` (the prompts' texts, which

@@ -10,14 +10,23 @@ from typing import Any
 import torch
 
 from huatuo_ray.rlmf import weight_sync
+from huatuo_ray.rlmf.actors.base import timed
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import (
     FrozenTrunkReference,
     forward_logits,
+    pack_rows,
     token_logprobs,
+    unpack_responses,
 )
-from huatuo_ray.rlmf.ppo_math import entropy_from_logits, kl_estimate, masked_mean, policy_loss
+from huatuo_ray.rlmf.ppo_math import (
+    entropy_from_logits,
+    kl_estimate,
+    masked_mean,
+    policy_token_losses,
+    truncated_is_weights,
+)
 from huatuo_ray.train.core import freeze_bottom, load_model, load_tokenizer
 
 
@@ -46,42 +55,59 @@ class PolicyWorker(TrainableWorker):
             self.reference = FrozenTrunkReference(module, self.role.trainable_layers)
             self.reference.to(self.device, dtype)
 
+    @timed
     def log_probs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Policy log-probs of the sampled tokens, and the reference's from the frozen trunk."""
         exp = exp.to(self.device)
         temperature = self.config.sampling.temperature
+        pack = self.config.pack
         self.engine.eval()
         with torch.no_grad():
             if self.reference is None:
-                logits = forward_logits(self.engine, exp)
+                logits = forward_logits(self.engine, exp, pack)
                 return token_logprobs(logits, exp.responses, temperature).cpu(), None
             with self.reference.capture():
-                logits = forward_logits(self.engine, exp)
-            width = exp.action_mask.shape[1]
-            ref_logits = self.reference.logits(keep=width + 1)[:, :-1]
+                logits = forward_logits(self.engine, exp, pack)
+            if pack:
+                packed = pack_rows(exp)
+                valid = exp.action_mask.bool()
+                ref = self.reference.logits(positions=packed.response_index[valid])
+                ref_logits = unpack_responses(ref, packed, exp)
+            else:
+                width = exp.action_mask.shape[1]
+                ref_logits = self.reference.logits(keep=width + 1)[:, :-1]
             return (
                 token_logprobs(logits, exp.responses, temperature).cpu(),
                 token_logprobs(ref_logits, exp.responses, temperature).cpu(),
             )
 
     def micro_loss(self, micro: Experience) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = forward_logits(self.engine, micro)
-        logprobs = token_logprobs(logits, micro.responses, self.config.sampling.temperature)
-        loss, stats = policy_loss(
-            logprobs, micro.logprobs, micro.advantages, micro.action_mask, self.config.clip_ratio
-        )
+        c = self.config
+        logits = forward_logits(self.engine, micro, c.pack)
+        logprobs = token_logprobs(logits, micro.responses, c.sampling.temperature)
+        is_weights = None
+        if c.tis_cap is not None and micro.rollout_logprobs is not None:
+            is_weights = truncated_is_weights(
+                micro.logprobs, micro.rollout_logprobs, micro.action_mask, c.tis_cap
+            )
+        losses, stats = policy_token_losses(
+            logprobs, micro.logprobs, micro.advantages, micro.action_mask, c.clip_ratio,
+            c.dual_clip, c.log_ratio_clamp, is_weights,
+        )  # fmt: skip
         stats = {k: float(v) for k, v in stats.items()}
-        kl = self.config.kl
-        if kl.placement == "loss":  # GRPO's KL term: beta x KL(pi || pi_ref) in the loss
-            token_kl = kl_estimate(logprobs, micro.ref_logprobs, kl.estimator)
-            kl_loss = masked_mean(token_kl, micro.action_mask)
-            loss = loss + kl.init_beta * kl_loss
-            stats["kl_loss"] = float(kl_loss.detach())
-        temperature = self.config.sampling.temperature
+        kl = c.kl
+        if kl.placement == "loss":  # GRPO's KL term: beta x KL(pi || pi_ref), per token
+            token_kl = kl_estimate(
+                logprobs, micro.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp
+            )
+            losses = losses + kl.init_beta * token_kl
+            stats["kl_loss"] = float(masked_mean(token_kl.detach(), micro.action_mask))
+        loss, logged = self.aggregate(losses, micro.action_mask)
         entropy = masked_mean(
-            entropy_from_logits(logits.detach() / max(temperature, 1e-6)), micro.action_mask
+            entropy_from_logits(logits.detach() / max(c.sampling.temperature, 1e-6)),
+            micro.action_mask,
         )
-        return loss, {"policy_loss": float(loss.detach()), "entropy": float(entropy), **stats}
+        return loss, {"policy_loss": logged, "entropy": float(entropy), **stats}
 
     # ---------------------------------------------------------------- weight sync
 
@@ -112,13 +138,20 @@ class PolicyWorker(TrainableWorker):
             return deepspeed.zero.GatheredParameters([param])
         return contextlib.nullcontext()
 
-    def broadcast_weights(self) -> float:
-        """Rank 0 broadcasts each trainable tensor (all ranks gather under ZeRO-3); seconds."""
+    def broadcast_weights(self, bucket_bytes: int) -> float:
+        """Rank 0 broadcasts the trainable tensors in buckets of ``bucket_bytes`` (all ranks
+        gather each parameter under ZeRO-3); seconds."""
         started = time.perf_counter()
-        for _, param in self._trainable_named():
-            with self._gathered(param):
-                if self.rank == 0:
-                    weight_sync.broadcast(self.sync_group, param.data)
+        specs = self.weight_specs()
+
+        def tensors() -> Any:
+            for _, param in self._trainable_named():
+                with self._gathered(param):
+                    yield param.data
+
+        root = self.rank == 0
+        group = self.sync_group if root else None
+        weight_sync.send_buckets(group, tensors(), specs, bucket_bytes, self.device, root)
         return time.perf_counter() - started
 
     def weights_to_object_store(self) -> list[Any]:

@@ -1,8 +1,17 @@
 """Rollout worker: one generation engine (vLLM, tensor-parallel over its GPUs, or HF generate)
-that samples responses for chunks of prompts and takes new policy weights after each update."""
+that samples responses and takes new policy weights after each update.
+
+Two ways in (:mod:`~huatuo_ray.rlmf.rollout_schedule` picks one): ``generate`` answers one chunk
+of prompts in one call; ``generate_stream`` takes the engine's whole share of the rollout and
+yields pieces as they finish (a Ray streaming generator), so the driver scores the first pieces
+while the engine still decodes the rest. Each piece carries the wall-clock times of its
+generation, and ``engine_stats`` the engine's mean batch, for the schedule's figures.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from huatuo_ray.inference.generation import (
@@ -10,6 +19,7 @@ from huatuo_ray.inference.generation import (
     HFGenerator,
     Sample,
     SamplingConfig,
+    StreamStats,
     VLLMGenerator,
     make_generator,
 )
@@ -31,8 +41,52 @@ class RolloutWorker(ModelWorker):
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Sample]:
         """One response per prompt, with the engine's log-prob of each sampled token (the driver
         compares them with the policy's: a check that weight sync worked). Seeded."""
+        pieces = list(self.generate_stream(prompts, seeds, len(prompts)))
+        samples: list[Any] = [None] * len(prompts)
+        for piece in pieces:
+            for i, sample in zip(piece["indices"], piece["samples"]):
+                samples[i] = sample
+        return samples
+
+    def generate_stream(
+        self, prompts: list[list[int]], seeds: list[int], piece_size: int
+    ) -> Iterator[dict[str, Any]]:
+        """All ``prompts`` at once; yields ``{"indices", "samples", "started", "finished"}`` per
+        piece of ``piece_size`` finished prompts (indices into ``prompts``; wall-clock times of
+        the call's start and of the piece's end)."""
         one = SamplingConfig(**{**self.sampling.__dict__, "n": 1})
-        return [s[0] for s in self.generator.generate(prompts, one, seeds, logprobs=True)]
+        started = time.time()
+        for piece in self.generator.stream(prompts, one, seeds, piece_size, logprobs=True):
+            yield {
+                "indices": [i for i, _ in piece],
+                "samples": [s[0] for _, s in piece],
+                "started": started,
+                "finished": time.time(),
+            }
+
+    def engine_stats(self) -> dict[str, float]:
+        """Engine steps since the last call and the mean sequences in flight per step."""
+        stats, self.generator.stats = self.generator.stats, StreamStats()
+        return {"steps": stats.steps, "mean_batch": stats.mean_batch}
+
+    # ---------------------------------------------------------------- hybrid engine
+
+    def sleep(self) -> bool:
+        """vLLM on GPUs with sleep mode: weights to CPU memory, KV cache freed, while a colocated
+        policy trains. Elsewhere nothing to free (CPU: no sleep mode); returns whether it slept."""
+        if not self._can_sleep():
+            return False
+        self.generator.llm.sleep(level=1)
+        return True
+
+    def wake_up(self) -> None:
+        if self._can_sleep():
+            self.generator.llm.wake_up()
+
+    def _can_sleep(self) -> bool:
+        if isinstance(self.generator, HFGenerator):
+            return False
+        return bool(self.generator.llm.llm_engine.vllm_config.model_config.enable_sleep_mode)
 
     # ---------------------------------------------------------------- weight sync
 
@@ -50,19 +104,29 @@ class RolloutWorker(ModelWorker):
                 "huatuo_join_sync_group", args=(addr, port, rank, world, backend)
             )
 
-    def receive_broadcast(self, specs: list[weight_sync.ParamSpec]) -> int:
+    def receive_broadcast(self, specs: list[weight_sync.ParamSpec], bucket_bytes: int) -> dict:
+        """One update from the broadcast group, streamed bucket by bucket into the engine;
+        ``{"tensors", "bytes", "peak_buckets"}`` (buckets held at once: 1)."""
         if isinstance(self.generator, HFGenerator):
             device = next(self.generator.model.parameters()).device
-            received = weight_sync.receive(self.sync_group, specs, device)
-            return weight_sync.copy_into(self.generator.model, received)
-        n = self.generator.llm.collective_rpc("huatuo_receive_broadcast", args=(specs,))[0]
+            meter = weight_sync.BucketMeter()
+            received = weight_sync.receive_buckets(
+                self.sync_group, specs, bucket_bytes, device, meter
+            )
+            weight_sync.copy_into(self.generator.model, received)
+            return meter.summary()
+        stats = self.generator.llm.collective_rpc(
+            "huatuo_receive_broadcast", args=(specs, bucket_bytes)
+        )[0]
         self.generator.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
-        return n
+        return stats
 
-    def load_weights(self, named: list[tuple[str, Any]]) -> int:
+    def load_weights(self, named: list[tuple[str, Any]]) -> dict:
         """The object-store path: ``named`` arrives as a Ray object (resolved by Ray)."""
         if isinstance(self.generator, HFGenerator):
-            return weight_sync.copy_into(self.generator.model, named)
-        n = self.generator.llm.collective_rpc("huatuo_load_weights", args=(named,))[0]
+            n = weight_sync.copy_into(self.generator.model, named)
+            size = sum(t.numel() * t.element_size() for _, t in named)
+            return {"tensors": n, "bytes": size, "peak_buckets": 1}
+        stats = self.generator.llm.collective_rpc("huatuo_load_weights", args=(named,))[0]
         self.generator.llm.reset_prefix_cache()
-        return n
+        return stats

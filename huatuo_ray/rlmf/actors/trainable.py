@@ -15,7 +15,7 @@ import torch
 from huatuo_ray.rlmf.actors.base import ModelWorker
 from huatuo_ray.rlmf.experience import Experience
 from huatuo_ray.rlmf.model_ops import disable_dropout
-from huatuo_ray.train.core import TrainingCore, all_reduce_mean
+from huatuo_ray.train.core import TrainingCore, all_reduce_mean, all_reduce_sum
 
 
 class TrainableWorker(ModelWorker):
@@ -63,6 +63,7 @@ class TrainableWorker(ModelWorker):
         count = 0
         for _ in range(c.ppo_epochs):
             for minibatch in exp.minibatches(per_worker, generator):
+                self.step_totals(minibatch)
                 for start in range(0, len(minibatch), c.micro_batch_size):
                     micro = minibatch.select(slice(start, start + c.micro_batch_size))
                     loss, stats = self.micro_loss(micro.to(self.device))
@@ -73,6 +74,24 @@ class TrainableWorker(ModelWorker):
         means = {k: v / max(count, 1) for k, v in sums.items()}
         means["lr"] = self.core.lr
         return all_reduce_mean(means, self.device)
+
+    def step_totals(self, minibatch: Experience) -> None:
+        """Response tokens and rows of this optimizer step over every rank (one all-reduce), so
+        that each micro-batch's loss is its exact share of the step's loss
+        (:func:`~huatuo_ray.rlmf.ppo_math.aggregate_loss`)."""
+        local = [float(minibatch.action_mask.sum()), float(len(minibatch))]
+        self.total_tokens, self.total_rows = all_reduce_sum(local, self.device)
+
+    def aggregate(self, losses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(what to hand DeepSpeed, the micro-batch's own mean for logs). DeepSpeed divides by
+        the accumulation steps and averages gradients over ranks; the share is scaled back so
+        the step's gradient is that of its loss over all its tokens."""
+        from huatuo_ray.rlmf.ppo_math import aggregate_loss
+
+        mode = self.config.loss_agg
+        share = aggregate_loss(losses, mask, mode, self.total_tokens, self.total_rows)
+        scale = self.core.engine.gradient_accumulation_steps() * self.world_size
+        return share * scale, float(aggregate_loss(losses.detach(), mask, mode))
 
     def save_checkpoint(self, folder: str) -> None:
         """Every rank writes its shards (collective); frozen weights are left out."""
