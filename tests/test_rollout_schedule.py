@@ -105,7 +105,7 @@ def test_streamed_and_chunked_draw_the_same_samples_and_scoring_overlaps(
             times: dict = {}
             figures: dict = {}
             exp = ppo.collect_experience(
-                config, groups, prompts, tokenizer.eos_token_id, 3, 0.1, times, figures
+                config, groups, prompts, tokenizer.eos_token_id, 3, 0.1, times, figures=figures
             )
             results[schedule] = exp, figures
         chunked, streamed = results["chunked"][0], results["streamed"][0]

@@ -498,7 +498,13 @@ def run(
         state["beta"] = kl_control.beta
         state["position"] = prompts.position
         record = metrics.log(
-            iteration + 1, exp, beta, sequence_kl, {**policy_stats, **counts}, critic_stats, times,
+            iteration + 1,
+            exp,
+            beta,
+            sequence_kl,
+            {**policy_stats, **counts},
+            critic_stats,
+            times,
             figures,
         )
         state["history"].append(record)
@@ -534,9 +540,7 @@ def collect_experience(
     counts = {} if counts is None else counts
 
     def sample() -> Any:
-        return sample_and_score(
-            config, groups, prompts, pad_id, iteration, times, counts, figures
-        )
+        return sample_and_score(config, groups, prompts, pad_id, iteration, times, counts, figures)
 
     exp = informative_rollout(config, sample, counts, pad_id)
     started = time.perf_counter()
