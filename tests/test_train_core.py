@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
@@ -52,10 +54,17 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_core_steps_saves_and_restores(tiny_model_dir: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["folder", "uri"])
+def test_core_steps_saves_and_restores(
+    tiny_model_dir: str, tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``uri``: the model given as a ``file://`` URI (pyarrow's local filesystem, as an object
+    store would be) is fetched into the node's cache by the core's loaders and trains the same."""
     folder = tmp_path / "checkpoint"
+    model = tiny_model_dir if where == "folder" else f"file://{tiny_model_dir}"
+    monkeypatch.setenv("HUATUO_MODEL_CACHE", str(tmp_path / "model-cache"))
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, tiny_model_dir, str(folder)],
+        [sys.executable, "-c", SCRIPT, model, str(folder)],
         cwd=REPO, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -66,6 +75,10 @@ def test_core_steps_saves_and_restores(tiny_model_dir: str, tmp_path: Path) -> N
     trained_lr, restored_lr, fresh_lr = got["lr"]
     assert restored_lr == trained_lr != fresh_lr  # the schedule came back too
     assert got["use_cache"] is False  # gradient checkpointing turns the KV cache off
+    fetched = list((tmp_path / "model-cache").glob("*/config.json"))
+    assert len(fetched) == (1 if where == "uri" else 0)  # fetched once, for every build
+    if where == "uri":
+        return
 
     saved = json.loads((folder / "state.json").read_text())
     assert saved["world_size"] == 1
