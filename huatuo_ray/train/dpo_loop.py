@@ -74,12 +74,9 @@ class DPOSpec:
     head = "causal"
 
     def batches(self, run: TrainRun, shard: Any, epoch: int) -> Any:
-        from huatuo_ray.train.preference_data import collate_pairs
+        from huatuo_ray.train.preference_data import pair_batches
 
-        return shard.iter_torch_batches(
-            batch_size=run.config.micro_batch_size,
-            collate_fn=lambda b: collate_pairs(b, run.pad_id),
-        )
+        return pair_batches(shard, run.config.micro_batch_size, run.pad_id)
 
     def _loss(self, run: TrainRun, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
         chosen, rejected = pair_logprobs(run.model, batch, run.device)

@@ -71,6 +71,13 @@ class TokenizePairs:
         return pa.Table.from_pylist(out)
 
 
+def pair_batches(shard: Any, micro_batch_size: int, pad_id: int) -> Any:
+    """A Ray Train worker's micro-batches of pairs (:func:`collate_pairs`)."""
+    return shard.iter_torch_batches(
+        batch_size=micro_batch_size, collate_fn=lambda b: collate_pairs(b, pad_id)
+    )
+
+
 def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
     """Chosen rows then rejected rows, right-padded to one length: (2B, L) tensors, plus the
     (B,) per-pair columns: margins, prompt lengths, and DPO's reference log-probs when present."""

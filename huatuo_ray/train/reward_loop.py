@@ -55,12 +55,9 @@ class RewardSpec:
     head = "score"
 
     def batches(self, run: TrainRun, shard: Any, epoch: int) -> Any:
-        from huatuo_ray.train.preference_data import collate_pairs
+        from huatuo_ray.train.preference_data import pair_batches
 
-        return shard.iter_torch_batches(
-            batch_size=run.config.micro_batch_size,
-            collate_fn=lambda b: collate_pairs(b, run.pad_id),
-        )
+        return pair_batches(shard, run.config.micro_batch_size, run.pad_id)
 
     def loss(self, run: TrainRun, batch: dict[str, Any]) -> Any:
         chosen, rejected = _scores(run, batch)
