@@ -60,7 +60,9 @@ def test_strict_fails_on_missing_external_inputs_until_they_exist(tmp_path: Path
     config = _pipeline("paper", "dry_run=true", "strict=true", f"root={tmp_path}")
     with pytest.raises(SystemExit, match="external inputs missing"):
         pipeline.main(config)
-    for e in config.external:  # make every declared input (empty stand-ins)
+    for e in config.external:  # make every missing declared input (empty stand-ins)
+        if Path(e.path).exists():  # a file the project ships (the seeds): never overwrite it
+            continue
         if e.path.endswith((".json", ".jsonl", ".csv", ".txt")):
             Path(e.path).parent.mkdir(parents=True, exist_ok=True)
             Path(e.path).write_text("")
