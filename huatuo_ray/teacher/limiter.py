@@ -159,8 +159,14 @@ def shared_limiter(name: str, requests_per_minute: float | None, tokens_per_minu
     """The job's limiter actor (created once, found by name afterwards). Without configured
     limits it still paces the workers from the server's rate-limit headers."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=1)(RateLimiterActor)
-    return actor_cls.options(name=name, get_if_exists=True).remote(
+    # On the driver's node (a worker node may go away mid-stage: the limiter must not go with
+    # it); restarted with fresh books if it dies all the same, its calls retried.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1)(
+        RateLimiterActor
+    )
+    return actor_cls.options(name=name, get_if_exists=True, scheduling_strategy=here).remote(
         requests_per_minute, tokens_per_minute
     )
