@@ -25,6 +25,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from huatuo_ray.rlmf.actors.base import ModelWorker, timed
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ def call_safely(fn: Callable[..., Any], fallback: float, *args: Any) -> tuple[fl
     return value, True
 
 
-class FunctionRewardWorker:
+class FunctionRewardWorker(ModelWorker):
     """A ``function`` reward source: decodes each response and calls the function on it."""
 
     def __init__(self, spec: str, fallback: float, tokenizer_path: str):
@@ -72,6 +74,7 @@ class FunctionRewardWorker:
     def normalisation(self) -> dict[str, float]:
         return {"mean": 0.0, "std": 1.0}
 
+    @timed
     def scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, Any, int]:
         import torch
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from huatuo_ray.config import TeacherConfig, option
+from huatuo_ray.rlmf.actors.base import ModelWorker
 
 
 @dataclass
@@ -56,7 +57,7 @@ def pairs_of_group(n: int) -> list[tuple[int, int]]:
     return pairs
 
 
-class TeacherRewardWorker:
+class TeacherRewardWorker(ModelWorker):  # its timeline stays empty: it waits on the teacher
     """One teacher client (cache, rate limits) scoring rollout chunks: an async Ray actor, its
     requests in flight together on the actor's event loop."""
 
