@@ -47,7 +47,8 @@ def test_tiny_recipe_as_a_chain_of_ray_jobs(tmp_path: Path, tiny_model_dir: str)
 
     root = tmp_path / "shared"
     with vllm_server(tiny_model_dir) as teacher_url:
-        with local_head(node_env={"HUATUO_LOCAL_TEACHER_KEY": SECRET}) as head:
+        # 4 logical CPUs: a step may hold a serving actor (consult) beside its Ray Data workers.
+        with local_head(num_cpus=4, node_env={"HUATUO_LOCAL_TEACHER_KEY": SECRET}) as head:
             config = load_config(
                 pipeline.PipelineConfig, str(REPO / "jobs/tiny/pipeline.yaml"),
                 [f"address={head.dashboard_url}", f"rebase.target={root}", "poll_s=1",
