@@ -34,6 +34,9 @@ from huatuo_ray.inputs import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# The file a finished stage leaves in its output folder: a dataset's manifest, or the summary of a
+# stage that writes no dataset (benchmark, judge, report, doctor-export).
+DONE_FILES = (MANIFEST, "metrics.json", "results.json", "report.html", "export.json")
 REJECTS = "rejects.jsonl"
 
 DIALOGUE_SCHEMA = pa.schema(
@@ -133,6 +136,11 @@ class DatasetWriter:
         }
         storage.write_json(storage.join(self.uri, MANIFEST), manifest)
         return manifest
+
+
+def is_finished(uri: str | None) -> bool:
+    """Whether ``uri`` is the output folder of a stage that finished (any of :data:`DONE_FILES`)."""
+    return uri is not None and any(storage.exists(storage.join(uri, f)) for f in DONE_FILES)
 
 
 def read_manifest(uri: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def option(
 
     ``input`` marks a path the stage reads, checked before it starts
     (:func:`huatuo_ray.inputs.check_inputs`): ``"artifact"`` (a complete artifact folder),
+    ``"finished"`` (the output folder of a finished stage, dataset or not: benchmark, judge),
     ``"file"`` (a file or folder) or ``"model"`` (a model folder, or a hub id). ``made_by`` names
     the stage that writes it, for the message when it is missing.
     """

@@ -53,6 +53,10 @@ def missing_input(kind: str, path: str) -> str | None:
         if not storage.exists(storage.join(path, artifacts.MANIFEST)):
             there = storage.exists(path)
             return "is not a complete artifact" if there else "does not exist"
+    elif kind == "finished":
+        if not artifacts.is_finished(path):
+            there = storage.exists(path)
+            return "is not a finished stage's output" if there else "does not exist"
     elif kind == "file":
         if not storage.exists(path):
             return "does not exist"

@@ -41,10 +41,9 @@ from huatuo_ray.config import load_config, option, to_dict
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
+
+
 #: What a finished step leaves in its output folder (the manifest, else the stage's own file).
-DONE_FILES = (artifacts.MANIFEST, "metrics.json", "results.json", "report.html", "export.json")
-
-
 @dataclass
 class Step:
     """One stage run as one Ray job."""
@@ -160,10 +159,6 @@ def _output_of(values: dict[str, Any], project_dir: str) -> str | None:
     return out if os.path.isabs(out) or "://" in out else os.path.join(project_dir, out)
 
 
-def is_done(output: str | None) -> bool:
-    return output is not None and any(storage.exists(storage.join(output, f)) for f in DONE_FILES)
-
-
 def run_in_process(config: PipelineConfig, before: Any = None) -> list[dict[str, Any]]:
     """Every step in this process, in order, skipping complete ones; ``before(index, step)`` is
     called before each step that runs. Returns per step its status, output and manifest (or the
@@ -176,7 +171,7 @@ def run_in_process(config: PipelineConfig, before: Any = None) -> list[dict[str,
         path, values = resolve_step(config, index, step)
         output = _output_of(values, config.project_dir)
         record = {"step": index, "stage": step.stage, "config": step.config, "output": output}
-        if is_done(output):
+        if artifacts.is_finished(output):
             log.warning("pipeline step %d %s: %s is complete, skipped", index, step.stage, output)
             ran.append({**record, "status": "skipped", "result": _result_of(output)})
             continue
@@ -254,7 +249,7 @@ def main(config: PipelineConfig) -> dict[str, Any]:
     for index, step in enumerate(config.steps):
         path, values = resolve_step(config, index, step)
         output = _output_of(values, config.project_dir)
-        if is_done(output):
+        if artifacts.is_finished(output):
             log.warning("pipeline step %d %s: %s is complete, skipped", index, step.stage, output)
             ran.append({"step": index, "stage": step.stage, "status": "skipped", "output": output})
             continue
@@ -279,7 +274,7 @@ def main(config: PipelineConfig) -> dict[str, Any]:
         if status != JobStatus.SUCCEEDED:
             tail = client.get_job_logs(job_id)[-3000:]
             raise RuntimeError(f"step {index} ({step.stage}) job {job_id} {status}:\n{tail}")
-        if output is not None and not is_done(output):
+        if output is not None and not artifacts.is_finished(output):
             raise RuntimeError(f"step {index} ({step.stage}) succeeded but left no {output}")
         ran.append({"step": index, "stage": step.stage, "status": "succeeded", "job_id": job_id,
                     "seconds": round(time.time() - started, 1), "output": output})  # fmt: skip

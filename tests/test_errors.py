@@ -108,3 +108,17 @@ def test_user_error_found_behind_a_ray_task(local_ray) -> None:
     found = user_error_in(raised.value)
     assert found is not None and "/no/such/artifact" in str(found)
     assert user_error_in(ValueError("a bug")) is None
+
+
+def test_report_reads_a_benchmark_output_which_is_no_dataset(tmp_path: Path) -> None:
+    from huatuo_ray.config import load_config
+    from huatuo_ray.eval.report import ReportConfig
+
+    bench = tmp_path / "benchmark"
+    (bench / "demo-consultations").mkdir(parents=True)  # per-set datasets, no manifest on top
+    config = load_config(ReportConfig, None, [f"output={tmp_path / 'report'}",
+                                              f"benchmarks=[{bench}]"])  # fmt: skip
+    with pytest.raises(UserError, match="is not a finished stage's output: run `benchmark` first"):
+        check_inputs(config)
+    (bench / "metrics.json").write_text("{}")  # what a finished benchmark leaves on top
+    check_inputs(config)

@@ -46,7 +46,7 @@ class ReportConfig:
     output: str = option(help="folder for report.html, report.md and images/")
     title: str = option("HuatuoGPT reproduction: evaluation", help="the report's title")
     benchmarks: list[str] = option(
-        [], help="benchmark stage outputs", input="artifact", made_by="benchmark"
+        [], help="benchmark stage outputs", input="finished", made_by="benchmark"
     )
     comparisons: list[Section] = option([], help="judge or doctor-import outputs")
     training: list[Section] = option([], help="TensorBoard folders (sft, reward-model, ppo)")
