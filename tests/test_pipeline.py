@@ -60,7 +60,7 @@ def test_tiny_recipe_as_a_chain_of_ray_jobs(tmp_path: Path, tiny_model_dir: str)
             client = JobSubmissionClient(head.dashboard_url)
             jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("pipeline") == "tiny"]
             logs = "".join(client.get_job_logs(j.submission_id) for j in jobs)
-            infos = json.dumps([j.dict() for j in jobs], default=str)
+            infos = json.dumps([j.model_dump() for j in jobs], default=str)
             session = [p for p in Path(head.temp_dir).rglob("*")
                        if p.is_file() and "runtime_resources" not in p.parts]  # fmt: skip
             leaked = [str(p) for p in session if SECRET.encode() in p.read_bytes()]

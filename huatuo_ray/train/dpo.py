@@ -17,26 +17,22 @@ and ``serve`` take it like the SFT or PPO model.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from huatuo_ray import artifacts, storage
+from huatuo_ray import artifacts
 from huatuo_ray.config import option, to_dict
 from huatuo_ray.train.deepspeed_setup import OptimConfig
-from huatuo_ray.train.loop import TrainStageConfig
-from huatuo_ray.train.ray_trainer import fit, promote_best
+from huatuo_ray.train.preference_data import PairStageConfig, promote_pair_model
+from huatuo_ray.train.ray_trainer import begin, fit
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class DPOConfig(TrainStageConfig):
+class DPOConfig(PairStageConfig):
     """Train the policy on preference pairs with DPO or IPO."""
 
-    preferences: str = option(
-        help="preference artifact (the score stage's output)", input="artifact", made_by="score"
-    )
     beta: float = option(0.1, help="strength of the pull towards the reference (DPO's beta)")
     loss: Literal["sigmoid", "ipo"] = option(
         "sigmoid", help="sigmoid: DPO; ipo: the squared loss of IPO (bounded on separable pairs)"
@@ -44,23 +40,15 @@ class DPOConfig(TrainStageConfig):
     label_smoothing: float = option(
         0.0, help="assumed share of flipped labels (conservative DPO); sigmoid loss only"
     )
-    validation_fraction: float = option(0.1, help="share of prompts held out for validation")
-    max_length: int = option(1024, help="longest prompt + response; longer pairs are rejected")
-    micro_batch_size: int = option(4, help="pairs per worker per forward/backward")
-    global_batch_size: int = option(32, help="pairs per optimizer step over all workers")
-    epochs: int = option(2, help="passes over the training pairs")
     reference_batch_size: int = option(8, help="pairs per forward of the reference pass")
     reference_gpus: float = option(
         0.0, help="GPUs of the reference pass (1 on GPU clusters: it runs in bf16 there)"
     )
-    seed: int = option(0, help="seed of initialisation and the split")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-7))
     run_name: str = option("dpo", help="run name under storage_path: the same name resumes")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError("validation_fraction must be in (0, 1)")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
         if not 0 <= self.label_smoothing < 0.5:
@@ -70,37 +58,15 @@ class DPOConfig(TrainStageConfig):
 
 
 def main(config: DPOConfig) -> dict[str, Any]:
-    from huatuo_ray.runtime import connect
     from huatuo_ray.train.dpo_loop import train_loop
-    from huatuo_ray.train.preference_data import prepare_pairs, split_preferences
+    from huatuo_ray.train.preference_data import prepare_preferences
 
-    connect(config.cluster, "dpo")
-    if storage.exists(storage.join(config.output, artifacts.MANIFEST)):
-        return artifacts.read_manifest(config.output)
-    config.output, config.storage_path = (
-        p if "://" in p else os.path.abspath(p) for p in (config.output, config.storage_path)
-    )
-    if os.path.exists(config.model.path):
-        config.model.path = os.path.abspath(config.model.path)
-    rows = list(artifacts.iter_rows(config.preferences))
-    split = split_preferences(rows, config.validation_fraction, config.seed, config.preferences)
-    prepared = {k: prepare_pairs(v, config.model.path, config.max_length) for k, v in split.items()}
+    if (done := begin(config, "dpo")) is not None:
+        return done
+    prepared = prepare_preferences(config)
     datasets = {k: with_reference(config, pairs) for k, (pairs, _) in prepared.items()}
     train_pairs = datasets["train"].count()
-    tensorboard_dir = config.tensorboard_dir or (
-        os.path.join(config.output, "tensorboard") if "://" not in config.output else None
-    )
-    fit(
-        train_loop,
-        {
-            "config": config,
-            "train_rows": train_pairs,
-            "has_validation": True,
-            "tensorboard_dir": tensorboard_dir,
-        },
-        config,
-        datasets,
-    )
+    fit(train_loop, config, datasets, train_pairs)
     return finish(config, prepared, train_pairs)
 
 
@@ -123,29 +89,11 @@ def with_reference(config: DPOConfig, pairs: Any) -> Any:
 
 def finish(config: DPOConfig, prepared: dict, train_pairs: int) -> dict[str, Any]:
     """Move the best weights into place as the model artifact and write its manifest."""
-    rejects = prepared["train"][1] + prepared["validation"][1]
-    state = promote_best(config.output, rejects)
-    best = state["best"]
+    state, training = promote_pair_model(config, prepared, train_pairs)
+    training["best"]["reward_margin"] = state["best"]["val_reward_margin"]
+    inputs = [artifacts.input_summary(config.preferences)]
     artifacts.write_model_manifest(
-        config.output,
-        "dpo",
-        to_dict(config),
-        inputs=[artifacts.input_summary(config.preferences)],
-        head="AutoModelForCausalLM",
-        training={
-            "steps": state["step"],
-            "best": {
-                "step": best["step"],
-                "accuracy": best["val_accuracy"],
-                "loss": best["val_loss"],
-                "reward_margin": best["val_reward_margin"],
-            },
-            "validation_history": state["history"],
-            "train_loss": state["train_loss"],
-            "restarts": state["restarts"],
-            "train_pairs": train_pairs,
-            "validation_pairs": prepared["validation"][0].count(),
-            "rejected_pairs": len(rejects),
-        },
-    )
+        config.output, "dpo", to_dict(config), inputs=inputs, head="AutoModelForCausalLM",
+        training=training,
+    )  # fmt: skip
     return artifacts.read_manifest(config.output)

@@ -15,6 +15,7 @@ from typing import Any
 from huatuo_ray.train.core import all_reduce_sum
 from huatuo_ray.train.loop import TrainRun, run_training
 from huatuo_ray.train.losses import dpo_loss, response_logprobs
+from huatuo_ray.train.preference_data import pair_accuracy_improved
 
 
 def response_mask(attention_mask: Any, prompt_len: Any) -> Any:
@@ -120,11 +121,7 @@ class DPOSpec:
         }
 
     def better(self, new: dict[str, float], best: dict[str, Any] | None) -> bool:
-        return (
-            best is None
-            or new["val_accuracy"] > best["val_accuracy"]
-            or (new["val_accuracy"] == best["val_accuracy"] and new["val_loss"] < best["val_loss"])
-        )
+        return pair_accuracy_improved(new, best)
 
     def on_best(self, run: TrainRun, train_shard: Any) -> dict[str, Any]:
         return {}

@@ -1,4 +1,6 @@
-"""Preference pairs as token rows for the reward model, on Ray Data.
+"""What the stages that train on preference pairs share (``reward-model``, ``dpo``): their config
+fields, the pairs as token rows on Ray Data, what "better on validation" means, and the model
+artifact at the end.
 
 A preference record (from ``score``) holds the prompt turns and the chosen and rejected responses.
 Each side is tokenised as the policy will see it: the prompt with the chat template
@@ -11,12 +13,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from huatuo_ray.config import option
 from huatuo_ray.dialogue import Dialogue, encode_prompt
 from huatuo_ray.models.fetch import local_model_path
+from huatuo_ray.train.loop import TrainStageConfig
+
+
+@dataclass(kw_only=True)
+class PairStageConfig(TrainStageConfig):
+    """The fields of the stages that train on preference pairs (``reward-model``, ``dpo``)."""
+
+    preferences: str = option(
+        help="preference artifact (the score stage's output)", input="artifact", made_by="score"
+    )
+    validation_fraction: float = option(0.1, help="share of prompts held out for validation")
+    max_length: int = option(1024, help="longest prompt + response; longer pairs are rejected")
+    micro_batch_size: int = option(4, help="pairs per worker per forward/backward")
+    global_batch_size: int = option(32, help="pairs per optimizer step over all workers")
+    epochs: int = option(2, help="passes over the training pairs")
+    seed: int = option(0, help="seed of initialisation and the split")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError("validation_fraction must be in (0, 1)")
+
 
 PAIR_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "prompt_len"]
 
@@ -121,6 +147,48 @@ def prepare_pairs(
     rejects = [json.loads(r["reject"]) for r in ds.filter(lambda r: r["reject"] != "").iter_rows()]
     pairs = ds.filter(lambda r: r["reject"] == "").select_columns(PAIR_COLUMNS).materialize()
     return pairs, rejects
+
+
+def prepare_preferences(config: Any) -> dict[str, tuple[Any, list[dict]]]:
+    """``config.preferences`` split by prompt (``validation_fraction``, ``seed``) and tokenised:
+    ``{"train": (dataset, rejects), "validation": (dataset, rejects)}``."""
+    from huatuo_ray import artifacts
+
+    rows = list(artifacts.iter_rows(config.preferences))
+    split = split_preferences(rows, config.validation_fraction, config.seed, config.preferences)
+    return {k: prepare_pairs(v, config.model.path, config.max_length) for k, v in split.items()}
+
+
+def promote_pair_model(
+    config: Any, prepared: dict[str, tuple[Any, list[dict]]], train_pairs: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Move a pair stage's best weights into ``config.output`` and write its rejects; returns the
+    loop's final state and the ``training`` section of the model manifest."""
+    from huatuo_ray.train.ray_trainer import promote_best
+
+    rejects = prepared["train"][1] + prepared["validation"][1]
+    state = promote_best(config.output, rejects)
+    best = state["best"]
+    training = {
+        "steps": state["step"],
+        "best": {"step": best["step"], "accuracy": best["val_accuracy"], "loss": best["val_loss"]},
+        "validation_history": state["history"],
+        "train_loss": state["train_loss"],
+        "restarts": state["restarts"],
+        "train_pairs": train_pairs,
+        "validation_pairs": prepared["validation"][0].count(),
+        "rejected_pairs": len(rejects),
+    }
+    return state, training
+
+
+def pair_accuracy_improved(new: dict[str, float], best: dict[str, Any] | None) -> bool:
+    """The "better" of the pair stages: higher validation accuracy, then lower validation loss."""
+    return (
+        best is None
+        or new["val_accuracy"] > best["val_accuracy"]
+        or (new["val_accuracy"] == best["val_accuracy"] and new["val_loss"] < best["val_loss"])
+    )
 
 
 def split_preferences(

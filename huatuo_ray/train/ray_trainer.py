@@ -1,5 +1,6 @@
-"""What the training recipes share around Ray Train: building the trainer from a stage config,
-and turning the best weights a run saved into the model artifact."""
+"""What the training recipes share around Ray Train, on the driver: starting a stage (connect,
+already complete, absolute paths), building the trainer from a stage config, and turning the
+best weights a run saved into the model artifact."""
 
 from __future__ import annotations
 
@@ -12,17 +13,48 @@ from typing import Any
 from huatuo_ray import artifacts, storage
 
 
-def fit(
-    train_loop: Callable, loop_config: dict[str, Any], config: Any, datasets: dict[str, Any]
-) -> Any:
-    """Run ``train_loop`` on ``config.scaling`` workers, with its checkpoint and storage settings."""
+def begin(config: Any, stage: str) -> dict[str, Any] | None:
+    """Connect to Ray for ``stage``; the finished manifest when ``config.output`` is complete, else
+    None after making every path the workers use absolute (they may run on other nodes and in
+    other folders). A model URI stays a URI: every node fetches it once (train/core.py)."""
+    from huatuo_ray.runtime import connect
+
+    connect(config.cluster, stage)
+    if storage.exists(storage.join(config.output, artifacts.MANIFEST)):
+        return artifacts.read_manifest(config.output)
+    config.output, config.storage_path = _absolute(config.output), _absolute(config.storage_path)
+    if os.path.exists(config.model.path):
+        config.model.path = os.path.abspath(config.model.path)
+    return None
+
+
+def tensorboard_dir(config: Any) -> str | None:
+    """``config.tensorboard_dir``, or ``OUTPUT/tensorboard`` when the output is a local folder."""
+    if config.tensorboard_dir:
+        return config.tensorboard_dir
+    return None if "://" in config.output else os.path.join(config.output, "tensorboard")
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def fit(train_loop: Callable, config: Any, datasets: dict[str, Any], train_rows: int) -> Any:
+    """Run ``train_loop`` on ``config.scaling`` workers, with its checkpoint and storage settings;
+    the loop gets the config, the train split's row count, whether there is a ``validation``
+    dataset, and where TensorBoard goes."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     scaling = config.scaling
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={
+            "config": config,
+            "train_rows": train_rows,
+            "has_validation": "validation" in datasets,
+            "tensorboard_dir": tensorboard_dir(config),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,

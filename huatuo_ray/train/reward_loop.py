@@ -13,6 +13,7 @@ from typing import Any
 from huatuo_ray.train.core import all_reduce_sum
 from huatuo_ray.train.loop import TrainRun, run_training
 from huatuo_ray.train.losses import pairwise_accuracy, pairwise_reward_loss
+from huatuo_ray.train.preference_data import pair_accuracy_improved
 
 
 def _scores(run: TrainRun, batch: dict[str, Any]) -> tuple[Any, Any]:
@@ -70,11 +71,7 @@ class RewardSpec:
         return {"val_loss": loss, "val_accuracy": accuracy}
 
     def better(self, new: dict[str, float], best: dict[str, Any] | None) -> bool:
-        return (
-            best is None
-            or new["val_accuracy"] > best["val_accuracy"]
-            or (new["val_accuracy"] == best["val_accuracy"] and new["val_loss"] < best["val_loss"])
-        )
+        return pair_accuracy_improved(new, best)
 
     def on_best(self, run: TrainRun, train_shard: Any) -> dict[str, Any]:
         _, _, mean, std, n = evaluate(run, train_shard, run.config.norm_max_batches)

@@ -15,16 +15,15 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray import artifacts, storage
+from huatuo_ray import artifacts
 from huatuo_ray.config import input_artifact, option, to_dict
 from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.models.preflight import check_base_model
 from huatuo_ray.train.loop import TrainStageConfig
-from huatuo_ray.train.ray_trainer import fit, promote_best
+from huatuo_ray.train.ray_trainer import begin, fit, promote_best
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +57,14 @@ class SFTConfig(TrainStageConfig):
             raise ValueError("max_length must be at least 16")
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def main(config: SFTConfig) -> dict[str, Any]:
-    from huatuo_ray.runtime import connect
     from huatuo_ray.train.data import prepare_split
     from huatuo_ray.train.sft_loop import train_loop
 
-    connect(config.cluster, "sft")
-    if storage.exists(storage.join(config.output, artifacts.MANIFEST)):
-        log.info("%s is already complete", config.output)
-        return artifacts.read_manifest(config.output)
-    # Workers may run on other nodes and in other folders: every path they use is absolute.
-    config.output, config.storage_path = _absolute(config.output), _absolute(config.storage_path)
-    # A URI stays a URI: every node fetches it once into its own cache (train/core.py).
+    if (done := begin(config, "sft")) is not None:
+        return done
     base = local_model_path(config.model.path)
     check_base_model(base, config.allow_untrained, config.model.trust_remote_code)
-    config.model.path = (
-        _absolute(config.model.path) if os.path.exists(config.model.path) else config.model.path
-    )
-    tensorboard_dir = config.tensorboard_dir or (
-        os.path.join(config.output, "tensorboard") if "://" not in config.output else None
-    )
 
     train = prepare_split(
         config.train, config.model.path, config.max_length, config.packing, config.tokenize_workers
@@ -100,17 +83,7 @@ def main(config: SFTConfig) -> dict[str, Any]:
         len(train.rejects),
     )
 
-    result = fit(
-        train_loop,
-        {
-            "config": config,
-            "train_rows": train.rows,
-            "has_validation": validation is not None,
-            "tensorboard_dir": tensorboard_dir,
-        },
-        config,
-        datasets,
-    )
+    result = fit(train_loop, config, datasets, train.rows)
     return finish(config, train, validation, result)
 
 
