@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster
 from huatuo_ray.config import ClusterConfig
 from huatuo_ray.rlmf import ppo
 from huatuo_ray.rlmf.actors.group import Resources
-from tests.test_ppo import ppo_config
+from tests.rlmf.test_ppo import ppo_config
 
 
 def main() -> None:

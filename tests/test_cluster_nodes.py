@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from huatuo_ray import artifacts
-from tests.test_polish import real_inputs
+from tests.distill.test_polish import real_inputs
 
 pytestmark = [pytest.mark.system, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parents[1]

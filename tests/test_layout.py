@@ -66,3 +66,14 @@ def test_readme_code_map_matches_the_stage_list() -> None:
     for name, stage in STAGES.items():
         assert rows[name] == stage.module.replace(".", "/") + ".py", name
         assert (PACKAGE.parent / rows[name]).is_file()
+
+
+def test_tests_mirror_the_package_layout() -> None:
+    """A package's tests live in ``tests/<package>/``; the root holds the cross-cutting ones (CLI,
+    config, pipeline, clusters), the helper scripts and ``support/`` (the test doubles)."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders - {"support"} <= packages, folders - packages - {"support"}
+    for folder in folders - {"support"}:
+        assert list((tests / folder).glob("test_*.py")), folder

@@ -23,7 +23,7 @@ from tests.conftest import TEACHER_KEY, teacher_config  # noqa: E402
 from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
 from tests.support.scripted_teacher import MAX_POLISH_TURNS, medical_responder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY = TEACHER_KEY
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from tests.conftest import teacher_config
 from tests.support.openai_servers import ScriptedOpenAIServer
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ASSISTANT = re.compile(r"\[Assistant (\d)\]\n(.*?)\n\[End of Assistant \d\]", re.S)
 
 

@@ -16,7 +16,7 @@ from huatuo_ray.teacher.client import TeacherClient
 from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, teacher_config
 from tests.support.openai_servers import ScriptedOpenAIServer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def answer(i: int) -> dict:

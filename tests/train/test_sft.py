@@ -23,7 +23,7 @@ from huatuo_ray.train import sft
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.packing import block_causal_mask, pack
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -15,7 +15,7 @@ from huatuo_ray.config import ModelConfig
 from huatuo_ray.inference.generation import SamplingConfig
 from huatuo_ray.rlmf import ppo, rewards
 from huatuo_ray.rlmf.actors.group import Resources
-from tests.test_ppo import ppo_config, ppo_inputs  # noqa: F401 - the module's fixture
+from tests.rlmf.test_ppo import ppo_config, ppo_inputs  # noqa: F401 - the module's fixture
 
 SMALL = Resources(workers=1, num_cpus=0.25)
 

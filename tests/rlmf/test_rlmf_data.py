@@ -132,7 +132,7 @@ def test_score_killed_and_resumed_pays_no_judgement_twice(
 
     run_sample(real_data[:1], tiny_model_dir, tmp_path / "samples", "hf")
     out = tmp_path / "prefs"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, TEACHER_KEY_ENV: TEACHER_KEY}
     with ScriptedOpenAIServer(medical_responder, latency_s=0.3, max_concurrency=2) as server:
         with FaultyProxy(server.base_url, seed=2, fault_rate=0.2, hang_s=6.0) as proxy:

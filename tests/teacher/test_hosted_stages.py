@@ -35,7 +35,7 @@ from tests.support.hosted_api import QUOTA_MESSAGE, HostedAPIServer, invalid_key
 from tests.support.openai_servers import ScriptedHTTPError, ScriptedReply
 from tests.support.scripted_teacher import medical_responder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # local Ray and Ray Data actors
 REASONING = dict(model="o3-mini", temperature=None, top_p=None, reasoning_effort="low")
 

@@ -38,7 +38,7 @@ from tests.support.batch_api import BatchAPIServer
 from tests.support.openai_servers import ScriptedHTTPError
 from tests.support.scripted_teacher import medical_responder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = dict(poll_s=0.01, poll_max_s=0.05)
 
 

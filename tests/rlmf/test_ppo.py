@@ -23,7 +23,7 @@ from huatuo_ray.rlmf.actors.group import Resources
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TARGET_TOKEN = 100
 
 

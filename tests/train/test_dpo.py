@@ -13,7 +13,7 @@ from huatuo_ray.config import ModelConfig
 from huatuo_ray.train import dpo
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.losses import dpo_loss, response_logprobs
-from tests.test_reward_model import learnable_preferences
+from tests.train.test_reward_model import learnable_preferences
 
 
 def _log_sigmoid(x: float) -> float:

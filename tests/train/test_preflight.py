@@ -59,7 +59,7 @@ def test_tiny_presets_allow_untrained_and_paper_presets_do_not() -> None:
     from huatuo_ray.config import load_config
     from huatuo_ray.train import sft
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     assert load_config(sft.SFTConfig, str(repo / "jobs/tiny/sft.yaml")).allow_untrained
     for preset in ("paper", "open7b"):
         assert not load_config(sft.SFTConfig, str(repo / f"jobs/{preset}/sft.yaml")).allow_untrained

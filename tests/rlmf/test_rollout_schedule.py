@@ -81,6 +81,7 @@ def schedule_config(inputs, model: str, engines: int, **overrides):
     return ppo.PPOConfig(**fields)
 
 
+@pytest.mark.slow
 def test_streamed_and_chunked_draw_the_same_samples_and_scoring_overlaps(
     rollout_inputs, tiny_model_dir: str, local_ray
 ) -> None:
