@@ -13,10 +13,10 @@ import pytest
 from huatuo_ray.rlmf import ppo
 from huatuo_ray.rlmf.teacher_reward import TeacherBudget, TeacherRewardConfig, pairs_of_group
 from tests.conftest import teacher_config
-from tests.support.openai_servers import ScriptedOpenAIServer
-from tests.support.rule_rewards import TARGET_WORD
 from tests.rlmf.test_critic_free import SMALL, assert_reward_rose, critic_free, history
 from tests.rlmf.test_ppo import ppo_inputs  # noqa: F401 - the module's fixture
+from tests.support.openai_servers import ScriptedOpenAIServer
+from tests.support.rule_rewards import TARGET_WORD
 
 
 def _between(text: str, start: str, end: str) -> str:
