@@ -1,6 +1,6 @@
 """``make demo``: the whole recipe end to end on a local Ray, offline, with tiny models.
 
-    python -m huatuo_ray.demo --output outputs/demo
+    python -m huatuo_ray.demo --output outputs/demo [--dry-run]
 
 It runs ``jobs/tiny/pipeline.yaml`` (the recipe, written once) in this process, with every output
 under ``--output``: the tiny model first, then vLLM's OpenAI-compatible server on it as the local
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from huatuo_ray.config import load_config
-from huatuo_ray.pipeline import PipelineConfig, Step, run_in_process
+from huatuo_ray.pipeline import PipelineConfig, Step, dry_run, run_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "jobs" / "tiny" / "pipeline.yaml"
@@ -35,7 +35,11 @@ LOCAL_KEY_ENV = "HUATUO_LOCAL_TEACHER_KEY"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="outputs/demo")
-    out = Path(parser.parse_args().output).resolve()
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the steps and check their inputs; run nothing"
+    )
+    args = parser.parse_args()
+    out = Path(args.output).resolve()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault(LOCAL_KEY_ENV, "local-teacher-needs-no-key")
     os.chdir(REPO)  # the presets name bundled files relative to the repository
@@ -58,6 +62,10 @@ def main() -> None:
             f"common=[teacher.base_url=http://127.0.0.1:{port}/v1]",
         ],
     )
+    if args.dry_run:
+        config.dry_run = True
+        dry_run(config)
+        return
     with contextlib.ExitStack() as stack:
         teacher_up = False
 
