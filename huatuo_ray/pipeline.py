@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
-#: What a finished step leaves in its output folder (the manifest, else the stage's own file).
 @dataclass
 class Step:
     """One stage run as one Ray job."""

@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from huatuo_ray import artifacts
 from huatuo_ray.config import option
 from huatuo_ray.dialogue import Dialogue, encode_prompt
 from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.train.loop import TrainStageConfig
+from huatuo_ray.train.ray_trainer import promote_best
 
 
 @dataclass(kw_only=True)
@@ -152,8 +154,6 @@ def prepare_pairs(
 def prepare_preferences(config: Any) -> dict[str, tuple[Any, list[dict]]]:
     """``config.preferences`` split by prompt (``validation_fraction``, ``seed``) and tokenised:
     ``{"train": (dataset, rejects), "validation": (dataset, rejects)}``."""
-    from huatuo_ray import artifacts
-
     rows = list(artifacts.iter_rows(config.preferences))
     split = split_preferences(rows, config.validation_fraction, config.seed, config.preferences)
     return {k: prepare_pairs(v, config.model.path, config.max_length) for k, v in split.items()}
@@ -164,8 +164,6 @@ def promote_pair_model(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Move a pair stage's best weights into ``config.output`` and write its rejects; returns the
     loop's final state and the ``training`` section of the model manifest."""
-    from huatuo_ray.train.ray_trainer import promote_best
-
     rejects = prepared["train"][1] + prepared["validation"][1]
     state = promote_best(config.output, rejects)
     best = state["best"]

@@ -24,7 +24,7 @@ def begin(config: Any, stage: str) -> dict[str, Any] | None:
         return artifacts.read_manifest(config.output)
     config.output, config.storage_path = _absolute(config.output), _absolute(config.storage_path)
     if os.path.exists(config.model.path):
-        config.model.path = os.path.abspath(config.model.path)
+        config.model.path = _absolute(config.model.path)
     return None
 
 
