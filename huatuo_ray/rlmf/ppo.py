@@ -59,6 +59,7 @@ from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.rlmf.actors.group import Resources
 from huatuo_ray.rlmf.teacher_reward import TeacherRewardConfig
+from huatuo_ray.rlmf.weight_sync import resolve_method
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,12 @@ class PPOConfig:
     extra_rewards: list[RewardConfig] = option(
         [], help="more reward sources, summed with `reward` by their weights"
     )
-    weight_sync: Literal["broadcast", "object_store"] = option(
-        "broadcast", help="broadcast: NCCL/gloo group; object_store: through Ray's object store"
+    weight_sync: Literal["auto", "broadcast", "ipc", "object_store"] = option(
+        "auto",
+        help="broadcast: NCCL/gloo group (engines on other GPUs or nodes); ipc: handles to the "
+        "policy's own memory for engines colocated with it (CUDA IPC; CPU: the object store); "
+        "object_store: through Ray's object store; auto: ipc when rollout is colocated with "
+        "policy, else broadcast",
     )
     sync_bucket_mb: float = option(
         256.0, help="broadcast sync: MiB per bucket (the most an engine holds of an update)"
@@ -347,6 +352,8 @@ class PPOConfig:
             )
         if "rollout" in named and rollout.engine.tensor_parallel_size > 1:
             raise ValueError("colocate: a colocated rollout engine runs on one GPU (TP 1)")
+        on_gpu = rollout.resources.num_gpus > 0 and self.policy.resources.num_gpus > 0
+        resolve_method(self.weight_sync, self.colocate, on_gpu)  # refuses what cannot work
         if self.reference.mode == "frozen_trunk" and not _frozen_trunk_possible(self):
             raise ValueError(
                 "reference.mode frozen_trunk needs policy.trainable_layers >= 1 and ZeRO <= 2"
@@ -449,6 +456,7 @@ def run(
     ray.get([ref for name in trained for ref in groups[name].setup_distributed(total_steps)])
     placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
     sync = weight_sync.WeightSync(config, groups)
+    placement["weight_sync"] = sync.method
 
     state = load_latest_checkpoint(config, groups, prompts)
     if state["iteration"] > 0:
@@ -490,6 +498,7 @@ def run(
         sync.push()
         times["sync_s"] = time.perf_counter() - started
         figures.update(sync.last)
+        figures.update(gpu_memory(groups))
         sequence_kl = float(exp.kl.sum(-1).mean())
         beta = kl_control.beta
         kl_control.update(sequence_kl, len(exp))
@@ -740,6 +749,21 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         # weights in place on CPUs, and one process per engine is simpler to place).
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
+
+
+def gpu_memory(groups: dict[str, Any]) -> dict[str, float]:
+    """GPU memory after the iteration (nothing on CPUs): the most any device had in use
+    (``gpu_used_gib``: every process on it, colocated groups together) and the sum of the
+    workers' own peak allocations (``gpu_peak_allocated_gib``)."""
+    import ray
+
+    stats = [s for g in groups.values() for s in ray.get(g.call("gpu_memory")) if s]
+    if not stats:
+        return {}
+    return {
+        "gpu_used_gib": max(s["device_used_gib"] for s in stats),
+        "gpu_peak_allocated_gib": sum(s["peak_allocated_gib"] for s in stats),
+    }
 
 
 def hybrid_engine(config: PPOConfig, groups: dict[str, Any], awake: bool) -> None:
@@ -1023,6 +1047,7 @@ def finish(
         },
         groups=sorted(groups),  # the actor groups created (no critic: a critic-free run)
         reward_normalisation=normalisation,
+        weight_sync=placement.pop("weight_sync"),  # the path taken (auto resolved)
         placement=placement,  # node id of each worker, per group
         training={
             "iterations": state["iteration"],

@@ -15,10 +15,20 @@ of the model, and the frozen rest is already identical on both sides. Two paths:
   (:class:`VLLMWeightReceiver`, installed as vLLM's ``worker_extension_cls``); vLLM buffers the
   tensors of a layer until the layer is complete, so they are handed to it as copies and the
   bucket itself is released (peak: one bucket + one layer).
+* ``ipc``: for engines on the policy's own GPUs (``colocate`` with rollout beside policy: the
+  hybrid engine), where NCCL cannot help (it refuses two ranks on one GPU). Policy rank i packs
+  a bucket and hands its colocated engine i a *handle* to it through Ray (:func:`share`): on a
+  GPU a CUDA IPC handle, which the engine opens as a view of the policy's own memory (no copy in
+  transit, no collective; OpenRLHF's colocated mode and veRL's hybrid engine do the same), on a
+  CPU the bucket itself through Ray's object store (the stand-in the CPU tests run, on the same
+  path). The engine copies the bucket's tensors into its weights (vLLM: through the same
+  ``reload_weights`` as the broadcast), then the policy frees it and packs the next.
 * ``object_store``: policy rank 0 puts the tensors in Ray's object store once; every rollout
   worker fetches them. Needs no extra ports between nodes.
 
-Under ZeRO-3 every policy rank takes part in gathering each parameter; rank 0 sends it.
+``auto`` (the default) takes ``ipc`` when rollout and policy are colocated, else ``broadcast``
+(:func:`resolve_method`). Under ZeRO-3 every policy rank takes part in gathering each parameter;
+rank 0 sends it (``ipc``: each rank fills its own engine's bucket).
 """
 
 from __future__ import annotations
@@ -169,14 +179,10 @@ def receive_buckets(
         flat = torch.empty(sum(specs[i].numel for i in bucket), dtype=dtype, device=device)
         meter.track(flat)
         broadcast(group, flat)
-        offset = 0
-        for i in bucket:
-            spec = specs[i]
-            view = flat[offset : offset + spec.numel].view(spec.shape)
-            offset += spec.numel
+        for name, tensor in bucket_tensors(flat, specs, bucket, copy):
             meter.tensors += 1
-            yield spec.name, (view.clone() if copy else view)
-            del view
+            yield name, tensor
+            del tensor
         del flat  # before the next bucket is allocated
 
 
@@ -193,6 +199,62 @@ def copy_into(model: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]])
             del tensor
             n += 1
     return n
+
+
+def resolve_method(method: str, colocate: list[list[str]], on_gpu: bool) -> str:
+    """The weight-sync path for a PPO config; raises ValueError (one line, with the fix) for a
+    layout that cannot work: NCCL between groups sharing a GPU, or handles between GPUs."""
+    colocated = any({"rollout", "policy"} <= set(names) for names in colocate)
+    if method == "auto":
+        return "ipc" if colocated else "broadcast"
+    if method == "broadcast" and colocated and on_gpu:
+        raise ValueError(
+            "weight_sync broadcast: rollout and policy share GPUs (colocate) and NCCL cannot join"
+            " two ranks on one GPU; use weight_sync: ipc (or auto)"
+        )
+    if method == "ipc" and not colocated:
+        raise ValueError(
+            "weight_sync ipc hands the policy's memory to engines on its own GPUs: put rollout"
+            " and policy in one colocate list, or use weight_sync: broadcast (or auto)"
+        )
+    return method
+
+
+def share(bucket: torch.Tensor) -> tuple[str, Any]:
+    """A handle to ``bucket`` for a process beside this one: a CUDA IPC handle on a GPU (the
+    receiver maps the same memory; the caller keeps ``bucket`` alive until it is done), else the
+    tensor itself (Ray carries it through its object store)."""
+    if bucket.is_cuda:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        return "cuda_ipc", reduce_tensor(bucket)
+    return "tensor", bucket
+
+
+def open_shared(handle: tuple[str, Any], device: Any) -> torch.Tensor:
+    """The tensor behind a :func:`share` handle, on ``device`` (the receiver's own index of the
+    same GPU: each process numbers its visible GPUs from 0)."""
+    kind, payload = handle
+    if kind == "tensor":
+        return payload.to(device)
+    rebuild, args = payload
+    args = list(args)
+    args[6] = torch.device(device).index or 0  # rebuild_cuda_tensor's storage_device
+    return rebuild(*args)
+
+
+def bucket_tensors(
+    flat: torch.Tensor, specs: list[ParamSpec], bucket: list[int], copy: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each spec of ``bucket`` laid end to end in ``flat``: views (``copy``:
+    copies, for consumers that keep them)."""
+    offset = 0
+    for i in bucket:
+        spec = specs[i]
+        view = flat[offset : offset + spec.numel].view(spec.shape)
+        offset += spec.numel
+        yield spec.name, (view.clone() if copy else view)
+        del view
 
 
 class _PartialReloadFilter(logging.Filter):
@@ -244,6 +306,16 @@ class VLLMWeightReceiver:
         )
         return meter.summary()
 
+    def huatuo_receive_shared(
+        self, handle: tuple[str, Any], specs: list[ParamSpec], bucket: list[int]
+    ) -> dict:
+        """One bucket by :func:`share` handle (the policy on this GPU holds it meanwhile)."""
+        flat = open_shared(handle, self._huatuo_device())
+        self._huatuo_reload(bucket_tensors(flat, specs, bucket, copy=True))
+        nbytes = flat.numel() * flat.element_size()
+        del flat
+        return {"tensors": len(bucket), "bytes": nbytes, "peak_buckets": 1}
+
     def huatuo_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> dict:
         device = self._huatuo_device()
         self._huatuo_reload((n, t.to(device)) for n, t in named)
@@ -261,18 +333,20 @@ class WeightSync:
     def __init__(self, config: Any, groups: dict[str, Any]):
         import ray
 
-        self.method = config.weight_sync
+        on_gpu = config.rollout.resources.num_gpus > 0 and config.policy.resources.num_gpus > 0
+        self.method = resolve_method(config.weight_sync, config.colocate, on_gpu)
         self.bucket_bytes = int(config.sync_bucket_mb * 2**20)
         self.last: dict[str, float] = {}
         self.policy, self.rollout = groups["policy"], groups["rollout"]
-        if self.method != "broadcast":
+        if self.method == "object_store":
             return
         self.specs = ray.get(self.policy.workers[0].weight_specs.remote())
+        if self.method == "ipc":
+            return
         ranks = ray.get(self.rollout.call("engine_ranks"))  # TP ranks of each engine (HF: 1)
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         world = 1 + sum(ranks)
         addr, port = ray.get(self.policy.workers[0].address.remote())
-        on_gpu = config.rollout.resources.num_gpus > 0 and config.policy.resources.num_gpus > 0
         backend = "nccl" if on_gpu else "gloo"
         ray.get(
             self.policy.call("join_sync_group", addr, port, world, backend)
@@ -293,6 +367,8 @@ class WeightSync:
                 self.policy.call("broadcast_weights", self.bucket_bytes)
                 + self.rollout.call("receive_broadcast", self.specs, self.bucket_bytes)
             )[len(self.policy) :]
+        elif self.method == "ipc":
+            results = self._hand_over()
         else:
             refs = [r for rs in ray.get(self.policy.call("weights_to_object_store")) for r in rs]
             results = ray.get(self.rollout.call("load_weights", refs[0]))
@@ -306,3 +382,23 @@ class WeightSync:
             self.last["sync_mb"], len(results), seconds, self.method,
         )  # fmt: skip
         return seconds
+
+    def _hand_over(self) -> list[dict]:
+        """The ``ipc`` path: bucket by bucket, every policy rank packs its bucket and its
+        colocated engine copies it in; the policy frees it once every engine is done."""
+        import ray
+
+        totals = [{"tensors": 0, "bytes": 0, "peak_buckets": 1} for _ in self.rollout.workers]
+        for bucket in plan_buckets(self.specs, self.bucket_bytes):
+            handles = ray.get(self.policy.call("share_bucket", bucket, self.bucket_bytes))
+            received = ray.get(
+                [
+                    engine.receive_shared.remote(handle, self.specs, bucket)
+                    for engine, handle in zip(self.rollout.workers, handles)
+                ]
+            )
+            ray.get(self.policy.call("release_bucket"))
+            for total, got in zip(totals, received):
+                total["tensors"] += got["tensors"]
+                total["bytes"] += got["bytes"]
+        return totals

@@ -77,7 +77,7 @@ class DPOSpec:
     def batches(self, run: TrainRun, shard: Any, epoch: int) -> Any:
         from huatuo_ray.train.preference_data import pair_batches
 
-        return pair_batches(shard, run.config.micro_batch_size, run.pad_id)
+        return pair_batches(shard, run.config.micro_batch_size, run.pad_id, **run.feed)
 
     def _loss(self, run: TrainRun, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
         chosen, rejected = pair_logprobs(run.model, batch, run.device)

@@ -4,15 +4,18 @@ A stage gives a :class:`StageSpec`: its model head, its micro-batches, the loss 
 validation and what "better" means. :func:`run_training` does the rest on each Ray Train worker,
 around one :class:`~huatuo_ray.train.core.TrainingCore`:
 
-* epochs of micro-batches streamed from the worker's dataset shard; an optimizer step at each
-  accumulation boundary; loss, lr, grad norm, tokens/s to TensorBoard, the terminal and the
-  dashboard (:class:`~huatuo_ray.train.metrics.TrainMetrics`);
+* epochs of micro-batches streamed from the worker's dataset shard (prefetched onto the device
+  while the previous one computes); an optimizer step at each accumulation boundary; loss, lr,
+  grad norm, tokens/s and where the step's time went (waiting for data, computing, the rest) to
+  TensorBoard, the terminal and the dashboard (:class:`~huatuo_ray.train.metrics.TrainMetrics`),
+  not to Ray Train, whose ``report`` waits for its controller's next poll (2 s): a report per step
+  would cap every run at one step per 2 s;
 * validation every ``eval_every_steps`` (if the config has it) and at each epoch's end; when it is
   the best so far, the weights are saved as a Hugging Face folder to ``OUTPUT/best`` (the paper
   kept the weights that did best on validation);
 * checkpoints every ``checkpoint.every_steps`` optimizer steps and at each epoch's end: every rank
   writes its DeepSpeed shards plus the loop state into a fresh folder reported with
-  ``ray.train.report``. Ray Train keeps the newest ``checkpoint.keep`` and hands the latest back
+  ``ray.train.report`` (the only reports). Ray Train keeps the newest ``checkpoint.keep`` and hands the latest back
   through ``ray.train.get_checkpoint()`` after a worker failure or when the job is submitted
   again with the same ``run_name``. The run continues from that step: batches already done in the
   epoch are skipped by count, not repeated (Ray Data may hand them out in another order after a
@@ -22,8 +25,8 @@ around one :class:`~huatuo_ray.train.core.TrainingCore`:
 
 from __future__ import annotations
 
+import itertools
 import tempfile
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -33,8 +36,10 @@ from huatuo_ray.config import CheckpointConfig, ClusterConfig, ModelConfig, Scal
 from huatuo_ray.train import core as train_core
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.lora import LoRAConfig
+from huatuo_ray.train.metrics import TIMING, StepClock
 
 TRAIN_STATE = "_train_state.json"
+PREFETCH_BATCHES = 4  # micro-batches made ready ahead of the one computing
 
 
 @dataclass(kw_only=True)
@@ -92,6 +97,12 @@ class TrainRun:
     def model(self) -> Any:
         """The engine: call it like the model."""
         return self.core.module
+
+    @property
+    def feed(self) -> dict[str, Any]:
+        """``iter_torch_batches`` options that keep the next micro-batches collated, pinned and on
+        the device before the step asks for them (Ray Data does it in a background thread)."""
+        return {"prefetch_batches": PREFETCH_BATCHES, "pin_memory": self.device.type == "cuda"}
 
 
 class StageSpec(Protocol):
@@ -173,32 +184,44 @@ class _Epochs:
     def fit(self) -> None:
         run, state, config = self.run, self.state, self.run.config
         run.model.train()
+        clock = StepClock(_device_sync(run.device))
         while state["epoch"] < config.epochs:
             skip = state["micro_in_epoch"]
-            for micro, batch in enumerate(self.spec.batches(run, self.train_shard, state["epoch"])):
+            batches = iter(self.spec.batches(run, self.train_shard, state["epoch"]))
+            for micro in itertools.count():
+                clock.waiting()
+                batch = next(batches, None)
+                if batch is None:
+                    break
                 if micro < skip:
                     continue  # done before the restart
-                started = time.perf_counter()
+                clock.got_batch()
                 loss = self.spec.loss(run, batch)
                 stepped = run.core.backward_step(loss)
                 state["micro_in_epoch"] = micro + 1
-                self.metrics.add_micro(batch, float(loss), time.perf_counter() - started)
-                if stepped:
-                    self.after_step()
+                self.metrics.add_micro(batch, loss)
+                timing = clock.computed(step_end=stepped)
+                if timing is not None:
+                    self.after_step(timing)
             state["epoch"] += 1
             state["micro_in_epoch"] = 0
-            self.report(self.validate(), with_checkpoint=True)
+            self.checkpoint(self.validate())
 
-    def after_step(self) -> None:
+    def after_step(self, timing: dict[str, float]) -> None:
+        """Log the step; validate and checkpoint when due. Only a checkpoint goes through
+        ``ray.train.report`` (it waits for Ray Train's controller, ~2 s)."""
         state, config = self.state, self.run.config
         state["step"] += 1
-        logged = self.metrics.log_step(state["step"], self.run.core.lr, self.run.core.grad_norm())
+        logged = self.metrics.log_step(
+            state["step"], self.run.core.lr, self.run.core.grad_norm(), timing
+        )
         state["train_loss"].append([state["step"], logged["loss"]])
         state["tokens_per_s"].append([state["step"], logged["tokens_per_s"]])
+        state["step_timing"].append([state["step"], *(logged[k] for k in ("step_s", *TIMING))])
         every = config.eval_every_steps
         extra = self.validate() if every and state["step"] % every == 0 else {}
-        save_now = state["step"] % config.checkpoint.every_steps == 0
-        self.report({**logged, **extra}, with_checkpoint=save_now)
+        if state["step"] % config.checkpoint.every_steps == 0:
+            self.checkpoint({**logged, **extra})
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics; the weights to ``OUTPUT/best`` when they are the best so far."""
@@ -215,13 +238,11 @@ class _Epochs:
         self.metrics.log_validation(state["step"], values["val_loss"], improved)
         return values
 
-    def report(self, values: dict[str, Any], with_checkpoint: bool) -> None:
+    def checkpoint(self, values: dict[str, Any]) -> None:
+        """Every rank writes its shards and reports them with ``values`` to Ray Train."""
         import ray.train
 
         values = {"step": self.state["step"], "epoch": self.state["epoch"], **values}
-        if not with_checkpoint:
-            ray.train.report(values)
-            return
         with tempfile.TemporaryDirectory() as folder:
             self.run.core.save_checkpoint(folder, self.state)
             ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -259,6 +280,13 @@ def _start(config: Any) -> TrainRun:
     )
 
 
+def _device_sync(device: Any) -> Any:
+    """What waits for the device to finish its queued work (None on CPU: nothing is queued)."""
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
 def _restore(core: train_core.TrainingCore) -> dict[str, Any]:
     """The loop state: fresh, or from the checkpoint Ray Train hands back."""
     import ray.train
@@ -271,11 +299,13 @@ def _restore(core: train_core.TrainingCore) -> dict[str, Any]:
         "history": [],  # validation: [{step, <metrics>}]
         "train_loss": [],  # [[step, loss]]
         "tokens_per_s": [],  # [[step, real tokens/s over all workers]]
+        "step_timing": [],  # [[step, step_s, data_wait_s, compute_s, other_s]] (slowest worker)
         "restarts": [],  # steps at which a run resumed from a checkpoint
     }
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = core.load_checkpoint(folder)
+        state.setdefault("step_timing", [])  # a checkpoint written before step timing existed
         state["restarts"].append(state["step"])
     return state

@@ -23,6 +23,7 @@ from huatuo_ray.config import option
 from huatuo_ray.dialogue import Dialogue, encode_prompt
 from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.train.loop import TrainStageConfig
+from huatuo_ray.train.metrics import timing_summary
 from huatuo_ray.train.ray_trainer import promote_best
 
 
@@ -99,10 +100,11 @@ class TokenizePairs:
         return pa.Table.from_pylist(out)
 
 
-def pair_batches(shard: Any, micro_batch_size: int, pad_id: int) -> Any:
-    """A Ray Train worker's micro-batches of pairs (:func:`collate_pairs`)."""
+def pair_batches(shard: Any, micro_batch_size: int, pad_id: int, **feed: Any) -> Any:
+    """A Ray Train worker's micro-batches of pairs (:func:`collate_pairs`); ``feed``: the
+    loop's prefetch options (:attr:`~huatuo_ray.train.loop.TrainRun.feed`)."""
     return shard.iter_torch_batches(
-        batch_size=micro_batch_size, collate_fn=lambda b: collate_pairs(b, pad_id)
+        batch_size=micro_batch_size, collate_fn=lambda b: collate_pairs(b, pad_id), **feed
     )
 
 
@@ -176,6 +178,7 @@ def promote_pair_model(
         "train_pairs": train_pairs,
         "validation_pairs": prepared["validation"][0].count(),
         "rejected_pairs": len(rejects),
+        "step_timing": timing_summary(state),
     }
     return state, training
 

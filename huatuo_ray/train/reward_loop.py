@@ -58,7 +58,7 @@ class RewardSpec:
     def batches(self, run: TrainRun, shard: Any, epoch: int) -> Any:
         from huatuo_ray.train.preference_data import pair_batches
 
-        return pair_batches(shard, run.config.micro_batch_size, run.pad_id)
+        return pair_batches(shard, run.config.micro_batch_size, run.pad_id, **run.feed)
 
     def loss(self, run: TrainRun, batch: dict[str, Any]) -> Any:
         chosen, rejected = _scores(run, batch)

@@ -23,6 +23,7 @@ from huatuo_ray.config import input_artifact, option, to_dict
 from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.models.preflight import check_base_model
 from huatuo_ray.train.loop import TrainStageConfig
+from huatuo_ray.train.metrics import timing_summary
 from huatuo_ray.train.ray_trainer import begin, fit, promote_best
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def finish(config: SFTConfig, train: Any, validation: Any, result: Any) -> dict[
             "train_loss": state["train_loss"],
             "restarts": state["restarts"],
             "tokens_per_s": state.get("tokens_per_s", []),
+            "step_timing": timing_summary(state),
             "train_rows": train.rows,
             "train_samples": train.samples,
             "rejected_samples": len(rejects),

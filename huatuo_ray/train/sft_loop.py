@@ -39,6 +39,7 @@ class SFTSpec:
             local_shuffle_buffer_size=c.shuffle_buffer if c.shuffle_buffer else None,
             local_shuffle_seed=c.seed + epoch if c.shuffle_buffer else None,
             drop_last=False,
+            **run.feed,
         )
 
     def loss(self, run: TrainRun, batch: dict[str, Any]) -> Any:

@@ -175,19 +175,21 @@ def test_ppo_with_rollout_engines_on_the_policy_bundles_raises_the_reward(
     ppo_inputs, tiny_model_dir: str, tmp_path: Path, local_ray
 ) -> None:
     """The hybrid-engine placement on CPU bundles: rollout engines share the policy's placement
-    group (critic and reward share another); streamed rollouts; broadcast sync in small buckets,
-    of which each engine held one at a time."""
+    group (critic and reward share another); streamed rollouts; the weights handed over bucket by
+    bucket (``weight_sync: auto`` -> ipc; on CPUs the bucket travels through the object store
+    where a GPU passes a CUDA IPC handle), each engine holding one bucket at a time."""
     from ray.util import placement_group_table
 
     out = tmp_path / "ppo-colocated"
     config = ppo_config(
         ppo_inputs, tiny_model_dir, out, "hf",
         colocate=[["policy", "rollout"], ["critic", "reward"]],
-        weight_sync="broadcast", sync_bucket_mb=0.05,
+        weight_sync="auto", sync_bucket_mb=0.05,
     )  # fmt: skip
     config.rollout.engine.sleep_mode = True  # no sleep mode on CPUs: placement only
     manifest = ppo.main(config)
     history = check_learning(out, 20)
+    assert manifest["weight_sync"] == "ipc"
     assert manifest["placement"]["rollout"] == manifest["placement"]["policy"]
     names = {g["name"] for g in placement_group_table().values()}  # this session's groups
     assert {"ppo-policy+rollout", "ppo-critic+reward"} <= names

@@ -222,6 +222,30 @@ def test_ppo_config_checks_batch_terms_and_resolves_the_reference() -> None:
         _ppo_config(colocate=[["policy", "teacher"]])
 
 
+def test_weight_sync_follows_the_placement_and_refuses_nccl_on_one_gpu() -> None:
+    """Engines on the policy's GPUs take handles (ipc); elsewhere a broadcast group. NCCL
+    between groups that share a GPU, or handles to engines on other GPUs, are refused at load
+    with the fix, before any actor starts."""
+    from huatuo_ray.rlmf.actors.group import Resources
+    from huatuo_ray.rlmf.ppo import PolicyConfig, RolloutConfig
+    from huatuo_ray.rlmf.weight_sync import resolve_method
+
+    gpu = Resources(workers=1, num_gpus=1)
+    on_gpus = dict(policy=PolicyConfig(resources=gpu), rollout=RolloutConfig(resources=gpu))
+    hybrid = [["policy", "rollout"]]
+    assert resolve_method("auto", hybrid, on_gpu=True) == "ipc"
+    assert resolve_method("auto", hybrid, on_gpu=False) == "ipc"  # CPUs: via the object store
+    assert resolve_method("auto", [["critic", "reward"]], on_gpu=True) == "broadcast"
+    assert resolve_method("broadcast", hybrid, on_gpu=False) == "broadcast"  # gloo shares CPUs
+    _ppo_config(colocate=hybrid, **on_gpus)  # auto: accepted
+    with pytest.raises(
+        ValueError, match=r"NCCL cannot join two ranks on one GPU; use weight_sync: ipc"
+    ):
+        _ppo_config(colocate=hybrid, weight_sync="broadcast", **on_gpus)
+    with pytest.raises(ValueError, match="put rollout and policy in one colocate list"):
+        _ppo_config(weight_sync="ipc", **on_gpus)
+
+
 def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path) -> None:
     from huatuo_ray.config import load_config
     from huatuo_ray.rlmf.ppo import PPOConfig

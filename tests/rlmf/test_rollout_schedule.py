@@ -1,7 +1,7 @@
 """The rollout schedule: shares of prompts per engine and the overlap measure by hand; then on a
 local Ray with HF engines, the streamed and chunked schedules draw the same samples and scores
-for the same seeds, and the scoring of the first pieces starts before the last piece is
-generated (times from the actors' own clocks)."""
+for the same seeds, a streamed HF engine decodes its whole share in one batch, and the scoring of
+the first pieces starts before the last piece is generated (times from the actors' own clocks)."""
 
 from __future__ import annotations
 
@@ -117,8 +117,10 @@ def test_streamed_and_chunked_draw_the_same_samples_and_scoring_overlaps(
         assert torch.equal(chunked.advantages, streamed.advantages)
         assert results["chunked"][1]["overlap_fraction"] == 0.0
         assert results["chunked"][1]["engine_batch"] == 4.0  # HF: one chunk per call
-        # Streamed: scoring ran while the engines were still generating their later pieces.
-        assert results["streamed"][1]["overlap_fraction"] > 0.0
+        # Streamed: each HF engine decodes its whole share (24 prompts / 2 engines) in one batch
+        # (its pieces then all leave at the batch's end: the overlap of scoring with generation
+        # is shown with a memory-bounded batch in the next test).
+        assert results["streamed"][1]["engine_batch"] == 12.0
     finally:
         for group in groups.values():
             group.shutdown()
@@ -127,7 +129,8 @@ def test_streamed_and_chunked_draw_the_same_samples_and_scoring_overlaps(
 def test_scoring_of_the_first_piece_starts_before_the_last_piece_is_generated(
     rollout_inputs, tiny_model_dir: str, local_ray
 ) -> None:
-    """One engine, six pieces: the reward model's first call (its own clock) starts before the
+    """One engine, six pieces, decoded in batches of at most 4 sequences (``hf_max_batch``, the
+    HF engine's memory bound): the reward model's first call (its own clock) starts before the
     engine yields its last piece (the engine's clock)."""
     import ray
     from transformers import AutoTokenizer
@@ -136,6 +139,7 @@ def test_scoring_of_the_first_piece_starts_before_the_last_piece_is_generated(
     from huatuo_ray.rlmf.experience import make_experience
 
     config = schedule_config(rollout_inputs, tiny_model_dir, engines=1)
+    config.rollout.engine.hf_max_batch = 4
     ppo._absolute_paths(config)
     config.reference.mode = "frozen_trunk"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

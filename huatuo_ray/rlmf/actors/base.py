@@ -63,6 +63,17 @@ class ModelWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def gpu_memory(self) -> dict[str, float]:
+        """On a GPU: this process's peak allocation and the whole device's memory in use now
+        (every process on it: colocated groups share it), GiB; {} on a CPU."""
+        if not torch.cuda.is_available():
+            return {}
+        free, total = torch.cuda.mem_get_info()
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "device_used_gib": (total - free) / 2**30,
+        }
+
     @property
     def device(self) -> torch.device:
         return train_core.device_and_backend()[0]

@@ -154,6 +154,29 @@ class PolicyWorker(TrainableWorker):
         weight_sync.send_buckets(group, tensors(), specs, bucket_bytes, self.device, root)
         return time.perf_counter() - started
 
+    def share_bucket(self, bucket: list[int], bucket_bytes: int) -> tuple[str, Any]:
+        """The ``ipc`` path: pack the trainable tensors of ``bucket`` (indices into
+        :meth:`weight_specs`) into one flat tensor on this rank's device, kept until
+        :meth:`release_bucket`, and return a handle to it for the engine on this GPU (every rank
+        calls it: under ZeRO-3 the gather is collective)."""
+        specs = self.weight_specs()
+        named = self._trainable_named()
+        flat = torch.empty(
+            sum(specs[i].numel for i in bucket),
+            dtype=getattr(torch, specs[bucket[0]].dtype),
+            device=self.device,
+        )
+        offset = 0
+        for i in bucket:
+            with self._gathered(named[i][1]):
+                flat[offset : offset + specs[i].numel].copy_(named[i][1].data.reshape(-1))
+            offset += specs[i].numel
+        self._shared_bucket = flat
+        return weight_sync.share(flat)
+
+    def release_bucket(self) -> None:
+        self._shared_bucket = None
+
     def weights_to_object_store(self) -> list[Any]:
         """The object-store path: [ObjectRef of [(name, tensor)]] from rank 0, [] elsewhere."""
         import ray

@@ -121,6 +121,24 @@ class RolloutWorker(ModelWorker):
         self.generator.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
         return stats
 
+    def receive_shared(
+        self, handle: tuple[str, Any], specs: list[weight_sync.ParamSpec], bucket: list[int]
+    ) -> dict:
+        """The ``ipc`` path: one bucket of the colocated policy rank, by handle
+        (:func:`~huatuo_ray.rlmf.weight_sync.share`), copied into the engine's weights."""
+        if isinstance(self.generator, HFGenerator):
+            device = next(self.generator.model.parameters()).device
+            flat = weight_sync.open_shared(handle, device)
+            n = weight_sync.copy_into(
+                self.generator.model, weight_sync.bucket_tensors(flat, specs, bucket)
+            )
+            return {"tensors": n, "bytes": flat.numel() * flat.element_size(), "peak_buckets": 1}
+        stats = self.generator.llm.collective_rpc(
+            "huatuo_receive_shared", args=(handle, specs, bucket)
+        )[0]
+        self.generator.llm.reset_prefix_cache()
+        return stats
+
     def load_weights(self, named: list[tuple[str, Any]]) -> dict:
         """The object-store path: ``named`` arrives as a Ray object (resolved by Ray)."""
         if isinstance(self.generator, HFGenerator):

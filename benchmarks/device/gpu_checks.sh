@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU checks of the training stages and the RL loop, as one call on the lent H200 (about 7
+# minutes): installs the kit (Ray, DeepSpeed; ../shared/gpu-kit/build.sh builds .gpukit/ here),
+# then
+#   1. the `sft` stage (Ray Train, 1 worker, DeepSpeed ZeRO-2 bf16) against a plain bf16 AdamW
+#      loop on the same 2,048-token packed rows (Llama 2048 x 12, random): ratio and
+#      data_wait_fraction;
+#   2. benchmarks/ppo_step.py --gpu: every group colocated on the one GPU (the hybrid engine),
+#      weights handed over by CUDA IPC, HF rollouts: chunked, streamed and GRPO (Llama 2048 x 8);
+# and prints one JSON line with the figures (also $OUT/figures.json). A part that fails or runs
+# out of time is recorded as such and the next one still runs.
+#
+# Here:   ../shared/gpu-kit/build.sh
+# There:  device run, carry [".gpukit"], command "bash benchmarks/device/gpu_checks.sh"
+set -uo pipefail
+export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 RAY_AUTH_MODE=token TOKENIZERS_PARALLELISM=false
+out=${OUT:-outputs/device}
+mkdir -p "$out"
+started=$(date +%s)
+
+bash .gpukit/install.sh 2>&1 | tail -3 | tee "$out/install.log"
+export PYTHONPATH=/tmp/gpukit-site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+part() {  # part NAME SECONDS COMMAND...: run it, keep its log, its last line is its figures
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (at $(($(date +%s) - started)) s, limit $limit s)"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "rc=$?" >> "$out/$name.rc"
+  grep -E "step [0-9]+/|iteration|ratio|streamed |chunked |grpo |Error|error" "$out/$name.log" | tail -8
+}
+
+part sft 220 python3 benchmarks/sft_throughput.py --cuda --hidden 2048 --layers 12 --vocab 32000 --max-length 2048 --micro-batch 4 --global-batch 16 --samples 2600 --warmup 3
+part ppo 300 python3 benchmarks/ppo_step.py --gpu --backend hf --hidden 2048 --layers 8 --heads 16 --vocab 32000 --response-tokens 128 --rollout 64 --iterations 3
+
+python3 - "$out" "$started" <<'PY'
+import json, os, sys, time
+out, started = sys.argv[1], int(sys.argv[2])
+
+def last_json(name):
+    try:
+        lines = open(os.path.join(out, name + ".log")).read().strip().splitlines()
+        return json.loads(lines[-1])
+    except Exception as e:  # a part that failed: say so, keep the others
+        return {"failed": f"{type(e).__name__}: {e}"[:200]}
+
+sft, ppo = last_json("sft"), last_json("ppo")
+figures = {
+    "gpu": open(os.path.join(out, "gpu.txt")).read().strip(),
+    "sft_stage_vs_plain_loop": sft.get("ratio_vs_plain_loop"),
+    "sft_data_wait_fraction": sft.get("data_wait_fraction"),
+    "sft_tokens_per_s_stage": sft.get("tokens_per_s_stage"),
+    "sft_tokens_per_s_plain": sft.get("tokens_per_s_plain"),
+    "ppo_weight_sync": ppo.get("weight_sync"),
+    "ppo_sync_s": ppo.get("streamed_sync_s"),
+    "ppo_gpu_used_gib": ppo.get("streamed_gpu_used_gib"),
+    "ppo_gpu_peak_allocated_gib": ppo.get("streamed_gpu_peak_allocated_gib"),
+    "engine_batch": ppo.get("engine_batch"),
+    "chunked_engine_batch": ppo.get("chunked_engine_batch"),
+    "streamed_vs_chunked": ppo.get("streamed_vs_chunked"),
+    "grpo_vs_ppo_iteration": ppo.get("grpo_vs_ppo_iteration"),
+    "grpo_vs_ppo_train": ppo.get("grpo_vs_ppo_train"),
+    "wall_s": int(time.time()) - started,
+    "sft": sft,
+    "ppo": ppo,
+}
+with open(os.path.join(out, "figures.json"), "w") as f:
+    json.dump(figures, f, indent=1)
+print(json.dumps(figures))
+PY

@@ -1,0 +1,93 @@
+"""Benchmarks that cannot rot: every script in ``benchmarks/`` runs here at its smallest size
+(``--smoke``) and ends with one JSON line holding its figures; the configurations of every mode,
+including those only a GPU can run (``ppo_step.py --gpu``), are built and validated; the device
+script is valid shell that calls only what exists."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+# Each script's figures that its issue names (the last line's JSON must hold them).
+FIGURES = {
+    "sft_throughput.py": {"ratio_vs_plain_loop", "tokens_per_s_stage", "data_wait_fraction"},
+    "ppo_step.py": {"streamed_vs_chunked", "engine_batch", "grpo_vs_ppo_iteration", "weight_sync"},
+    "serve_load.py": {"concurrent_vs_sequential", "start_s"},
+    "teacher_throughput.py": {"ratio_to_bound", "cache_speedup"},
+}
+
+
+def test_every_benchmark_is_listed_here() -> None:
+    assert {p.name for p in BENCHMARKS.glob("*.py")} == set(FIGURES)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), BENCHMARKS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(FIGURES))
+def test_benchmark_runs_at_its_smallest_size(script: str, tmp_path: Path) -> None:
+    """Its own Ray (num_cpus=2) in a subprocess, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    res = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert FIGURES[script] <= set(last), FIGURES[script] - set(last)
+    if script == "sft_throughput.py":
+        assert 0 <= last["data_wait_fraction"] < 1 and last["ratio_vs_plain_loop"] > 0
+    if script == "ppo_step.py":
+        # HF engines: a streamed share decodes in one batch (8 prompts), chunked 4 at a time.
+        assert last["engine_batch"] == 8 and last["chunked_engine_batch"] == 4
+        assert last["weight_sync"] == "broadcast"
+
+
+def test_ppo_step_gpu_configs_are_the_hybrid_engine_and_validate() -> None:
+    """``--gpu``: every group on one GPU, one colocate list, the weights handed over by IPC;
+    each run's config passes the stage's own checks (built here, run on the lent GPU)."""
+    from huatuo_ray.rlmf.weight_sync import resolve_method
+
+    bench = _load("ppo_step.py")
+    args = argparse.Namespace(
+        gpu=True, backend="hf", hf=True, no_grpo=False, chunk=8, rollout=64, response_tokens=128,
+        iterations=3, ppo_epochs=1,
+    )  # fmt: skip
+    names = []
+    for name, backend, schedule, advantage in bench.runs(args):
+        config = bench.config(args, "/tmp/root", backend, schedule, advantage)
+        names.append(name)
+        assert config.colocate == [["rollout", "policy", "critic", "reward"]]
+        assert config.rollout.resources.num_gpus == config.policy.resources.num_gpus == 1
+        assert resolve_method(config.weight_sync, config.colocate, on_gpu=True) == "ipc"
+        assert config.rows == 64
+    assert names == ["chunked", "streamed", "hf_chunked", "grpo"]
+
+
+def test_the_device_script_is_valid_and_calls_what_exists() -> None:
+    for script in (BENCHMARKS / "device").glob("*.sh"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        text = script.read_text()
+        for called in set(re.findall(r"benchmarks/([a-z_]+\.py)", text)):
+            assert (BENCHMARKS / called).is_file(), (script.name, called)
+        for flag in set(re.findall(r"benchmarks/ppo_step\.py([^\n|]*)", text)):
+            parser_flags = set(
+                re.findall(r'"(--[a-z-]+)"', (BENCHMARKS / "ppo_step.py").read_text())
+            )
+            assert set(re.findall(r"--[a-z-]+", flag)) <= parser_flags, flag
