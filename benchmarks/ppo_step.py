@@ -118,6 +118,7 @@ def config(
         max_prompt_tokens=1024,
         checkpoint=ppo.CheckpointEvery(every_iterations=10**6),
         colocate=colocate,
+        weight_sync=args.weight_sync,
         cluster=ClusterConfig(address="auto"),
     )
 
@@ -141,7 +142,7 @@ def measure(
     manifest = ppo.main(config(args, root, backend, schedule, advantage))
     out = Path(root, f"out-{backend}-{schedule}-{advantage}", "metrics.jsonl")
     steady = [json.loads(line) for line in out.read_text().splitlines()][1:]  # warm-up left out
-    keys = (*PARTS, *FIGURES, "rollout_tokens_per_s", "samples_per_s")
+    keys = (*PARTS, *FIGURES, "rollout_tokens_per_s", "samples_per_s", "policy_train_s")
     means = {k: round(sum(h[k] for h in steady) / len(steady), 4) for k in keys}
     means["iteration_s"] = round(sum(means[k] for k in PARTS), 4)
     means["actors"] = sum(len(nodes) for nodes in manifest["placement"].values())
@@ -168,6 +169,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="one GPU shared by all groups")
     parser.add_argument("--no-grpo", action="store_true", help="skip the GRPO run")
     parser.add_argument("--smoke", action="store_true", help="the smallest run (HF engines)")
+    parser.add_argument(
+        "--weight-sync", default="auto", help="auto (--gpu: ipc), broadcast, ipc, object_store"
+    )
     args = parser.parse_args()
     if args.smoke:  # what the test suite runs: every run of the default mode, minimal sizes
         args.backend, args.rollout, args.chunk, args.response_tokens, args.iterations = (
@@ -199,6 +203,7 @@ def main() -> None:
         **{f"streamed_{k}": streamed[k] for k in (*PARTS, "iteration_s")},
         **{f"chunked_{k}": chunked[k] for k in (*PARTS, "iteration_s")},
         "weight_sync": streamed["weight_sync"],
+        **{f"{name}_policy_train_s": r["policy_train_s"] for name, r in results.items()},
         **{f"streamed_{k}": streamed[k] for k in GPU_FIGURES if k in streamed},
     }
     if "hf_chunked" in results:

@@ -285,6 +285,8 @@ def main() -> None:
         "micro_batch": args.micro_batch,
     }
     plain = plain_loop(rows, args, device, dtype, model_dir)
+    if args.cuda:
+        torch.cuda.empty_cache()  # the stage's worker is another process on the same GPU
     if args.engine_only:
         engine, peak = engine_loop(rows, args, device, dtype)
         figures.update(

@@ -67,7 +67,7 @@ def test_ppo_step_gpu_configs_are_the_hybrid_engine_and_validate() -> None:
     bench = _load("ppo_step.py")
     args = argparse.Namespace(
         gpu=True, backend="hf", hf=True, no_grpo=False, chunk=8, rollout=64, response_tokens=128,
-        iterations=3, ppo_epochs=1,
+        iterations=3, ppo_epochs=1, weight_sync="auto",
     )  # fmt: skip
     names = []
     for name, backend, schedule, advantage in bench.runs(args):

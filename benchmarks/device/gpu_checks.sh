@@ -29,10 +29,39 @@ part() {  # part NAME SECONDS COMMAND...: run it, keep its log, its last line is
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "rc=$?" >> "$out/$name.rc"
   grep -E "step [0-9]+/|iteration|ratio|streamed |chunked |grpo |Error|error" "$out/$name.log" | tail -8
+  pkill -9 -f "raylet|gcs_server|ray::|dashboard|default_worker" 2>/dev/null  # a part killed by its limit leaves Ray behind
+  sleep 2
 }
 
-part sft 220 python3 benchmarks/sft_throughput.py --cuda --hidden 2048 --layers 12 --vocab 32000 --max-length 2048 --micro-batch 4 --global-batch 16 --samples 2600 --warmup 3
-part ppo 300 python3 benchmarks/ppo_step.py --gpu --backend hf --hidden 2048 --layers 8 --heads 16 --vocab 32000 --response-tokens 128 --rollout 64 --iterations 3
+# Weight hand-over by CUDA IPC between two Ray actors on the one GPU (what the hybrid engine's
+# sync does): if it fails, the RL runs fall back to the object store and say so.
+part ipc 40 python3 - <<'PY'
+import ray, torch
+from huatuo_ray.rlmf import weight_sync
+
+N = 1 << 20
+def values():
+    return torch.arange(N, dtype=torch.float32).to(torch.bfloat16)
+
+@ray.remote(num_gpus=0.5)
+class Side:
+    def make(self):
+        self.t = values().cuda()  # kept alive while the other side reads it
+        return weight_sync.share(self.t)
+    def read(self, handle):
+        seen = weight_sync.open_shared(handle, torch.device("cuda"))
+        return torch.equal(seen.cpu(), values())
+
+ray.init(include_dashboard=False)
+a, b = Side.remote(), Side.remote()
+print("ipc", "ok" if ray.get(b.read.remote(ray.get(a.make.remote()))) else "mismatch")
+PY
+sync=auto
+grep -q "^ipc ok" "$out/ipc.log" || sync=object_store
+echo "weight sync for the RL runs: $sync"
+
+part sft 200 python3 benchmarks/sft_throughput.py --cuda --hidden 2048 --layers 12 --vocab 32000 --max-length 2048 --micro-batch 4 --global-batch 16 --samples 2600 --warmup 3
+part ppo 280 python3 benchmarks/ppo_step.py --gpu --backend hf --hidden 2048 --layers 8 --heads 16 --vocab 32000 --response-tokens 128 --rollout 64 --iterations 3 --weight-sync $sync
 
 python3 - "$out" "$started" <<'PY'
 import json, os, sys, time
@@ -52,6 +81,7 @@ figures = {
     "sft_data_wait_fraction": sft.get("data_wait_fraction"),
     "sft_tokens_per_s_stage": sft.get("tokens_per_s_stage"),
     "sft_tokens_per_s_plain": sft.get("tokens_per_s_plain"),
+    "ipc_probe": open(os.path.join(out, "ipc.log")).read().strip().splitlines()[-1:],
     "ppo_weight_sync": ppo.get("weight_sync"),
     "ppo_sync_s": ppo.get("streamed_sync_s"),
     "ppo_gpu_used_gib": ppo.get("streamed_gpu_used_gib"),

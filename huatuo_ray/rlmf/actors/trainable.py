@@ -24,6 +24,10 @@ class TrainableWorker(ModelWorker):
     def __init__(self, config: Any, role: Any):
         self.config, self.role = config, role  # the PPO config and this group's part of it
 
+    @property
+    def role_name(self) -> str:
+        return type(self).__name__.removesuffix("Worker").lower()
+
     def build(self) -> torch.nn.Module:
         raise NotImplementedError
 
@@ -55,6 +59,9 @@ class TrainableWorker(ModelWorker):
 
     def train(self, exp: Experience, iteration: int) -> dict[str, float]:
         """``ppo_epochs`` passes over this worker's share of the rollout; mean stats."""
+        import time
+
+        started = time.perf_counter()
         c = self.config
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + iteration)
         per_worker = c.minibatch_size // self.world_size
@@ -73,6 +80,10 @@ class TrainableWorker(ModelWorker):
                     count += 1
         means = {k: v / max(count, 1) for k, v in sums.items()}
         means["lr"] = self.core.lr
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        # The worker's own time, against the driver's train_s: the rest is Ray's (transfer, queue).
+        means[f"{self.role_name}_train_s"] = time.perf_counter() - started
         return all_reduce_mean(means, self.device)
 
     def step_totals(self, minibatch: Experience) -> None:
