@@ -241,6 +241,9 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from huatuo_ray.models.kernels import shape_stable_attention
+
+        shape_stable_attention()  # every decoding step attends over a new cache length
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32}.get(
             engine.dtype, getattr(torch, engine.dtype, torch.float32)

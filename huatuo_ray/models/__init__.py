@@ -7,4 +7,6 @@ seed the demo.
 
 :mod:`huatuo_ray.models.fetch` brings model folders named by URIs (``s3://``, ``gs://``,
 ``file://``) to a node-local, checksummed cache before anything loads them.
+
+:mod:`huatuo_ray.models.kernels` holds the kernel choices every model process makes alike.
 """

@@ -50,6 +50,9 @@ def measure(model_path: str, lines: list[str] | None = None, max_tokens: int = 1
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from huatuo_ray.models.kernels import shape_stable_attention
+
+    shape_stable_attention()  # every probe line is a new shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)

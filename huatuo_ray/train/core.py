@@ -25,6 +25,7 @@ from typing import Any, Literal
 from huatuo_ray import storage
 from huatuo_ray.config import ModelConfig
 from huatuo_ray.models.fetch import local_model_path
+from huatuo_ray.models.kernels import shape_stable_attention
 from huatuo_ray.train import deepspeed_setup as ds_setup
 
 TAG = "deepspeed"  # the DeepSpeed checkpoint tag of every trainer
@@ -129,6 +130,7 @@ def load_model(
     is :func:`freeze_bottom`'s, after this."""
     import transformers
 
+    shape_stable_attention()
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -43,6 +43,9 @@ class ReferenceLogProbs:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from huatuo_ray.models.kernels import shape_stable_attention
+
+        shape_stable_attention()  # pairs pad to a new width in every batch
         on_gpu = torch.cuda.is_available()
         self.device = "cuda" if on_gpu else "cpu"
         dtype = torch.bfloat16 if on_gpu else torch.float32  # what the trainers compute in
