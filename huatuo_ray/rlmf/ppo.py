@@ -27,7 +27,7 @@ Without a critic (``algorithm.advantage`` grpo, dr_grpo, rloo, reinforce_pp,
 reinforce_pp_baseline; the ``grpo`` stage's default), each prompt gets ``sampling.n`` answers,
 no critic group is created, and the advantages come from each group's rewards
 (:mod:`~huatuo_ray.rlmf.advantages`); ``kl.placement: loss`` moves the KL term from the rewards
-into the policy loss. The score is the weighted sum of the reward sources (``reward`` and
+into the policy loss, with the controller's beta of the iteration (passed to ``train``). The score is the weighted sum of the reward sources (``reward`` and
 ``extra_rewards``: the reward model, the teacher, a Python function; :mod:`~huatuo_ray.rlmf.rewards`);
 a teacher source whose budget is spent stops the run cleanly (``stopped`` in the manifest).
 
@@ -332,6 +332,8 @@ class PPOConfig:
             raise ValueError(f"advantage {self.algorithm.advantage} needs sampling.n >= 2")
         if self.algorithm.max_filter_rounds < 1:
             raise ValueError("algorithm.max_filter_rounds must be >= 1")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError("dual_clip must be > 1 (veRL: 3), or null for no dual-clip")
         for i, source in enumerate(self.reward_sources):
             if (source.kind == "function") != bool(source.function):
                 raise ValueError(f"reward source {i}: `function` is needed by kind function only")

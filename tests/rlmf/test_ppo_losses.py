@@ -275,6 +275,8 @@ def test_policy_loss_log_ratio_clamp_and_dual_clip_at_their_edges() -> None:
     assert float(stats["dual_clip_fraction"]) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="dual_clip"):
         policy_token_losses(new, old, adv, mask, clip=0.2, dual_clip=1.0)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):  # refused at load already
+        ppo.PPOConfig(inputs=["x"], output="y", dual_clip=1.0)
     weights = T([[0.5, 2.0, 1.0, 0.0]])
     weighted, _ = policy_token_losses(new, old, adv, mask, 0.2, 3.0, is_weights=weights)
     assert weighted[0].tolist() == pytest.approx([1.5, 6.0, -0.5, 0.0], rel=1e-5)
