@@ -185,7 +185,7 @@ def test_clipped_value_loss_wins_and_stops_the_gradient_through_the_critic() -> 
     loss, stats = critic.micro_loss(micro)
     # Token 0: V = 1 moved past old + 0.2; clipped V 0.2: (0.2 - 2)^2 = 3.24 beats (1 - 2)^2 = 1.
     # Token 1: V = 0.1 inside the clip: both (0.1 - 0.5)^2 = 0.16. Loss 0.5 x mean = 0.85.
-    assert float(loss) == pytest.approx(0.5 * (3.24 + 0.16) / 2)
+    assert float(loss.detach()) == pytest.approx(0.5 * (3.24 + 0.16) / 2)
     assert stats["value_loss"] == pytest.approx(0.85)
     assert stats["value_clip_fraction"] == 0.5
     loss.backward()
