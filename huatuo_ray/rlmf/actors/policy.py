@@ -94,7 +94,7 @@ class PolicyWorker(TrainableWorker):
             logprobs, micro.logprobs, micro.advantages, micro.action_mask, c.clip_ratio,
             c.dual_clip, c.log_ratio_clamp, is_weights,
         )  # fmt: skip
-        stats = {k: float(v) for k, v in stats.items()}
+        stats = {k: float(v.detach()) for k, v in stats.items()}
         kl = c.kl
         if kl.placement == "loss":  # GRPO's KL term: beta x KL(pi || pi_ref), per token
             token_kl = kl_estimate(
