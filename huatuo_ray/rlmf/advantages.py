@@ -7,10 +7,13 @@ Every estimator returns (B, R) per-token advantages (0 on padding) that the PPO 
 takes as it takes GAE's:
 
 * ``grpo`` (DeepSeekMath): A_i = (r_i - mean(group)) / (std(group) + eps) on every token of
-  answer i; GRPO's loss averages over each answer's tokens, then over answers. The loss here
-  averages over all tokens of a minibatch, so each answer's advantage is scaled by
-  mean_length / length_i, which gives the same per-answer weights (the clipped surrogate is
-  homogeneous in a positive scale of A);
+  answer i; GRPO's loss averages over each answer's tokens, then over answers, so a token of
+  answer i weighs A_i / (B x length_i). ``loss_agg: seq_mean_token_mean`` is that form as it
+  stands. ``token_mean`` (1 / all tokens) and ``seq_mean_token_sum`` (1 / B) do not divide by
+  the answer's length, so there each answer's advantage is scaled by mean_length / length_i
+  (the rollout's mean length), which gives GRPO's per-answer weights (times mean_length under
+  ``seq_mean_token_sum``; the clipped surrogate is homogeneous in a positive scale of A).
+  Scaling under ``seq_mean_token_mean`` too would weigh answer i by 1 / length_i^2;
 * ``dr_grpo`` (Liu et al., "GRPO done right"): A_i = r_i - mean(group), neither divided by the
   group's std nor weighted by 1 / length (both bias the update: towards easy or hard prompts,
   and towards long wrong answers);
@@ -109,16 +112,19 @@ def critic_free_advantages(
     n: int,
     beta: float,
     gamma: float = 1.0,
+    loss_agg: str = "token_mean",
 ) -> torch.Tensor:
     """(B, R) advantages of one of :data:`CRITIC_FREE`. ``kl`` is the per-token KL already
     masked; ``beta`` 0 when KL is in the loss. For the outcome estimators (GRPO, Dr. GRPO,
-    RLOO) a KL in the reward is the sequence's summed KL, taken off its score."""
+    RLOO) a KL in the reward is the sequence's summed KL, taken off its score. ``loss_agg``:
+    the policy loss's aggregation, which decides whether GRPO scales by length (above)."""
     if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
         group = n if estimator == "reinforce_pp_baseline" else None
         return reinforce_pp(scores, kl, mask, beta, gamma, group)
     scores = scores - beta * (kl * mask).sum(-1)
     if estimator == "grpo":
-        return per_token(group_normalised(scores, n), mask, length_normalise=True)
+        by_length = loss_agg != "seq_mean_token_mean"  # that one divides by length itself
+        return per_token(group_normalised(scores, n), mask, length_normalise=by_length)
     if estimator == "dr_grpo":
         return per_token(group_normalised(scores, n, divide_by_std=False), mask, False)
     if estimator == "rloo":

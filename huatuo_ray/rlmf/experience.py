@@ -29,7 +29,7 @@ class Experience:
     action_mask: torch.Tensor  # (B, R) 1 on response tokens, EOS included
     prompt_width: int  # P: the column where responses start
     finished: torch.Tensor  # (B,) bool: the response ended with EOS
-    rollout_logprobs: torch.Tensor | None = None  # (B, R) the rollout engine's, raw logits
+    rollout_logprobs: torch.Tensor | None = None  # (B, R) the engine's, processed (generation)
     logprobs: torch.Tensor | None = None  # (B, R) policy at sampling time ("old")
     ref_logprobs: torch.Tensor | None = None  # (B, R) frozen SFT model
     values: torch.Tensor | None = None  # (B, R) critic at sampling time

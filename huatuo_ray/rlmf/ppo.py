@@ -27,7 +27,7 @@ Without a critic (``algorithm.advantage`` grpo, dr_grpo, rloo, reinforce_pp,
 reinforce_pp_baseline; the ``grpo`` stage's default), each prompt gets ``sampling.n`` answers,
 no critic group is created, and the advantages come from each group's rewards
 (:mod:`~huatuo_ray.rlmf.advantages`); ``kl.placement: loss`` moves the KL term from the rewards
-into the policy loss. The score is the weighted sum of the reward sources (``reward`` and
+into the policy loss, with the controller's beta of the iteration (passed to ``train``). The score is the weighted sum of the reward sources (``reward`` and
 ``extra_rewards``: the reward model, the teacher, a Python function; :mod:`~huatuo_ray.rlmf.rewards`);
 a teacher source whose budget is spent stops the run cleanly (``stopped`` in the manifest).
 
@@ -178,7 +178,11 @@ class KLConfig:
     init_beta: float = option(0.1, help="initial KL coefficient (paper: 0.1)")
     target: float | None = option(None, help="adaptive controller's target KL; null: fixed beta")
     horizon: int = option(10_000, help="adaptive controller's horizon in samples")
-    estimator: Literal["k1", "k2", "k3"] = option("k1", help="per-token KL estimate (trlx: k1)")
+    estimator: Literal["k1", "k2", "k3"] = option(
+        "k1",
+        help="per-token KL estimate (trlx: k1); with placement loss k2 or k3 (GRPO: k3), as k1's "
+        "gradient there is zero in expectation",
+    )
     log_ratio_clamp: float | None = option(
         20.0, help="|log pi/pi_ref| bound before the estimate (veRL: 20); null: none"
     )
@@ -188,8 +192,15 @@ class KLConfig:
     placement: Literal["reward", "loss"] = option(
         "reward",
         help="reward: -beta KL in the token rewards (PPO); loss: beta KL added to the policy "
-        "loss, with a fixed beta (GRPO, usually with k3)",
+        "loss per token (GRPO, with k3); either way beta is the controller's (moves with target)",
     )
+
+    def __post_init__(self) -> None:
+        if self.placement == "loss" and self.estimator == "k1":
+            raise ValueError(
+                "kl.placement: loss with kl.estimator: k1 has zero expected gradient; set"
+                " kl.estimator: k3 (GRPO's) or k2"
+            )
 
 
 @dataclass
@@ -264,7 +275,9 @@ class PPOConfig:
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = option(
         "token_mean",
         help="policy and value losses over all response tokens of an optimizer step (all "
-        "micro-batches and ranks): token mean, mean of row token means, or mean of row sums",
+        "micro-batches and ranks): token mean, mean of row token means, or mean of row sums; "
+        "advantage grpo keeps GRPO's per-answer weights under each (its length scaling is left "
+        "out under seq_mean_token_mean, which divides by length itself)",
     )
     dual_clip: float | None = option(
         None, help="dual-clip constant c > 1: loss <= -A * c for A < 0 (veRL: 3); null: off"
@@ -324,6 +337,8 @@ class PPOConfig:
             raise ValueError(f"advantage {self.algorithm.advantage} needs sampling.n >= 2")
         if self.algorithm.max_filter_rounds < 1:
             raise ValueError("algorithm.max_filter_rounds must be >= 1")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError("dual_clip must be > 1 (veRL: 3), or null for no dual-clip")
         for i, source in enumerate(self.reward_sources):
             if (source.kind == "function") != bool(source.function):
                 raise ValueError(f"reward source {i}: `function` is needed by kind function only")
@@ -470,8 +485,9 @@ def run(
         counts: dict[str, float] = {}
         figures: dict[str, float] = {}
         ray.get([r for n in teacher_groups(config) for r in groups[n].call("begin_iteration")])
+        beta = kl_control.beta  # this iteration's: in the rewards or in the policy loss
         exp = collect_experience(
-            config, groups, prompts, pad_id, iteration, kl_control.beta, times, counts, figures
+            config, groups, prompts, pad_id, iteration, beta, times, counts, figures
         )
         if counts.get("budget_spent"):  # stop cleanly: no training on a partly judged rollout
             state["stopped"] = "teacher budget spent"
@@ -485,7 +501,7 @@ def run(
         started = time.perf_counter()
         hybrid_engine(config, groups, awake=False)
         refs = {
-            n: groups[n].call_shards("train", exp.shards(len(groups[n])), iteration)
+            n: groups[n].call_shards("train", exp.shards(len(groups[n])), iteration, beta)
             for n in trained
         }
         stats = {n: ray.get(r)[0] for n, r in refs.items()}  # rank 0's: means over ranks
@@ -500,7 +516,6 @@ def run(
         figures.update(sync.last)
         figures.update(gpu_memory(groups))
         sequence_kl = float(exp.kl.sum(-1).mean())
-        beta = kl_control.beta
         kl_control.update(sequence_kl, len(exp))
 
         state["iteration"] = iteration + 1
@@ -540,16 +555,18 @@ def collect_experience(
     (:mod:`~huatuo_ray.rlmf.rollout_schedule`), each piece's log-probs, values and scores started
     as it arrives, joined in prompt order into one Experience with its rewards and advantages
     (KL penalty ``beta``). ``sampling.n`` answers per prompt lie in consecutive rows
-    (a group); with ``algorithm.dynamic_filtering`` groups of equal rewards are dropped and more
-    prompts drawn (:func:`~huatuo_ray.rlmf.filtering.informative_rollout`). ``counts`` gets the
+    (a group); with ``algorithm.dynamic_filtering`` groups of equal :func:`final_scores` (after
+    ``unfinished_score`` and ``clip``) are dropped and more prompts drawn
+    (:func:`~huatuo_ray.rlmf.filtering.informative_rollout`). ``counts`` gets the
     reward functions' errors and the groups filtered out; ``figures`` ``overlap_fraction`` and
     ``engine_batch``."""
     from huatuo_ray.rlmf.filtering import informative_rollout
 
     counts = {} if counts is None else counts
 
-    def sample() -> Any:
-        return sample_and_score(config, groups, prompts, pad_id, iteration, times, counts, figures)
+    def sample() -> Any:  # final scores, so that filtering judges what will train
+        exp = sample_and_score(config, groups, prompts, pad_id, iteration, times, counts, figures)
+        return final_scores(exp, config)
 
     exp = informative_rollout(config, sample, counts, pad_id)
     started = time.perf_counter()
@@ -626,28 +643,32 @@ def sample_and_score(
     return exp
 
 
-def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
-    """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
-    whitened advantages; cut responses take ``reward.unfinished_score`` when it is set, scores
-    are clipped to ``reward.clip``, the KL estimate clamped as ``kl`` says. With
-    ``kl.placement: loss`` the rewards carry no KL (the policy loss does); a critic-free
-    estimator replaces GAE (returns are then unused: there is no critic to fit)."""
+def final_scores(exp: Any, config: PPOConfig) -> Any:
+    """The scores that train (and that dynamic filtering judges): cut responses take
+    ``reward.unfinished_score`` when it is set, then scores are clipped to ``reward.clip``."""
     import torch
-
-    from huatuo_ray.rlmf import advantages, ppo_math
 
     if config.reward.unfinished_score is not None:
         penalty = torch.tensor(config.reward.unfinished_score, dtype=exp.scores.dtype)
         exp.scores = torch.where(exp.finished, exp.scores, penalty)
     if config.reward.clip is not None:
         exp.scores = exp.scores.clamp(-config.reward.clip, config.reward.clip)
+    return exp
+
+
+def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
+    """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
+    whitened advantages, from the :func:`final_scores`; the KL estimate clamped as ``kl`` says.
+    With ``kl.placement: loss`` the rewards carry no KL (the policy loss does); a critic-free
+    estimator replaces GAE (returns are then unused: there is no critic to fit)."""
+    import torch
+
+    from huatuo_ray.rlmf import advantages, ppo_math
+
     mask = exp.action_mask.float()
     kl = config.kl
-    exp.kl = (
-        ppo_math.kl_estimate(
-            exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp
-        )
-        * mask
+    exp.kl = ppo_math.kl_estimate(
+        exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp, mask
     )
     reward_beta = beta if kl.placement == "reward" else 0.0
     exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, reward_beta)
@@ -660,6 +681,7 @@ def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None
             config.sampling.n,
             reward_beta,
             config.gamma,
+            config.loss_agg,
         )
         exp.returns = torch.zeros_like(mask)
         return
@@ -972,7 +994,8 @@ class PPOMetrics:
             "beta": beta,
             "response_length": float(lengths.mean()),
             # Rollout engine vs policy on the same tokens: near 0 when the engines hold the
-            # policy's weights (exact comparison at temperature 1; the engines report raw logits).
+            # policy's weights, at any temperature (both score logits / T); with top-k or top-p
+            # the engine's are of the truncated distribution, higher by the log of its mass.
             "rollout_logprob_gap": float(
                 ppo_math.masked_mean(
                     (exp.rollout_logprobs - exp.logprobs).abs(), exp.action_mask.float()

@@ -10,15 +10,17 @@ Conventions follow trlx (which the paper used) and Ziegler et al. (2019):
   the last real token;
 * advantages by GAE over the masked sequence, whitened over the batch's real tokens;
 * policy loss: the PPO clipped surrogate; value loss: the clipped value loss (max of clipped and
-  unclipped squared errors), both averaged over real tokens;
+  unclipped squared errors);
 * KL controller: fixed, or adaptive (``beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon``).
 
 As OpenRLHF and veRL compute them (the anchors): per-token losses (:func:`policy_token_losses`,
-:func:`value_token_losses`) aggregated over all response tokens of an optimizer step across
-micro-batches and ranks (:func:`aggregate_loss`), log-ratios clamped before ``exp`` and KL
-estimates clamped (k3 explodes when the policy drops a token the reference liked), optional
-dual-clip, and an optional truncated importance weight for the rollout engine / trainer mismatch
-(:func:`truncated_is_weights`).
+:func:`value_token_losses`, the ones the workers use) aggregated over all response tokens of an
+optimizer step across micro-batches and ranks (:func:`aggregate_loss`), log-ratios clamped before
+``exp`` and KL estimates clamped (k3 explodes when the policy drops a token the reference liked),
+optional dual-clip, and an optional truncated importance weight for the rollout engine / trainer
+mismatch (:func:`truncated_is_weights`). Padding never turns a loss into NaN: its log-ratios are
+taken as 0 before any ``exp`` and aggregation selects real tokens instead of multiplying by the
+mask (``inf x 0`` is NaN, in the values and in the gradients).
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ import torch
 LossAgg = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
 
 
+def real_only(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``values`` on real tokens, 0 on padding, selected (a product with the mask would make
+    ``inf x 0 = NaN``); its gradient on padding is 0."""
+    if mask is None:
+        return values
+    return torch.where(mask.bool(), values, torch.zeros_like(values))
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    return real_only(values, mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(
@@ -53,6 +63,7 @@ def kl_estimate(
     kind: str = "k1",
     log_ratio_clamp: float | None = None,
     clamp: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman's notes).
 
@@ -65,8 +76,14 @@ def kl_estimate(
     ``log_ratio_clamp`` bounds log_ratio to [-c, c] before the estimate (veRL: 20) and ``clamp``
     bounds the estimate to [-c, c] (OpenRLHF and veRL: 10): a token the policy gave up
     (log_ratio -> -inf) would otherwise make k3 ~ exp(|log_ratio|) and swamp the reward.
+    With ``mask`` the estimate is 0 on padding whatever the log-probs there (with both clamps
+    off, k3 of a padding token could overflow).
+
+    In the loss (GRPO's placement) only k2 and k3 carry a useful gradient: on-policy,
+    E[grad k1] = E[grad log pi] = 0, while grad k2 is grad KL(pi || pi_ref) and grad k3 that of
+    KL(pi_ref || pi).
     """
-    log_ratio = logprobs - ref_logprobs
+    log_ratio = real_only(logprobs - ref_logprobs, mask)
     if log_ratio_clamp is not None:
         log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     if kind == "k1":
@@ -113,41 +130,6 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate: mean over real tokens of max(-A * ratio, -A * clip(ratio))."""
-    log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    stats = {
-        "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
-        "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
-    }
-    return loss, stats
-
-
-def value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss: 0.5 * mean over real tokens of max((V - R)^2, (V_clipped - R)^2)."""
-    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
-    unclipped = (values - returns) ** 2
-    clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
-    return loss, {"value_clip_fraction": masked_mean((clipped > unclipped).float(), mask)}
-
-
 def aggregate_loss(
     losses: torch.Tensor,
     mask: torch.Tensor,
@@ -167,8 +149,8 @@ def aggregate_loss(
     * ``seq_mean_token_sum``: each row's token sum, averaged over rows (no length
       normalisation, as in Dr. GRPO's argument).
     """
+    masked = real_only(losses, mask)
     mask = mask.to(losses.dtype)
-    masked = losses * mask
     if mode == "token_mean":
         tokens = total_tokens if total_tokens is not None else mask.sum().clamp(min=1)
         return masked.sum() / tokens
@@ -196,8 +178,9 @@ def policy_token_losses(
     overflow. ``dual_clip`` (c > 1, veRL's ``clip_ratio_c``, Ye et al. 2020): for A < 0 the loss
     is at most -A * c, so a huge ratio on a bad token cannot dominate the step.
     ``is_weights``: per-token weights (truncated importance sampling, detached) multiplying it.
+    Padding's log-ratio is taken as 0 (ratio 1).
     """
-    log_ratio = logprobs - old_logprobs
+    log_ratio = real_only(logprobs - old_logprobs, mask)
     if log_ratio_clamp is not None:
         log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)

@@ -35,7 +35,10 @@ class DPOConfig(PairStageConfig):
 
     beta: float = option(0.1, help="strength of the pull towards the reference (DPO's beta)")
     loss: Literal["sigmoid", "ipo"] = option(
-        "sigmoid", help="sigmoid: DPO; ipo: the squared loss of IPO (bounded on separable pairs)"
+        "sigmoid",
+        help="sigmoid: DPO; ipo: IPO's squared loss (h - 1/(2 beta))^2 on summed sequence "
+        "log-probs, the paper's form (TRL's ipo averages log-probs per token, so its beta is "
+        "not comparable with this one)",
     )
     label_smoothing: float = option(
         0.0, help="assumed share of flipped labels (conservative DPO); sigmoid loss only"

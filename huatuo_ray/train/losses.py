@@ -57,6 +57,9 @@ def dpo_loss(
     * ``sigmoid``: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), eps the label
       smoothing (conservative DPO: the chance that a label is flipped);
     * ``ipo``: (h - 1 / (2 beta))^2, which does not push h to infinity on separable pairs.
+      On the summed log-probs it is given (:func:`response_logprobs`), as in Azar et al.; TRL
+      divides each log-prob by the answer's length first, so the same ``beta`` asks for a
+      margin per token there and per sequence here.
 
     Returns (mean loss, implicit rewards of chosen, of rejected), the rewards being
     beta x (log pi - log pi_ref), detached.

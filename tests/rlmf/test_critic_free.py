@@ -1,11 +1,13 @@
 """Critic-free RL end to end on a local Ray (the PPO test's prompts, tiny policy and target-token
 reward model): GRPO and REINFORCE++-baseline with 4 answers per prompt raise the reward by the
-margin the PPO test asserts, with no critic actor; a ``function`` reward drives a run too, its
-exceptions counted, not fatal. Pieces of the reward sources by hand."""
+margin the PPO test asserts, with no critic actor, while the adaptive KL controller moves the beta
+the policy loss applies; a ``function`` reward drives a run too, its exceptions counted, not
+fatal. Pieces of the reward sources, the driver's advantages and dynamic filtering by hand."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,10 @@ def critic_free(inputs, model: str, out: Path, advantage: str, **overrides) -> p
         algorithm=ppo.AlgorithmConfig(advantage=advantage),
         sampling=SamplingConfig(n=4, max_new_tokens=16, temperature=1.0, top_p=1.0),
         rollout_size=4,  # 4 prompts x 4 answers: the 16 answers of the PPO test
-        kl=ppo.KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
+        # Adaptive: KL stays far below the target, so beta *= 1 - 0.2 x 16 / 160 each iteration.
+        kl=ppo.KLConfig(
+            init_beta=0.05, placement="loss", estimator="k3", target=1000.0, horizon=160
+        ),
         iterations=20,  # as the PPO test
     )
     return ppo_config(inputs, model, out, "hf", weight_sync="object_store", **(fields | overrides))
@@ -59,7 +64,12 @@ def test_critic_free_estimators_raise_the_reward_without_a_critic(
     assert len(records) == 20 and all("value_loss" not in h for h in records)
     assert_reward_rose(records, 1.0)  # the PPO test's margin
     assert max(h["rollout_logprob_gap"] for h in records) < 1e-4
-    assert all("kl_loss" in h for h in records)  # KL in the loss, not in the reward
+    # KL in the loss, not in the reward, with the controller's beta of each iteration: the one
+    # logged is the one the policy workers applied, and it moved.
+    for i, h in enumerate(records):
+        assert h["beta"] == pytest.approx(0.05 * 0.98**i, rel=1e-9)
+        assert h["kl_beta"] == pytest.approx(h["beta"], rel=1e-12) and h["kl_loss"] >= 0
+    assert manifest["training"]["final_beta"] == pytest.approx(0.05 * 0.98**20, rel=1e-9)
 
 
 @pytest.mark.slow
@@ -145,13 +155,22 @@ def test_config_checks_of_critic_free_runs() -> None:
     assert ok.rows == 16 and not ok.algorithm.uses_critic
 
 
+def test_kl_in_the_loss_refuses_k1() -> None:
+    with pytest.raises(ValueError, match="kl.placement: loss with kl.estimator: k1") as e:
+        ppo.KLConfig(placement="loss", estimator="k1")
+    assert "\n" not in str(e.value) and "kl.estimator: k3" in str(e.value)
+    assert ppo.KLConfig(placement="reward", estimator="k1").estimator == "k1"  # trlx's PPO
+    assert ppo.GRPOConfig(inputs=["x"], output="y").kl.estimator == "k3"
+
+
 def test_driver_takes_group_advantages_and_keeps_kl_out_of_the_reward() -> None:
     from huatuo_ray.rlmf.experience import make_experience
 
     config = ppo.PPOConfig(
         inputs=["x"], output="y", algorithm=ppo.AlgorithmConfig(advantage="dr_grpo"),
-        sampling=SamplingConfig(n=2), kl=ppo.KLConfig(placement="loss"), rollout_size=4,
-        minibatch_size=8, micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=8),
+        sampling=SamplingConfig(n=2), kl=ppo.KLConfig(placement="loss", estimator="k2"),
+        rollout_size=4, minibatch_size=8, micro_batch_size=4,
+        rollout=ppo.RolloutConfig(chunk_size=8),
     )  # fmt: skip
     exp = make_experience([[5], [5]], [[7, 8], [7]], [True, True], 0)
     exp.logprobs = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]])
@@ -159,7 +178,7 @@ def test_driver_takes_group_advantages_and_keeps_kl_out_of_the_reward() -> None:
     exp.values = torch.zeros(2, 2)
     exp.scores = torch.tensor([3.0, 1.0])
     ppo.add_rewards_and_advantages(exp, 0.1, config)
-    assert exp.kl.tolist() == [[0.5, 0.0], [0.0, 0.0]]  # measured, logged...
+    assert exp.kl.tolist() == [[0.125, 0.0], [0.0, 0.0]]  # k2 = 0.5^2 / 2: measured, logged...
     assert exp.rewards.tolist() == [[0.0, 3.0], [1.0, 0.0]]  # ...but not in the reward
     assert exp.advantages.tolist() == [[1.0, 1.0], [-1.0, 0.0]]  # r - group mean (2)
 
@@ -190,3 +209,41 @@ def test_dynamic_filtering_drops_equal_groups_and_refills() -> None:
     exp = informative_rollout(config, sample, counts, 0)
     # Nothing informative in 3 rounds: the batch keeps its size with dropped groups.
     assert exp.scores.tolist() == [1.0, 1.0, 2.0, 2.0] and counts["filtered_groups"] == 6
+
+
+def test_dynamic_filtering_judges_the_final_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's rollout step with ``reward.unfinished_score``: a group whose answers were all
+    cut is uniform after the penalty (dropped), a group the penalty splits is kept."""
+    from huatuo_ray.rlmf.experience import make_experience
+
+    config = ppo.PPOConfig(
+        inputs=["x"], output="y", reward=ppo.RewardConfig(unfinished_score=-1.0),
+        algorithm=ppo.AlgorithmConfig(advantage="grpo", dynamic_filtering=True,
+        max_filter_rounds=2), sampling=SamplingConfig(n=2), rollout_size=2, minibatch_size=4,
+        micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4),
+        kl=ppo.KLConfig(placement="loss", estimator="k3"),
+    )  # fmt: skip
+    rollouts = iter(
+        [  # (reward-model scores, finished) of two groups of two answers
+            ([0.5, 0.5, 0.2, 0.7], [False, True, False, False]),
+            ([0.3, 0.3, 1.0, 2.0], [True, True, True, True]),
+        ]
+    )
+
+    def sample_and_score(config, groups, prompts, pad_id, iteration, times, counts, figures):
+        scores, finished = next(rollouts)
+        exp = make_experience([[5]] * 4, [[7]] * 4, finished, 0)
+        exp.logprobs = exp.ref_logprobs = exp.values = torch.zeros(4, 1)
+        exp.scores = exp.raw_scores = torch.tensor(scores)
+        times["experience_s"] = times.get("experience_s", 0.0)
+        return exp
+
+    monkeypatch.setattr(ppo, "sample_and_score", sample_and_score)
+    counts: dict = {}
+    exp = ppo.collect_experience(config, {}, None, 0, 0, 0.05, {}, counts)
+    # Round 1: (0.5 cut, 0.5) -> (-1, 0.5) kept; (0.2 cut, 0.7 cut) -> (-1, -1) dropped.
+    # Round 2: (0.3, 0.3) dropped; (1, 2) kept. Judged on raw scores it would have kept
+    # (0.2, 0.7), trained as (-1, -1), and dropped (-1, 0.5).
+    assert exp.scores.tolist() == [-1.0, 0.5, 1.0, 2.0] and counts["filtered_groups"] == 2
+    a = 1 / math.sqrt(2)  # +-(r - mean) / unbiased std in each kept group
+    assert exp.advantages[:, 0].tolist() == pytest.approx([-a, a, -a, a], rel=1e-5)

@@ -1,79 +1,228 @@
-"""Loss aggregation over an optimizer step and the clamps, by hand-computed values: unequal
-lengths over two micro-batches on each of two ranks sum to the loss of one big batch; log-ratio,
-KL, dual-clip, importance-weight and reward clamps at their edges."""
+"""The losses as the workers compute them, against hand-computed values: aggregation over two
+micro-batches on each of two real gloo ranks through ``TrainableWorker.step_totals`` and
+``aggregate``; GRPO's per-answer gradient weights under every ``loss_agg``; the clipped value
+loss through ``CriticWorker.micro_loss``; the KL term in the policy loss with the driver's beta
+through ``PolicyWorker.train``; log-ratio, KL, dual-clip, importance-weight and reward clamps at
+their edges; padding that cannot make a loss NaN."""
 
 from __future__ import annotations
 
 import math
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
+from huatuo_ray.inference.generation import SamplingConfig
+from huatuo_ray.rlmf import ppo
+from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import make_experience
 from huatuo_ray.rlmf.ppo_math import (
     aggregate_loss,
     kl_estimate,
     policy_token_losses,
     truncated_is_weights,
-    value_token_losses,
 )
 
 T = torch.tensor
+LENGTHS = [1, 3, 2, 4]  # four answers of unequal lengths (width 4)
+MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+
+
+def with_core(worker: Any, accumulation: int = 1, world: int = 1, rank: int = 0) -> Any:
+    """A worker whose DeepSpeed engine is replaced by what ``aggregate`` asks of it."""
+    worker.rank, worker.world_size = rank, world
+    engine = SimpleNamespace(gradient_accumulation_steps=lambda: accumulation)
+    worker.core = SimpleNamespace(engine=engine)
+    return worker
 
 
 def _rows() -> tuple[torch.Tensor, torch.Tensor]:
-    """Four rows of lengths 1, 3, 2, 4 (width 4) whose every token's loss is 1, 2, 3, 4."""
-    lengths, values = [1, 3, 2, 4], [1.0, 2.0, 3.0, 4.0]
+    """Rows of LENGTHS whose every token's loss is 1, 2, 3, 4; padding holds 99."""
     mask = torch.zeros(4, 4)
-    for i, n in enumerate(lengths):
+    for i, n in enumerate(LENGTHS):
         mask[i, :n] = 1
-    losses = torch.tensor(values)[:, None].expand(4, 4).clone()
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None].expand(4, 4).clone()
     losses[mask == 0] = 99.0  # padding must not count
     return losses, mask
 
 
-@pytest.mark.parametrize(
-    ("mode", "expected"),
-    [
-        # (1*1 + 2*3 + 3*2 + 4*4) / 10 tokens
-        ("token_mean", 29 / 10),
-        # rows' token means 1, 2, 3, 4 over 4 rows
-        ("seq_mean_token_mean", 10 / 4),
-        # rows' token sums 1, 6, 6, 16 over 4 rows
-        ("seq_mean_token_sum", 29 / 4),
-    ],
-)
-def test_two_micro_batches_on_two_ranks_sum_to_one_big_batch(mode: str, expected: float) -> None:
+# The step's loss of the four rows as one batch, and d loss / d token loss of row i, by hand.
+EXPECTED = {
+    # (1*1 + 2*3 + 3*2 + 4*4) / 10 tokens; every token weighs 1/10
+    "token_mean": (29 / 10, [1 / 10] * 4),
+    # rows' token means 1, 2, 3, 4 over 4 rows; a token of row i weighs 1 / (4 L_i)
+    "seq_mean_token_mean": (10 / 4, [1 / (4 * n) for n in LENGTHS]),
+    # rows' token sums 1, 6, 6, 16 over 4 rows; every token weighs 1/4
+    "seq_mean_token_sum": (29 / 4, [1 / 4] * 4),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_of_a_step(rank: int, port: int, mode: str, out: str) -> None:
+    """One of two gloo ranks: rows {0, 1} on rank 0, {2, 3} on rank 1, one row per micro-batch
+    (minibatch 4 = micro 1 x 2 ranks x accumulation 2). Backward as DeepSpeed does it: the loss
+    divided by the accumulation steps, then the gradients averaged over ranks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     losses, mask = _rows()
-    big = aggregate_loss(losses, mask, mode)
-    assert float(big) == pytest.approx(expected)
-    # Rank 0: micro-batches {row 0, row 1} and {row 2}; rank 1: {row 3} and {} (empty is legal).
-    ranks = [[[0, 1], [2]], [[3], []]]
-    tokens, rows = float(mask.sum()), 4.0  # what the step's all-reduce gives every rank
-    parts = [
-        aggregate_loss(losses[micro], mask[micro], mode, tokens, rows)
-        for rank in ranks
-        for micro in rank
-    ]
-    assert float(sum(parts)) == pytest.approx(expected)
-    # DeepSpeed divides by the accumulation steps (2) and averages over ranks (2); the worker
-    # hands it share * 2 * 2, so the step's gradient is the big batch's.
+    mine = [2 * rank, 2 * rank + 1]
+    worker = with_core(TrainableWorker(SimpleNamespace(loss_agg=mode), None), 2, 2, rank)
+    minibatch = make_experience([[5]] * 2, [[7] * LENGTHS[i] for i in mine], [True] * 2, 0)
+    worker.step_totals(minibatch)  # the real all-reduce of tokens and rows
     weights = losses.clone().requires_grad_(True)
-    sum(
-        aggregate_loss(weights[m], mask[m], mode, tokens, rows) * 4 / 4 for r in ranks for m in r
-    ).backward()
-    reference = losses.clone().requires_grad_(True)
-    aggregate_loss(reference, mask, mode).backward()
-    assert torch.allclose(weights.grad, reference.grad)
+    handed, logged = [], []
+    for i in mine:
+        share, own = worker.aggregate(weights[[i]], mask[[i]])
+        (share / 2).backward()  # DeepSpeed scales by 1 / gradient_accumulation_steps
+        handed.append(float(share))
+        logged.append(own)
+    grad = weights.grad.clone()
+    dist.all_reduce(grad)  # DeepSpeed averages gradients over the data-parallel ranks
+    parts = torch.tensor(handed)
+    dist.all_reduce(parts)
+    if rank == 0:
+        torch.save(
+            {"grad": grad / 2, "handed": parts, "totals": (worker.total_tokens, worker.total_rows),
+             "logged": logged},
+            out,
+        )  # fmt: skip
+    dist.destroy_process_group()
 
 
-def test_the_mean_of_micro_batch_means_weighs_short_answers_more() -> None:
-    """The old aggregation, for contrast: each micro-batch's token mean counted equally."""
+@pytest.mark.parametrize("mode", MODES)
+def test_two_micro_batches_on_two_ranks_give_the_one_batch_loss_and_gradient(
+    mode: str, tmp_path: Path
+) -> None:
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_rank_of_a_step, args=(_free_port(), mode, out), nprocs=2, join=True)
+    got = torch.load(out)
+    loss, weights = EXPECTED[mode]
     losses, mask = _rows()
-    means = [aggregate_loss(losses[[i]], mask[[i]]) for i in range(4)]
-    assert float(sum(means) / 4) == pytest.approx(2.5) != pytest.approx(2.9)
+    assert got["totals"] == (10.0, 4.0)  # all tokens and rows of the step, on every rank
+    # What the worker hands DeepSpeed, divided as DeepSpeed divides it (2 x 2), sums to the loss
+    # of the step's rows taken as one batch.
+    assert float(got["handed"].sum()) / 4 == pytest.approx(loss)
+    expected_grad = torch.tensor(weights)[:, None] * mask  # padding gets no gradient
+    assert torch.allclose(got["grad"], expected_grad)
+    # The logged figure is the micro-batch's own mean (rows 0 and 1: 1, and 2 or 6).
+    assert got["logged"] == pytest.approx([1.0, 2.0 if mode != "seq_mean_token_sum" else 6.0])
+    assert float(aggregate_loss(losses, mask, mode)) == pytest.approx(loss)
     with pytest.raises(ValueError):
         aggregate_loss(losses, mask, "token_sum")  # type: ignore[arg-type]
+
+
+def _grpo_config(**overrides: Any) -> ppo.PPOConfig:
+    fields = dict(
+        inputs=["x"], output="y", algorithm=ppo.AlgorithmConfig(advantage="grpo"),
+        sampling=SamplingConfig(n=2), rollout_size=2, minibatch_size=4, micro_batch_size=4,
+        rollout=ppo.RolloutConfig(chunk_size=4), kl=ppo.KLConfig(placement="loss", estimator="k3"),
+    )  # fmt: skip
+    return ppo.PPOConfig(**(fields | overrides))
+
+
+@pytest.mark.parametrize(
+    ("mode", "scale"),
+    [("token_mean", 1.0), ("seq_mean_token_mean", 1.0), ("seq_mean_token_sum", 2.5)],  # 2.5: mean L
+)
+def test_grpo_weighs_each_answer_as_grpo_under_every_loss_agg(mode: str, scale: float) -> None:
+    """GRPO's loss is -(1/B) sum_i (1/L_i) sum_t A_i ratio_it: a token of answer i weighs
+    A_i / (B L_i). The driver's advantages, the workers' loss and aggregation must give that
+    weight, up to one factor for the whole batch, under every ``loss_agg`` (scaling by length
+    twice under seq_mean_token_mean gave rows 2.5 / L_i times GRPO's: 2.5, 0.83, 1.25, 0.63)."""
+    config = _grpo_config(loss_agg=mode)
+    exp = make_experience([[5]] * 4, [[7] * n for n in LENGTHS], [True] * 4, 0)
+    exp.logprobs = exp.ref_logprobs = exp.values = torch.zeros(4, 4)
+    exp.scores = T([1.0, 0.0, 0.0, 2.0])  # groups (1, 0) and (0, 2)
+    ppo.add_rewards_and_advantages(exp, 0.1, config)
+    # Group-normalised: r - mean over the unbiased std, +-1/sqrt(2) in both groups.
+    a = [1 / math.sqrt(2), -1 / math.sqrt(2), -1 / math.sqrt(2), 1 / math.sqrt(2)]
+    logprobs = exp.logprobs.clone().requires_grad_(True)
+    losses, _ = policy_token_losses(logprobs, exp.logprobs, exp.advantages, exp.action_mask, 0.2)
+    worker = with_core(TrainableWorker(config, config.policy))
+    worker.step_totals(exp)
+    loss, _ = worker.aggregate(losses, exp.action_mask)
+    loss.backward()
+    grpo = torch.tensor([-a[i] / (4 * n) for i, n in enumerate(LENGTHS)])  # per token, by hand
+    mask = exp.action_mask.float()
+    assert torch.allclose(logprobs.grad, scale * grpo[:, None] * mask, atol=1e-6)
+    per_row = logprobs.grad.sum(-1) / (grpo * torch.tensor(LENGTHS, dtype=torch.float))
+    assert per_row.tolist() == pytest.approx([scale] * 4, rel=1e-5)  # one factor for all rows
+
+
+class FixedValues(torch.nn.Module):
+    """A value model whose output is a trainable table: V of each position, (1, T)."""
+
+    def __init__(self, values: list[float]):
+        super().__init__()
+        self.values = torch.nn.Parameter(torch.tensor([values]))
+
+    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any) -> torch.Tensor:
+        return self.values
+
+
+def test_clipped_value_loss_wins_and_stops_the_gradient_through_the_critic() -> None:
+    from huatuo_ray.rlmf.actors.critic import CriticWorker
+
+    config = ppo.PPOConfig(inputs=["x"], output="y", value_clip=0.2)
+    critic = with_core(CriticWorker(config, config.critic))
+    # Prompt [5], response [7, 8]: V(s_t) of the two response tokens are positions 0 and 1.
+    critic.engine = FixedValues([1.0, 0.1, 0.0])
+    micro = make_experience([[5]], [[7, 8]], [True], 0)
+    micro.values, micro.returns = T([[0.0, 0.0]]), T([[2.0, 0.5]])
+    critic.step_totals(micro)
+    loss, stats = critic.micro_loss(micro)
+    # Token 0: V = 1 moved past old + 0.2; clipped V 0.2: (0.2 - 2)^2 = 3.24 beats (1 - 2)^2 = 1.
+    # Token 1: V = 0.1 inside the clip: both (0.1 - 0.5)^2 = 0.16. Loss 0.5 x mean = 0.85.
+    assert float(loss.detach()) == pytest.approx(0.5 * (3.24 + 0.16) / 2)
+    assert stats["value_loss"] == pytest.approx(0.85)
+    assert stats["value_clip_fraction"] == 0.5
+    loss.backward()
+    # The clipped branch does not depend on V: no gradient on token 0; token 1: (V - R) / 2.
+    assert critic.engine.values.grad[0].tolist() == pytest.approx([0.0, -0.2, 0.0])
+
+
+def test_the_kl_term_in_the_policy_loss_takes_the_drivers_beta(tiny_model_dir: str) -> None:
+    """``train(exp, iteration, kl_beta)`` on a real tiny policy: zero advantages, ratio 1 and a
+    log-ratio to the reference of 0.3 on every real token leave beta x k3(0.3) as the loss."""
+    from transformers import AutoModelForCausalLM
+
+    from huatuo_ray.rlmf.actors.policy import PolicyWorker
+    from huatuo_ray.rlmf.model_ops import disable_dropout, forward_logits, token_logprobs
+
+    config = ppo.PPOConfig(
+        inputs=["x"], output="y", rollout_size=2, minibatch_size=2, micro_batch_size=2,
+        rollout=ppo.RolloutConfig(chunk_size=2), ppo_epochs=1,
+        sampling=SamplingConfig(n=1, temperature=0.7, top_p=1.0),
+        kl=ppo.KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
+    )  # fmt: skip
+    policy = with_core(PolicyWorker(config, config.policy))
+    handed: list[torch.Tensor] = []
+    policy.core.backward_step, policy.core.lr = handed.append, 0.0
+    policy.engine = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    disable_dropout(policy.engine)  # as setup does: the ratio of the first step is exactly 1
+    exp = make_experience([[0, 50], [0, 60, 70]], [[80, 90, 1], [81]], [True, True], 2)
+    with torch.no_grad():
+        exp.logprobs = token_logprobs(forward_logits(policy.engine, exp), exp.responses, 0.7)
+    exp.ref_logprobs = exp.logprobs - 0.3
+    exp.advantages = torch.zeros(2, 3)
+    k3 = math.expm1(-0.3) + 0.3
+    for beta in (0.05, 0.2):  # init_beta, then what an adaptive controller moved it to
+        handed.clear()
+        stats = policy.train(exp, 0, beta)
+        assert float(handed[0].detach()) == pytest.approx(beta * k3, rel=1e-4)
+        assert stats["kl_beta"] == beta and stats["kl_loss"] == pytest.approx(k3, rel=1e-4)
 
 
 def test_kl_clamps_at_their_edges() -> None:
@@ -89,6 +238,24 @@ def test_kl_clamps_at_their_edges() -> None:
     k1 = kl_estimate(logprobs, ref, "k1", log_ratio_clamp=20.0, clamp=10.0)
     assert k1.tolist() == [-10.0, -10.0, 0.0, 9.0]
     assert kl_estimate(T([-10.0]), T([0.0]), "k1", clamp=10.0).tolist() == [-10.0]  # the edge
+
+
+def test_padding_cannot_make_the_loss_or_its_gradient_nan() -> None:
+    """Both KL clamps off: k3 of a padding token with log-ratio -200 overflows (e^200); the
+    masked estimate, the aggregation and the gradient stay finite and ignore it."""
+    mask = T([[1.0, 0.0]])
+    ref = T([[-1.5, 0.0]])
+    assert math.isinf(float(kl_estimate(T([[-1.0, -200.0]]), ref, "k3")[0, 1]))
+    logprobs = T([[-1.0, -200.0]]).requires_grad_(True)
+    for mode in MODES:
+        logprobs.grad = None
+        kl = kl_estimate(logprobs, ref, "k3", mask=mask)
+        loss = aggregate_loss(kl, mask, mode)
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(math.expm1(-0.5) + 0.5)
+        # d k3 / d log pi = 1 - e^(-log_ratio); nothing flows to the padding token.
+        assert logprobs.grad[0].tolist() == pytest.approx([1 - math.exp(-0.5), 0.0])
+        assert float(aggregate_loss(T([[1.0, math.inf]]), mask, mode)) == 1.0
 
 
 def test_policy_loss_log_ratio_clamp_and_dual_clip_at_their_edges() -> None:
@@ -108,6 +275,8 @@ def test_policy_loss_log_ratio_clamp_and_dual_clip_at_their_edges() -> None:
     assert float(stats["dual_clip_fraction"]) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="dual_clip"):
         policy_token_losses(new, old, adv, mask, clip=0.2, dual_clip=1.0)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):  # refused at load already
+        ppo.PPOConfig(inputs=["x"], output="y", dual_clip=1.0)
     weights = T([[0.5, 2.0, 1.0, 0.0]])
     weighted, _ = policy_token_losses(new, old, adv, mask, 0.2, 3.0, is_weights=weights)
     assert weighted[0].tolist() == pytest.approx([1.5, 6.0, -0.5, 0.0], rel=1e-5)
@@ -121,20 +290,8 @@ def test_truncated_is_weights_cap_and_padding() -> None:
     assert not weights.requires_grad
 
 
-def test_value_token_losses_by_hand() -> None:
-    values, old, returns = T([[1.0, 0.0]]), T([[0.0, 0.0]]), T([[0.0, 1.0]])
-    losses, clipped = value_token_losses(values, old, returns, clip=0.2)
-    # Token 0: max(1, 0.2^2) = 1 -> 0.5; token 1: values == old, both 1 -> 0.5.
-    assert losses[0].tolist() == pytest.approx([0.5, 0.5])
-    assert clipped[0].tolist() == [False, False]
-
-
 def test_reward_clip_bounds_the_scores() -> None:
-    from huatuo_ray.rlmf.ppo import PPOConfig, RewardConfig, add_rewards_and_advantages
-
-    config = PPOConfig(inputs=["x"], output="y", reward=RewardConfig(clip=2.0))
+    config = ppo.PPOConfig(inputs=["x"], output="y", reward=ppo.RewardConfig(clip=2.0))
     exp = make_experience([[5], [5], [5]], [[7], [7], [7]], [True] * 3, 0)
-    exp.logprobs = exp.ref_logprobs = exp.values = torch.zeros(3, 1)
     exp.scores = T([-5.0, 2.0, 1.5])
-    add_rewards_and_advantages(exp, 0.1, config)
-    assert exp.scores.tolist() == [-2.0, 2.0, 1.5]
+    assert ppo.final_scores(exp, config).scores.tolist() == [-2.0, 2.0, 1.5]

@@ -1,5 +1,6 @@
-"""PPO's math against hand-computed values: GAE, clipped losses at the clip edges, KL estimators,
-masked whitening, token rewards, and the adaptive KL controller."""
+"""PPO's math against hand-computed values: GAE, the clipped policy loss the workers use at the clip
+edges, KL estimators, masked whitening, token rewards, and the adaptive KL controller (the
+aggregation, clamps and value loss: ``test_ppo_losses``)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import torch
 
 from huatuo_ray.rlmf.ppo_math import (
     KLController,
+    aggregate_loss,
     entropy_from_logits,
     gae,
     kl_estimate,
     masked_whiten,
-    policy_loss,
+    policy_token_losses,
     token_rewards,
-    value_loss,
 )
 
 T = torch.tensor
@@ -54,24 +55,19 @@ def test_policy_loss_at_the_clip_edges(
 ) -> None:
     old = T([[0.0]])
     new = T([[math.log(ratio)]])
-    value, stats = policy_loss(new, old, T([[advantage]]), T([[1.0]]), clip=0.2)
-    assert float(value) == pytest.approx(loss, rel=1e-5)
+    losses, stats = policy_token_losses(new, old, T([[advantage]]), T([[1.0]]), clip=0.2)
+    assert float(aggregate_loss(losses, T([[1.0]]))) == pytest.approx(loss, rel=1e-5)
     assert float(stats["clip_fraction"]) == clipped
     assert float(stats["approx_kl"]) == pytest.approx(0.5 * math.log(ratio) ** 2, rel=1e-5)
 
 
 def test_policy_loss_averages_real_tokens_only() -> None:
-    loss, _ = policy_loss(T([[0.0, 0.0]]), T([[0.0, 0.0]]), T([[1.0, 100.0]]), T([[1.0, 0.0]]), 0.2)
-    assert float(loss) == pytest.approx(-1.0)
-
-
-def test_value_loss_clipped() -> None:
-    loss, stats = value_loss(T([[1.5]]), T([[1.0]]), T([[2.0]]), T([[1.0]]), clip=0.2)
-    # clipped value 1.2: (1.2-2)^2 = 0.64 beats (1.5-2)^2 = 0.25; loss = 0.5 * 0.64
-    assert float(loss) == pytest.approx(0.32)
-    assert float(stats["value_clip_fraction"]) == 1.0
-    loss, _ = value_loss(T([[1.1]]), T([[1.0]]), T([[2.0]]), T([[1.0]]), clip=0.2)
-    assert float(loss) == pytest.approx(0.5 * 0.81)
+    mask = T([[1.0, 0.0]])
+    # Padding: an advantage of 100 and a log-ratio of 50 (ratio e^50) count for nothing.
+    losses, stats = policy_token_losses(T([[0.0, 50.0]]), T([[0.0, 0.0]]), T([[1.0, 100.0]]),
+                                        mask, 0.2)  # fmt: skip
+    assert float(aggregate_loss(losses, mask)) == pytest.approx(-1.0)
+    assert float(stats["clip_fraction"]) == 0.0 and float(stats["approx_kl"]) == 0.0
 
 
 def test_kl_estimators() -> None:

@@ -168,7 +168,7 @@ def _ppo_config(**overrides):
 
 
 def test_rewards_and_advantages_by_hand() -> None:
-    from huatuo_ray.rlmf.ppo import RewardConfig, add_rewards_and_advantages
+    from huatuo_ray.rlmf.ppo import RewardConfig, add_rewards_and_advantages, final_scores
 
     config = _ppo_config(reward=RewardConfig(unfinished_score=-1.0), gamma=1.0, lam=0.5,
                          whiten_advantages=False)  # fmt: skip
@@ -177,7 +177,7 @@ def test_rewards_and_advantages_by_hand() -> None:
     exp.ref_logprobs = torch.tensor([[-1.5, -2.0], [-1.0, -1.5]])
     exp.values = torch.tensor([[0.5, 0.25], [0.0, 0.0]])
     exp.scores = torch.tensor([2.0, 3.0])
-    add_rewards_and_advantages(exp, 0.1, config)
+    add_rewards_and_advantages(final_scores(exp, config), 0.1, config)
     # Row 0 was cut at the length limit: its score 2.0 becomes the penalty -1.0.
     assert exp.scores.tolist() == [-1.0, 3.0]
     assert exp.kl.tolist() == [[0.5, 0.0], [0.0, 0.5]]

@@ -94,14 +94,17 @@ class PolicyWorker(TrainableWorker):
             logprobs, micro.logprobs, micro.advantages, micro.action_mask, c.clip_ratio,
             c.dual_clip, c.log_ratio_clamp, is_weights,
         )  # fmt: skip
-        stats = {k: float(v) for k, v in stats.items()}
+        stats = {k: float(v.detach()) for k, v in stats.items()}
         kl = c.kl
         if kl.placement == "loss":  # GRPO's KL term: beta x KL(pi || pi_ref), per token
             token_kl = kl_estimate(
-                logprobs, micro.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp
-            )
-            losses = losses + kl.init_beta * token_kl
+                logprobs, micro.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp,
+                micro.action_mask,
+            )  # fmt: skip
+            # The driver's controller's beta of this iteration (fixed unless kl.target is set).
+            losses = losses + self.kl_beta * token_kl
             stats["kl_loss"] = float(masked_mean(token_kl.detach(), micro.action_mask))
+            stats["kl_beta"] = self.kl_beta
         loss, logged = self.aggregate(losses, micro.action_mask)
         entropy = masked_mean(
             entropy_from_logits(logits.detach() / max(c.sampling.temperature, 1e-6)),

@@ -57,12 +57,15 @@ class TrainableWorker(ModelWorker):
     def engine_ready(self) -> None:
         """Called once the engine holds the initial weights, before any step or restore."""
 
-    def train(self, exp: Experience, iteration: int) -> dict[str, float]:
-        """``ppo_epochs`` passes over this worker's share of the rollout; mean stats."""
+    def train(self, exp: Experience, iteration: int, kl_beta: float) -> dict[str, float]:
+        """``ppo_epochs`` passes over this worker's share of the rollout; mean stats.
+        ``kl_beta``: the KL coefficient of this iteration, from the driver's controller (the
+        policy's loss applies it with ``kl.placement: loss``)."""
         import time
 
         started = time.perf_counter()
         c = self.config
+        self.kl_beta = kl_beta
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + iteration)
         per_worker = c.minibatch_size // self.world_size
         self.engine.train()
