@@ -169,3 +169,40 @@ def test_readme_recipe_commands_name_files_stages_and_configs_that_exist() -> No
         load_config(STAGES[stage].load()[0], str(REPO / config))
     assert "python -m huatuo_ray pipeline --config jobs/paper/pipeline.yaml --dry-run" in recipe
     assert "apply_delta" in recipe and "Ziya-LLaMA-13B-Pretrain-v1" in recipe
+
+
+#: torch release -> the CUDA (major.minor) of its PyPI Linux wheels, read from each wheel's
+#: requirements (nvidia-*-cu12 / cuda-toolkit==13.0.x); no download at test time.
+TORCH_CUDA = {"2.9": "12.8", "2.10": "12.8", "2.11": "13.0", "2.14": "13.0"}
+#: vllm release -> the torch it pins (its wheel's requirements).
+VLLM_TORCH = {"0.24.0": "2.11.0", "0.33.0": "2.14.0"}
+#: CUDA majors whose minor versions DeepSpeed 0.19's op builder accepts mixed (op_builder/builder.py,
+#: cuda_minor_mismatch_ok); for any other major, nvcc's major.minor must equal torch's.
+DEEPSPEED_MINOR_TOLERANT = {"10", "11", "12"}
+
+
+def test_the_images_cuda_is_the_one_its_torch_was_built_for() -> None:
+    """The Dockerfile's base tag against the `gpu` extra's pins: DeepSpeed builds its CUDA ops with
+    the image's nvcc and refuses one that differs from the CUDA torch was built with."""
+    import tomllib
+
+    base = re.search(
+        r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-\S+", (REPO / "Dockerfile").read_text(), re.M
+    )
+    assert base, "the Dockerfile's base is not an nvidia/cuda:X.Y.Z-... image"
+    image_cuda = f"{base[1]}.{base[2]}"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    pins = dict(re.match(r"([\w-]+)==([\w.]+)", p).groups() for p in extras["gpu"] if "==" in p)
+    torch = pins.get("torch") or VLLM_TORCH.get(pins.get("vllm", ""))
+    assert torch, f"add the torch that vllm=={pins.get('vllm')} pins to VLLM_TORCH"
+    minor = ".".join(torch.split(".")[:2])
+    assert minor in TORCH_CUDA, f"add the CUDA of torch {torch}'s wheels to TORCH_CUDA"
+    torch_cuda = TORCH_CUDA[minor]
+    if base[1] in DEEPSPEED_MINOR_TOLERANT:
+        assert image_cuda.split(".")[0] == torch_cuda.split(".")[0], (image_cuda, torch, torch_cuda)
+    else:
+        assert image_cuda == torch_cuda, (
+            f"the image has CUDA {image_cuda}, torch {torch} was built for CUDA {torch_cuda}"
+        )
