@@ -25,6 +25,13 @@ def connect(cluster: ClusterConfig, stage: str) -> Any:
     starts_local = cluster.address == "local" or not (
         cluster.address or os.environ.get("RAY_ADDRESS")
     )
+    address = cluster.address or os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):  # the dashboard, not the cluster's GCS
+        raise UserError(
+            f"{address} is the dashboard's job API (for `ray job` and jobs/submit.sh); a stage run "
+            "directly joins a cluster at its GCS address: cluster.address=HOST:PORT (the --port of "
+            "`ray start --head`), or submit it as a job: jobs/submit.sh STAGE CONFIG"
+        )
     if starts_local and cluster.num_cpus is not None:
         kwargs["num_cpus"] = cluster.num_cpus
     try:
