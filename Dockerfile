@@ -4,7 +4,11 @@
 #   docker build -t huatuo-ray:0.1.0 .
 # Push it to a registry your nodes pull from and put that name in the manifests' `image:` and in
 # cluster/aws.yaml's `docker.image` (README, "Running the paper recipe").
-FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+# The base image's CUDA is the one the pinned torch was built for: the `gpu` extra's vllm==0.33.0
+# pins torch==2.14.0, whose wheels are built for CUDA 13.0 (cuda-toolkit==13.0.3, nvidia-*-cu13).
+# DeepSpeed compiles its CUDA ops with this image's nvcc on first use and refuses a CUDA that
+# differs from torch's (for CUDA 13, major and minor); tests/test_cluster_images.py checks the pair.
+FROM nvidia/cuda:13.0.3-cudnn-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \

@@ -1,7 +1,9 @@
 """``python -m huatuo_ray STAGE --config FILE [key.sub=value ...] [--key value ...] [--debug]``.
 
 Every stage is one recipe; this only parses the command line, loads and checks the config and the
-stage's inputs, and calls the recipe's ``main``. ``--help`` lists the stages; ``STAGE --help``
+stage's inputs, and calls the recipe's ``main``. Inside a Ray job's temporary copy of the working
+directory, relative paths resolve against ``root=`` or ``$HUATUO_ROOT`` first
+(:mod:`huatuo_ray.locations`); a stage ends by printing where its outputs are. ``--help`` lists the stages; ``STAGE --help``
 documents its config.
 
 Exit codes: 0 done; 2 a mistake the user can fix (a config error, a missing input, an unreachable
@@ -15,6 +17,7 @@ import logging
 import re
 import sys
 
+from huatuo_ray import locations
 from huatuo_ray.config import ConfigError, describe, load_config
 from huatuo_ray.inputs import check_inputs, user_error_in
 from huatuo_ray.stages import STAGES
@@ -66,6 +69,11 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return config, overrides, want_help
 
 
+def _root_override(overrides: list[str]) -> str | None:
+    roots = [o.split("=", 1)[1] for o in overrides if o.startswith("root=")]
+    return roots[-1] if roots else None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -98,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     from huatuo_ray.teacher.stage import TooManyRejects
 
     try:
+        locations.settle(name, config, _root_override(overrides))
         check_inputs(config)
         run(config)
+        locations.report(name, config)
     except Exception as e:
         if debug:
             raise

@@ -77,7 +77,9 @@ class ClusterConfig:
         help="Ray address; unset: ray.init()'s default (a submitted job's cluster, a running "
         "local one, else a new one); 'local': always a new local Ray",
     )
-    num_cpus: int | None = option(None, help="CPUs of a new local Ray (ignored on a cluster)")
+    num_cpus: int | None = option(
+        None, help="CPUs of a new local Ray (ignored, with a note, when joining a running cluster)"
+    )
     log_to_driver: bool = option(True, help="forward worker logs to the driver's terminal")
 
 

@@ -25,10 +25,31 @@ def connect(cluster: ClusterConfig, stage: str) -> Any:
     starts_local = cluster.address == "local" or not (
         cluster.address or os.environ.get("RAY_ADDRESS")
     )
+    address = cluster.address or os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):  # the dashboard, not the cluster's GCS
+        raise UserError(
+            f"{address} is the dashboard's job API (for `ray job` and jobs/submit.sh); a stage run "
+            "directly joins a cluster at its GCS address: cluster.address=HOST:PORT (the --port of "
+            "`ray start --head`), or submit it as a job: jobs/submit.sh STAGE CONFIG"
+        )
     if starts_local and cluster.num_cpus is not None:
         kwargs["num_cpus"] = cluster.num_cpus
     try:
-        ctx = ray.init(**kwargs)
+        try:
+            ctx = ray.init(**kwargs)
+        except ValueError as e:
+            # ray.init() found a running cluster on this node (`ray start --head`): a new local
+            # Ray's size does not apply there.
+            if "num_cpus" not in kwargs or "existing cluster" not in str(e):
+                raise
+            del kwargs["num_cpus"]
+            log.warning(
+                "stage %s: joining the Ray cluster already running on this node; "
+                "cluster.num_cpus=%s ignored (it sizes a new local Ray only)",
+                stage,
+                cluster.num_cpus,
+            )
+            ctx = ray.init(**kwargs)
     except ConnectionError as e:  # a wrong address or a cluster that is down
         where = kwargs.get("address") or os.environ.get("RAY_ADDRESS")
         raise UserError(

@@ -1,7 +1,9 @@
 """Stage metrics for the Ray dashboard (``ray.util.metrics``: Prometheus/Grafana) and the terminal.
 
-Metric names start with ``huatuo_``; every metric carries a ``stage`` tag so one dashboard panel
-can show all stages. Created lazily, once per process: they only work inside a Ray worker or driver.
+Metric names start with ``huatuo_`` (Prometheus shows them as ``ray_huatuo_...``); every metric
+carries a ``stage`` tag and a ``job`` tag (the Ray job id of the Jobs tab) so one dashboard panel can
+show all stages and runs. Created lazily, once per process: they only work inside a Ray worker or
+driver. ``cluster/grafana/huatuo.json`` is the Grafana dashboard of these series.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ _COUNTERS: dict[str, Any] = {}
 _GAUGES: dict[str, Any] = {}
 
 
+def _job() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_job_id() or ""
+
+
 def count(name: str, value: float, stage: str, **tags: str) -> None:
     """Add ``value`` to counter ``huatuo_<name>``; a no-op outside Ray."""
     if value <= 0:
@@ -28,9 +36,9 @@ def count(name: str, value: float, stage: str, **tags: str) -> None:
             _COUNTERS[key] = Counter(
                 f"huatuo_{name}",
                 description=name.replace("_", " "),
-                tag_keys=("stage", *sorted(tags)),
+                tag_keys=("stage", "job", *sorted(tags)),
             )
-        _COUNTERS[key].inc(value, tags={"stage": stage, **tags})
+        _COUNTERS[key].inc(value, tags={"stage": stage, "job": _job(), **tags})
     except Exception as e:  # noqa: BLE001 - metrics must never stop a stage
         log.debug("metric %s not recorded: %s", name, e)
 
@@ -45,9 +53,9 @@ def gauge(name: str, value: float, stage: str, **tags: str) -> None:
             _GAUGES[key] = Gauge(
                 f"huatuo_{name}",
                 description=name.replace("_", " "),
-                tag_keys=("stage", *sorted(tags)),
+                tag_keys=("stage", "job", *sorted(tags)),
             )
-        _GAUGES[key].set(value, tags={"stage": stage, **tags})
+        _GAUGES[key].set(value, tags={"stage": stage, "job": _job(), **tags})
     except Exception as e:  # noqa: BLE001
         log.debug("metric %s not recorded: %s", name, e)
 

@@ -33,6 +33,7 @@ class Head:
     dashboard_url: str  # job API, for JobSubmissionClient / `ray job submit --address`
     env: dict[str, str]  # the client environment: token auth on
     temp_dir: str
+    tmpdir: str = ""  # RAY_TMPDIR whose ray/ is temp_dir
 
 
 def _wait_for_dashboard(url: str, env: dict[str, str], deadline: float) -> None:
@@ -79,11 +80,19 @@ def _kill_leftovers(temp_dir: str) -> None:
 
 @contextlib.contextmanager
 def local_head(
-    num_cpus: int = 2, timeout: float = 120, node_env: dict[str, str] | None = None
+    num_cpus: int = 2,
+    timeout: float = 120,
+    node_env: dict[str, str] | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[Head]:
     """``node_env``: the head node's own environment (as a Kubernetes Secret mounted as env vars
-    would be), inherited by every job and worker on it."""
-    temp_dir = tempfile.mkdtemp(prefix="hr-ray-", dir="/tmp")
+    would be), inherited by every job and worker on it. The temp dir is ``RAY_TMPDIR/ray`` of
+    ``Head.tmpdir``: a bare ``ray.init()`` run with that ``RAY_TMPDIR`` finds this head as it
+    finds a `ray start` head on the default temp dir. ``metrics_port``: the node's metrics
+    endpoint (``http://127.0.0.1:PORT/metrics``)."""
+    tmpdir = tempfile.mkdtemp(prefix="hr-ray-", dir="/tmp")
+    temp_dir = os.path.join(tmpdir, "ray")
+    os.mkdir(temp_dir)
     gcs_port, dash_port = free_port(), free_port()
     env = {"RAY_AUTH_MODE": "token"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -99,6 +108,8 @@ def local_head(
         "--temp-dir", temp_dir,
         "--disable-usage-stats",
     ]  # fmt: skip
+    if metrics_port is not None:
+        cmd += ["--metrics-export-port", str(metrics_port)]
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed below
     # Job entrypoints run `python` from the head's PATH: the venv's, as after `source .venv/bin/activate`.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -112,7 +123,7 @@ def local_head(
     url = f"http://127.0.0.1:{dash_port}"
     try:
         _wait_for_dashboard(url, env, time.time() + timeout)
-        yield Head(f"127.0.0.1:{gcs_port}", url, env, temp_dir)
+        yield Head(f"127.0.0.1:{gcs_port}", url, env, temp_dir, tmpdir)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -121,4 +132,4 @@ def local_head(
             proc.kill()
         _kill_leftovers(temp_dir)
         log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -98,3 +98,34 @@ def test_commands_name_real_stages_and_configs(path: Path) -> None:
             config_path = REPO / config
             assert config_path.exists(), f"{path}: no config {config}"
             load_config(STAGES[stage].load()[0], str(config_path))
+
+
+def test_every_ray_pod_is_scraped_and_has_a_root_on_the_shared_volume() -> None:
+    """The PodMonitors of monitoring.yaml select the RayCluster's head and workers by their
+    KubeRay labels and scrape a port every one of those pods names; jobs' relative paths go to
+    HUATUO_ROOT on the shared volume; the head's dashboard knows where Prometheus and Grafana are."""
+    (cluster,) = docs(REPO / "cluster" / "kuberay" / "raycluster.yaml")
+    monitors = {m["spec"]["selector"]["matchLabels"]["ray.io/node-type"]: m
+                for m in docs(REPO / "cluster" / "kuberay" / "monitoring.yaml")}  # fmt: skip
+    assert set(monitors) == {"head", "worker"}
+    pods = {
+        "head": [cluster["spec"]["headGroupSpec"]],
+        "worker": cluster["spec"]["workerGroupSpecs"],
+    }
+    for kind, monitor in monitors.items():
+        assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["labels"]["release"]
+        assert monitor["spec"]["selector"]["matchLabels"]["ray.io/cluster"] == "huatuo-ray"
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        for pod in pods[kind]:
+            container = pod["template"]["spec"]["containers"][0]
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports[endpoint["port"]] == 8080  # KubeRay's metrics-export-port
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            mounts = [m["mountPath"] for m in container["volumeMounts"]]
+            assert any(env["HUATUO_ROOT"].startswith(m + "/") for m in mounts), env["HUATUO_ROOT"]
+    head_env = {e["name"] for e in pods["head"][0]["template"]["spec"]["containers"][0]["env"]}
+    assert {"RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST"} <= head_env
+    readme = (REPO / "README.md").read_text()
+    assert "kubectl apply -f cluster/kuberay/monitoring.yaml" in readme
+    assert "--from-file=cluster/grafana/huatuo.json" in readme
+    assert "ray metrics launch-prometheus" in readme

@@ -108,44 +108,79 @@ def _status(url: str, token: str | None) -> int:
         return e.code
 
 
+PORT_FLAGS = (
+    "--port",
+    "--dashboard-port",
+    "--dashboard-agent-listen-port",
+    "--ray-client-server-port",
+)
+
+
 @pytest.mark.cluster
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 def test_readme_commands_on_a_fresh_home_start_a_head_with_token_auth(tmp_path: Path) -> None:
+    """README's block as written, from a fresh HOME, on a node where another Ray cluster runs:
+    the head takes the ports README names (each mapped to a free one: on a shared machine no
+    fixed number is sure to be free), `jobs/submit.sh` says where it sends and the job lands on
+    this cluster, not the other, and the job commands README gives work by `RAY_ADDRESS` alone."""
+    from ray.job_submission import JobSubmissionClient
+
+    from tests.ray_head import local_head
+
     home = tmp_path / "home"
     home.mkdir()
     temp_dir = tempfile.mkdtemp(prefix="hr-auth-", dir="/tmp")  # short: Ray's socket paths
-    dash = free_port()
-    flags = (f" --node-ip-address 127.0.0.1 --port {free_port()} --dashboard-port {dash}"
-             f" --ray-client-server-port {free_port()} --dashboard-agent-listen-port {free_port()}"
-             f" --num-cpus 1 --temp-dir {temp_dir} --disable-usage-stats")  # fmt: skip
+    block = _readme_cluster_block()
+    (start,) = [line for line in block if line.startswith("ray start --head")]
+    documented = {flag: re.search(rf"{flag} (\d+)", start)[1] for flag in PORT_FLAGS}
+    free = {number: str(free_port()) for number in documented.values()}
+    dash = free[documented["--dashboard-port"]]
+    extra = f" --node-ip-address 127.0.0.1 --num-cpus 1 --temp-dir {temp_dir} --disable-usage-stats"
     lines = []
-    for line in _readme_cluster_block():
+    for line in block:
         if line.startswith("source "):
             continue  # the test's PATH already names the venv
+        line = re.sub(r"\b\d{4,5}\b", lambda m: free.get(m[0], m[0]), line)
         if line.startswith("ray start --head"):
-            line += flags
+            line += extra
         if line.startswith("jobs/submit.sh"):
             lines.append(f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{dash}/api/jobs/ > {tmp_path / 'no-token'}")  # fmt: skip
         lines.append(line)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env |= {"HOME": str(home), "RAY_ADDRESS": f"http://127.0.0.1:{dash}",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    # The job commands of the text, for the job just submitted.
+    text = (REPO / "README.md").read_text()
+    job_commands = sorted(set(re.findall(r"`(ray job (?:status|logs|stop) ID)`", text)))
+    assert len(job_commands) == 3, job_commands
+    lines.append("ID=$(ray job list | grep -o 'raysubmit_[A-Za-z0-9]*' | head -1)")
+    lines += [c.replace(" ID", " $ID") for c in job_commands]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HUATUO_"))}
+    env |= {"HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     started = time.time()
-    try:
-        run = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
-        token = (home / ".ray" / "auth_token").read_text().strip()
-        url = f"http://127.0.0.1:{dash}/api/jobs/"
-        without, wrong, right = _status(url, None), _status(url, "x" * 64), _status(url, token)
-    finally:
-        _kill_leftovers(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with local_head(num_cpus=1) as other:  # the other cluster on this node
+        try:
+            run = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], cwd=REPO,
+                                 env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+            token = (home / ".ray" / "auth_token").read_text().strip()
+            url = f"http://127.0.0.1:{dash}/api/jobs/"
+            without, wrong, right = _status(url, None), _status(url, "x" * 64), _status(url, token)
+        finally:
+            _kill_leftovers(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        os.environ.update(other.env)
+        try:
+            others_jobs = JobSubmissionClient(other.dashboard_url).list_jobs()
+        finally:
+            for key in other.env:
+                os.environ.pop(key, None)
     print(f"README cluster commands: {time.time() - started:.0f} s")
+    out = run.stdout + run.stderr
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "no-token").read_text() == "401"  # refused before the job was sent
     assert (without, wrong, right) == (401, 403, 200)  # no token; a wrong one
-    assert "Job 'raysubmit_" in run.stderr + run.stdout and "succeeded" in run.stderr + run.stdout
+    assert f"sending plan to the Ray cluster at http://127.0.0.1:{dash} (RAY_ADDRESS)" in out
+    assert "Job 'raysubmit_" in out and "succeeded" in out
     assert "critic+reward" in run.stdout  # the job's own output: `plan` sized the PPO preset
+    assert "SUCCEEDED" in out and "multiple active Ray instances" not in out  # ray job status
+    assert others_jobs == []  # nothing went to the other cluster
     assert oct((home / ".ray" / "auth_token").stat().st_mode & 0o777) == "0o600"
     assert token not in run.stdout + run.stderr  # the token is never printed
 
@@ -169,3 +204,40 @@ def test_readme_recipe_commands_name_files_stages_and_configs_that_exist() -> No
         load_config(STAGES[stage].load()[0], str(REPO / config))
     assert "python -m huatuo_ray pipeline --config jobs/paper/pipeline.yaml --dry-run" in recipe
     assert "apply_delta" in recipe and "Ziya-LLaMA-13B-Pretrain-v1" in recipe
+
+
+#: torch release -> the CUDA (major.minor) of its PyPI Linux wheels, read from each wheel's
+#: requirements (nvidia-*-cu12 / cuda-toolkit==13.0.x); no download at test time.
+TORCH_CUDA = {"2.9": "12.8", "2.10": "12.8", "2.11": "13.0", "2.14": "13.0"}
+#: vllm release -> the torch it pins (its wheel's requirements).
+VLLM_TORCH = {"0.24.0": "2.11.0", "0.33.0": "2.14.0"}
+#: CUDA majors whose minor versions DeepSpeed 0.19's op builder accepts mixed (op_builder/builder.py,
+#: cuda_minor_mismatch_ok); for any other major, nvcc's major.minor must equal torch's.
+DEEPSPEED_MINOR_TOLERANT = {"10", "11", "12"}
+
+
+def test_the_images_cuda_is_the_one_its_torch_was_built_for() -> None:
+    """The Dockerfile's base tag against the `gpu` extra's pins: DeepSpeed builds its CUDA ops with
+    the image's nvcc and refuses one that differs from the CUDA torch was built with."""
+    import tomllib
+
+    base = re.search(
+        r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-\S+", (REPO / "Dockerfile").read_text(), re.M
+    )
+    assert base, "the Dockerfile's base is not an nvidia/cuda:X.Y.Z-... image"
+    image_cuda = f"{base[1]}.{base[2]}"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    pins = dict(re.match(r"([\w-]+)==([\w.]+)", p).groups() for p in extras["gpu"] if "==" in p)
+    torch = pins.get("torch") or VLLM_TORCH.get(pins.get("vllm", ""))
+    assert torch, f"add the torch that vllm=={pins.get('vllm')} pins to VLLM_TORCH"
+    minor = ".".join(torch.split(".")[:2])
+    assert minor in TORCH_CUDA, f"add the CUDA of torch {torch}'s wheels to TORCH_CUDA"
+    torch_cuda = TORCH_CUDA[minor]
+    if base[1] in DEEPSPEED_MINOR_TOLERANT:
+        assert image_cuda.split(".")[0] == torch_cuda.split(".")[0], (image_cuda, torch, torch_cuda)
+    else:
+        assert image_cuda == torch_cuda, (
+            f"the image has CUDA {image_cuda}, torch {torch} was built for CUDA {torch_cuda}"
+        )

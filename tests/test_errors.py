@@ -122,3 +122,21 @@ def test_report_reads_a_benchmark_output_which_is_no_dataset(tmp_path: Path) -> 
         check_inputs(config)
     (bench / "metrics.json").write_text("{}")  # what a finished benchmark leaves on top
     check_inputs(config)
+
+
+def test_a_dashboard_url_as_ray_address_of_a_direct_run_is_one_line(tmp_path: Path) -> None:
+    """RAY_ADDRESS exported for `ray job` commands names the dashboard; ray.init() would raise a
+    ValueError on it. (A process of its own: this one may already hold a Ray.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8275"}
+    run = subprocess.run(
+        [sys.executable, "-m", "huatuo_ray", "data", "--config", str(TINY / "data.yaml"),
+         f"output={tmp_path / 'out'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    err = run.stderr.strip()
+    assert "\n" not in err and "cluster.address=HOST:PORT" in err and "Traceback" not in err

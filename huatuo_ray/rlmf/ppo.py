@@ -1012,9 +1012,12 @@ class PPOMetrics:
         for name, value in record.items():
             if name != "iteration":
                 self.writer.add_scalar(f"ppo/{name}", value, iteration)
-        for name in ("reward_mean", "kl", "entropy", "sync_s", "samples_per_s"):
-            telemetry.gauge(f"ppo_{name}", record[name], "ppo")
-        telemetry.gauge("progress_fraction", iteration / self.config.iterations, "ppo")
+        stage = "grpo" if isinstance(self.config, GRPOConfig) else "ppo"
+        for name in ("reward_mean", "kl", "entropy", "samples_per_s", "response_length",
+                     "clip_fraction", "rollout_tokens_per_s", "generate_s", "experience_s",
+                     "train_s", "sync_s"):  # fmt: skip
+            telemetry.gauge(f"ppo_{name}", record[name], stage)
+        telemetry.gauge("progress_fraction", iteration / self.config.iterations, stage)
         if self.first is None:
             self.first = iteration - 1
         done = iteration - self.first

@@ -138,7 +138,7 @@ class TrainMetrics:
             for name, value in values.items():
                 if self.writer is not None:
                     self.writer.add_scalar(f"train/{name}", value, step)
-            for name in ("loss", "tokens_per_s"):
+            for name in ("loss", "tokens_per_s", "lr", "grad_norm"):
                 telemetry.gauge(f"train_{name}", values[name], self.stage)
             telemetry.gauge("progress_fraction", step / max(self.total_steps, 1), self.stage)
             eta = (time.time() - self.started) / step * (self.total_steps - step) if step else 0
@@ -156,6 +156,7 @@ class TrainMetrics:
         if self.is_rank0:
             if self.writer is not None:
                 self.writer.add_scalar("validation/loss", val_loss, step)
+            telemetry.gauge("validation_loss", val_loss, self.stage)
             log.warning(
                 "%s step %d validation loss %.4f%s",
                 self.stage,
