@@ -26,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q tests -m "not system" --durations=10
 
 # System checks: the whole tiny recipe as Ray jobs on a `ray start` head, PPO on two nodes, a
-# stage losing a worker node (about 17 minutes on 2 cores; CI runs them after `make test`).
+# stage losing a worker node (about 10 minutes on 2 cores, 2026-12-04; CI runs them after `make test`).
 test-system: install
 	$(BIN)/python -m pytest -q tests -m system --durations=10
 
