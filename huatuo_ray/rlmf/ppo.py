@@ -310,6 +310,11 @@ class PPOConfig:
         0, help="seed of the prompt order and minibatch shuffles (sampling.seed: of the samples)"
     )
     tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
+    placement_timeout_s: float | None = option(
+        180.0,
+        help="seconds to wait for the actor groups' placement groups (other jobs may hold the "
+        "resources) before stopping with a message; null: wait forever (an autoscaling cluster)",
+    )
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
@@ -356,6 +361,8 @@ class PPOConfig:
             and rollout.resources.num_gpus != rollout.engine.tensor_parallel_size
         ):
             raise ValueError("rollout.resources.num_gpus must equal engine.tensor_parallel_size")
+        if self.placement_timeout_s is not None and self.placement_timeout_s <= 0:
+            raise ValueError("placement_timeout_s must be > 0, or null to wait forever")
         if self.checkpoint.every_iterations < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every_iterations and checkpoint.keep must be >= 1")
         groups = {"policy", "critic", "reference", "reward", "rollout"}
@@ -709,42 +716,68 @@ def _absolute_paths(config: PPOConfig) -> None:
         config.tensorboard_dir = os.path.join(config.output, "tensorboard")
 
 
+def stage_name(config: PPOConfig) -> str:
+    return "grpo" if isinstance(config, GRPOConfig) else "ppo"
+
+
+def group_resources(config: PPOConfig) -> tuple[dict[str, Resources], dict[str, str]]:
+    """The groups this run creates, in creation order: (their resources, the config key of
+    each). No critic for critic-free estimators, no reference group with the frozen trunk."""
+    resources = {"policy": config.policy.resources}
+    keys = {"policy": "policy.resources"}
+    if config.algorithm.uses_critic:
+        resources["critic"], keys["critic"] = config.critic.resources, "critic.resources"
+    for i, (name, source) in enumerate(zip(reward_group_names(config), config.reward_sources)):
+        resources[name] = source.resources
+        keys[name] = "reward.resources" if i == 0 else f"extra_rewards[{i - 1}].resources"
+    if not config.reference.frozen_trunk:
+        resources["reference"] = config.reference.resources
+        keys["reference"] = "reference.resources"
+    resources["rollout"], keys["rollout"] = config.rollout.resources, "rollout.resources"
+    return resources, keys
+
+
 def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
-    """Create every group into ``groups`` on its placement group (colocated groups share one)."""
+    """Create every group into ``groups`` on its placement group (colocated groups share one).
+    First the placement groups are checked against the cluster's nodes, then created and waited
+    for (``placement_timeout_s``): a request the cluster cannot hold raises :class:`UserError`
+    in one line before any actor starts."""
+    from huatuo_ray.inputs import UserError
+    from huatuo_ray.rlmf.actors import group as actor_group
     from huatuo_ray.rlmf.actors.critic import CriticWorker
     from huatuo_ray.rlmf.actors.frozen import ReferenceWorker, RewardWorker
-    from huatuo_ray.rlmf.actors.group import ActorGroup, colocated_placement
     from huatuo_ray.rlmf.actors.policy import PolicyWorker
     from huatuo_ray.rlmf.actors.rollout import RolloutWorker
     from huatuo_ray.rlmf.rewards import FunctionRewardWorker
     from huatuo_ray.rlmf.teacher_reward import TeacherRewardWorker
 
-    resources = {
-        "policy": config.policy.resources,
-        "critic": config.critic.resources,
-        "reference": config.reference.resources,
-        "reward": config.reward.resources,
-        "rollout": config.rollout.resources,
-    }
+    resources, keys = group_resources(config)
+    requests = actor_group.placement_requests(
+        resources, config.colocate, {"rollout": config.rollout.strategy}, keys
+    )
+    why = actor_group.unplaceable(requests, actor_group.cluster_nodes())
+    if why:
+        raise UserError(why)
     shared: dict[str, tuple[Any, float]] = {}
-    for names in config.colocate:
-        if config.reference.frozen_trunk:
-            names = [n for n in names if n != "reference"]
-        if not config.algorithm.uses_critic:
-            names = [n for n in names if n != "critic"]
-        if len(names) > 1:
-            placement = colocated_placement(names, resources)
-            shared.update({n: placement for n in names})
+    placements = [actor_group.create_placement(r) for r in requests]  # all asked at once
+    try:
+        for request, placement in zip(requests, placements):
+            actor_group.wait_placed(request, placement, config.placement_timeout_s)
+            shared.update({n: (placement, 1.0 / len(request.names)) for n in request.names})
+    except UserError:
+        actor_group.remove_placements(placements)
+        raise
 
-    def group(name: str, actor_class: type, *args: Any) -> Any:
-        placement, share = shared.get(name, (None, 1.0))
-        return ActorGroup(name, actor_class, resources[name], args, placement, share)
+    def group(name: str, actor_class: type, *args: Any, **kwargs: Any) -> Any:
+        placement, share = shared[name]
+        return actor_group.ActorGroup(
+            name, actor_class, resources[name], args, placement, share, **kwargs
+        )
 
     groups["policy"] = group("policy", PolicyWorker, config, config.policy)
     if config.algorithm.uses_critic:  # the critic-free estimators need no value model
         groups["critic"] = group("critic", CriticWorker, config, config.critic)
     for name, source in zip(reward_group_names(config), config.reward_sources):
-        resources[name] = source.resources
         if source.kind == "function":
             args = (source.function, source.fallback, config.model.path)
             groups[name] = group(name, FunctionRewardWorker, *args)
@@ -758,15 +791,12 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         groups["reference"] = group(
             "reference", ReferenceWorker, config.model, config.sampling.temperature, config.pack
         )
-    placement, share = shared.get("rollout", (None, 1.0))
-    groups["rollout"] = ActorGroup(
+    groups["rollout"] = group(
         "rollout",
         RolloutWorker,
-        config.rollout.resources,
-        (config.model.path, config.rollout.engine, config.sampling),
-        placement,
-        share,
-        strategy=config.rollout.strategy,
+        config.model.path,
+        config.rollout.engine,
+        config.sampling,
         # vLLM's engine in the actor's own process (its multiprocessing engine cannot take
         # weights in place on CPUs, and one process per engine is simpler to place).
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
@@ -1012,7 +1042,7 @@ class PPOMetrics:
         for name, value in record.items():
             if name != "iteration":
                 self.writer.add_scalar(f"ppo/{name}", value, iteration)
-        stage = "grpo" if isinstance(self.config, GRPOConfig) else "ppo"
+        stage = stage_name(self.config)
         for name in ("reward_mean", "kl", "entropy", "samples_per_s", "response_length",
                      "clip_fraction", "rollout_tokens_per_s", "generate_s", "experience_s",
                      "train_s", "sync_s"):  # fmt: skip
