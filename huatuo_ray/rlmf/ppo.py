@@ -14,7 +14,10 @@ one iteration after another:
    sampled tokens (plus the reference's, from its frozen trunk or a separate reference group), the
    critic's values and the reward model's normalised score; the driver then puts the rows back in
    prompt order and computes the per-token KL, r = r_RM - beta * KL, GAE advantages and returns
-   (:mod:`~huatuo_ray.rlmf.ppo_math`);
+   (:mod:`~huatuo_ray.rlmf.ppo_math`). The policy's pass is left out when it is redundant
+   (:func:`old_logprobs_pass`: one optimizer step per rollout, a separate reference, no KL in
+   the rewards); the training forward then supplies the old log-probs and the KL figures, and
+   the manifest's ``passes`` says which passes ran;
 3. **train**: policy and critic, concurrently, run ``ppo_epochs`` over shuffled minibatches;
 4. **sync**: the policy's trainable weights go to every rollout engine
    (:mod:`~huatuo_ray.rlmf.weight_sync`); then the KL controller updates beta.
@@ -408,6 +411,34 @@ class GRPOConfig(PPOConfig):
     kl: KLConfig = field(default_factory=lambda: KLConfig(placement="loss", estimator="k3"))
 
 
+def old_logprobs_pass(config: PPOConfig) -> bool:
+    """Whether the policy's no-grad pass over the rollout (the "old" log-probs) runs. It is
+    redundant, as TRL and veRL skip it, when each iteration is one optimizer step (one epoch,
+    one minibatch of all rows): the loss's old log-probs are then the training forward's own,
+    detached (ratio 1 by construction, the same gradient). It still runs when it gives
+    something else: the reference's log-probs (the frozen trunk) or the KL in the rewards."""
+    one_step = config.ppo_epochs == 1 and config.minibatch_size == config.rows
+    kl_in_rewards = config.kl.placement == "reward" and (
+        config.kl.init_beta != 0 or config.kl.target is not None
+    )
+    return not one_step or config.reference.frozen_trunk or kl_in_rewards
+
+
+def experience_passes(config: PPOConfig) -> dict[str, Any]:
+    """The passes each iteration runs (the manifest's ``passes``): which model computes what."""
+    return {
+        "generate": "rollout",
+        "policy_old_logprobs": old_logprobs_pass(config),  # false: from the training forward
+        "reference_logprobs": "policy (frozen trunk)"
+        if config.reference.frozen_trunk
+        else "reference",
+        "values": config.algorithm.uses_critic,
+        "rewards": [source.kind for source in config.reward_sources],
+        "train": ["policy", "critic"] if config.algorithm.uses_critic else ["policy"],
+        "kl_measured_by": "driver" if old_logprobs_pass(config) else "policy train pass",
+    }
+
+
 def teacher_groups(config: PPOConfig) -> list[str]:
     names = zip(reward_group_names(config), config.reward_sources)
     return [name for name, source in names if source.kind == "teacher"]
@@ -522,7 +553,10 @@ def run(
         times["sync_s"] = time.perf_counter() - started
         figures.update(sync.last)
         figures.update(gpu_memory(groups))
-        sequence_kl = float(exp.kl.sum(-1).mean())
+        if exp.logprobs is None:  # measured by the training forward (the same weights)
+            sequence_kl = policy_stats.pop("sequence_kl")
+        else:
+            sequence_kl = float(exp.kl.sum(-1).mean())
         kl_control.update(sequence_kl, len(exp))
 
         state["iteration"] = iteration + 1
@@ -627,7 +661,9 @@ def sample_and_score(
             pad_id,
             [o.logprobs for o in samples],
         )
-        calls = experience_calls(groups, exp, config.reference.frozen_trunk)
+        calls = experience_calls(
+            groups, exp, config.reference.frozen_trunk, old_logprobs_pass(config)
+        )
         calls |= rewards.reward_calls(groups, names, exp, [batch[i].info for i in indices])
         parts.append((exp, calls))
         order += indices
@@ -665,7 +701,8 @@ def final_scores(exp: Any, config: PPOConfig) -> Any:
 
 def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
     """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
-    whitened advantages, from the :func:`final_scores`; the KL estimate clamped as ``kl`` says.
+    whitened advantages, from the :func:`final_scores`; the KL estimate clamped as ``kl`` says
+    (zeros without the old-log-prob pass, which only happens when no KL enters the rewards).
     With ``kl.placement: loss`` the rewards carry no KL (the policy loss does); a critic-free
     estimator replaces GAE (returns are then unused: there is no critic to fit)."""
     import torch
@@ -674,9 +711,12 @@ def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None
 
     mask = exp.action_mask.float()
     kl = config.kl
-    exp.kl = ppo_math.kl_estimate(
-        exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp, mask
-    )
+    if exp.logprobs is None:  # no old-log-prob pass: no KL in the rewards; the policy measures it
+        exp.kl = torch.zeros_like(mask)
+    else:
+        exp.kl = ppo_math.kl_estimate(
+            exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp, mask
+        )
     reward_beta = beta if kl.placement == "reward" else 0.0
     exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, reward_beta)
     if not config.algorithm.uses_critic:
@@ -829,14 +869,17 @@ def hybrid_engine(config: PPOConfig, groups: dict[str, Any], awake: bool) -> Non
         ray.get(groups["rollout"].call("wake_up" if awake else "sleep"))
 
 
-def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> dict[str, list]:
-    """Start the policy's, critic's and reference's part of one chunk's experience, each group
-    over its workers (the rewards: :func:`~huatuo_ray.rlmf.rewards.reward_calls`)."""
+def experience_calls(
+    groups: dict[str, Any], exp: Any, frozen_trunk: bool, old_logprobs: bool = True
+) -> dict[str, list]:
+    """Start the policy's (unless ``old_logprobs`` is false: :func:`old_logprobs_pass`),
+    critic's and reference's part of one chunk's experience, each group over its workers (the
+    rewards: :func:`~huatuo_ray.rlmf.rewards.reward_calls`)."""
 
     def sharded(name: str, method: str) -> list:
         return groups[name].call_shards(method, exp.shards(len(groups[name])))
 
-    calls = {"policy": sharded("policy", "log_probs")}
+    calls = {"policy": sharded("policy", "log_probs")} if old_logprobs else {}
     if "critic" in groups:
         calls["critic"] = sharded("critic", "values")
     if not frozen_trunk:
@@ -846,10 +889,11 @@ def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> di
 
 def fill_experience(exp: Any, results: dict[str, list]) -> None:
     """Put the models' answers (lists over each group's shards) into ``exp``; no critic: values
-    of 0 (unused)."""
+    of 0 (unused); no policy pass: ``logprobs`` stays None (the training forward's own)."""
     import torch
 
-    exp.logprobs = torch.cat([lp for lp, _ in results["policy"]])
+    if "policy" in results:
+        exp.logprobs = torch.cat([lp for lp, _ in results["policy"]])
     if "reference" in results:
         exp.ref_logprobs = torch.cat(results["reference"])
     else:
@@ -857,7 +901,7 @@ def fill_experience(exp: Any, results: dict[str, list]) -> None:
     if "critic" in results:
         exp.values = torch.cat(results["critic"])
     else:
-        exp.values = torch.zeros_like(exp.logprobs)
+        exp.values = torch.zeros_like(exp.ref_logprobs)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -1026,7 +1070,9 @@ class PPOMetrics:
             # Rollout engine vs policy on the same tokens: near 0 when the engines hold the
             # policy's weights, at any temperature (both score logits / T); with top-k or top-p
             # the engine's are of the truncated distribution, higher by the log of its mass.
-            "rollout_logprob_gap": float(
+            "rollout_logprob_gap": policy_stats.pop("rollout_logprob_gap")
+            if exp.logprobs is None  # no old-log-prob pass: the training forward measured it
+            else float(
                 ppo_math.masked_mean(
                     (exp.rollout_logprobs - exp.logprobs).abs(), exp.action_mask.float()
                 )
@@ -1102,6 +1148,7 @@ def finish(
             n: ray.get(groups[n].workers[0].usage.remote()) for n in teacher_groups(config)
         },
         groups=sorted(groups),  # the actor groups created (no critic: a critic-free run)
+        passes=experience_passes(config),  # which model ran which pass each iteration
         reward_normalisation=normalisation,
         weight_sync=placement.pop("weight_sync"),  # the path taken (auto resolved)
         placement=placement,  # node id of each worker, per group
