@@ -467,6 +467,7 @@ def main(config: PPOConfig) -> dict[str, Any]:
 
     from huatuo_ray.runtime import connect
 
+    started = time.time()  # start-up (the manifest's startup_s) counts from here
     connect(config.cluster, "ppo")
     if storage.exists(os.path.join(config.output, artifacts.MANIFEST)):
         return artifacts.read_manifest(config.output)
@@ -483,24 +484,30 @@ def main(config: PPOConfig) -> dict[str, Any]:
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    prompts = PromptStream(config, tokenizer)
-
     total_steps = (  # optimizer steps, for the LR schedule
         config.iterations * config.ppo_epochs * (config.rows // config.minibatch_size)
     )
     groups: dict[str, Any] = {}
     try:
-        place_actor_groups(config, groups)
-        return run(config, groups, prompts, pad_id, total_steps)
+        place_actor_groups(config, groups)  # the actors load their models meanwhile
+        prompts = PromptStream(config, tokenizer)
+        return run(config, groups, prompts, pad_id, total_steps, started)
     finally:  # also when placing failed half-way
         for group in groups.values():
             group.shutdown()
 
 
 def run(
-    config: PPOConfig, groups: dict[str, Any], prompts: PromptStream, pad_id: int, total_steps: int
+    config: PPOConfig,
+    groups: dict[str, Any],
+    prompts: PromptStream,
+    pad_id: int,
+    total_steps: int,
+    started: float | None = None,
 ) -> dict[str, Any]:
-    """Set the groups up, resume if there is a checkpoint, then iterate."""
+    """Set the groups up, resume if there is a checkpoint, then iterate. ``started``: the
+    stage's start (``time.time()``), from which ``startup_s`` (to the first iteration's start)
+    and each record's ``elapsed_s`` count."""
     import ray
 
     from huatuo_ray.rlmf import ppo_math, weight_sync
@@ -508,6 +515,7 @@ def run(
     trained = [name for name in ("policy", "critic") if name in groups]  # no critic: critic-free
     ray.get([ref for name in trained for ref in groups[name].setup_distributed(total_steps)])
     placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
+    placement["threads"] = {name: ray.get(g.call("torch_threads")) for name, g in groups.items()}
     sync = weight_sync.WeightSync(config, groups)
     placement["weight_sync"] = sync.method
 
@@ -515,7 +523,9 @@ def run(
     if state["iteration"] > 0:
         sync.push()  # the engines still hold the SFT weights
     kl_control = ppo_math.KLController(state["beta"], config.kl.target, config.kl.horizon)
-    metrics = PPOMetrics(config)
+    metrics = PPOMetrics(config, started)
+    timing = {"startup_s": round(time.time() - metrics.started, 3)}
+    log.warning("ppo: start-up %.1f s (to the first iteration)", timing["startup_s"])
 
     while state["iteration"] < config.iterations:
         iteration = state["iteration"]
@@ -573,12 +583,13 @@ def run(
             figures,
         )
         state["history"].append(record)
+        timing.setdefault("first_iteration_s", round(record["elapsed_s"] - timing["startup_s"], 3))
         done = state["iteration"] == config.iterations
         if done or state["iteration"] % config.checkpoint.every_iterations == 0:
             save_checkpoint(config, groups, state)
 
     metrics.close()
-    return finish(config, groups, state, prompts, placement)
+    return finish(config, groups, state, prompts, placement, timing)
 
 
 def collect_experience(
@@ -777,11 +788,31 @@ def group_resources(config: PPOConfig) -> tuple[dict[str, Resources], dict[str, 
     return resources, keys
 
 
+def turns(config: PPOConfig) -> list[set[str]]:
+    """The groups that do model work at the same time, phase by phase of an iteration: the
+    engines generate; the policy (its pass, when it runs), critic, reference and reward models
+    score; policy and critic train. (Function and teacher rewards do no model work. Streamed
+    pieces scored while an engine still decodes overlap the first two for that while.)"""
+    model_rewards = {
+        name
+        for name, source in zip(reward_group_names(config), config.reward_sources)
+        if source.kind == "model"
+    }
+    experience = {"critic", "reference", *model_rewards}
+    if old_logprobs_pass(config):
+        experience.add("policy")
+    return [{"rollout"}, experience, {"policy", "critic"}]
+
+
 def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
     """Create every group into ``groups`` on its placement group (colocated groups share one).
     First the placement groups are checked against the cluster's nodes, then created and waited
     for (``placement_timeout_s``): a request the cluster cannot hold raises :class:`UserError`
-    in one line before any actor starts."""
+    in one line before any actor starts. Each worker's torch threads follow its placement and
+    the groups that take turns with it (:func:`turns`,
+    :func:`~huatuo_ray.rlmf.actors.group.torch_threads`)."""
+    import ray
+
     from huatuo_ray.inputs import UserError
     from huatuo_ray.rlmf.actors import group as actor_group
     from huatuo_ray.rlmf.actors.critic import CriticWorker
@@ -808,11 +839,19 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         actor_group.remove_placements(placements)
         raise
 
+    threads = actor_group.torch_threads(
+        requests,
+        [actor_group.bundle_nodes(p) for p in placements],
+        turns(config),
+        {n["NodeID"]: float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]},
+    )
+
     def group(name: str, actor_class: type, *args: Any, **kwargs: Any) -> Any:
         placement, share = shared[name]
         return actor_group.ActorGroup(
-            name, actor_class, resources[name], args, placement, share, **kwargs
-        )
+            name, actor_class, resources[name], args, placement, share,
+            threads=threads[name], **kwargs,
+        )  # fmt: skip
 
     groups["policy"] = group("policy", PolicyWorker, config, config.policy)
     if config.algorithm.uses_critic:  # the critic-free estimators need no value model
@@ -1036,12 +1075,12 @@ def load_latest_checkpoint(
 class PPOMetrics:
     """Per-iteration figures to TensorBoard, the Ray dashboard, the terminal and metrics.jsonl."""
 
-    def __init__(self, config: PPOConfig):
+    def __init__(self, config: PPOConfig, started: float | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.config = config
         self.writer = SummaryWriter(config.tensorboard_dir)
-        self.started = time.time()
+        self.started = started or time.time()  # each record's elapsed_s counts from here
         self.first: int | None = None
 
     def log(
@@ -1083,6 +1122,7 @@ class PPOMetrics:
             **times,
             "rollout_tokens_per_s": float(lengths.sum()) / max(times["generate_s"], 1e-9),
             "samples_per_s": len(exp) / max(sum(times.values()), 1e-9),
+            "elapsed_s": time.time() - self.started,  # wall clock since the stage started
             **(figures or {}),
         }
         for name, value in record.items():
@@ -1095,9 +1135,11 @@ class PPOMetrics:
             telemetry.gauge(f"ppo_{name}", record[name], stage)
         telemetry.gauge("progress_fraction", iteration / self.config.iterations, stage)
         if self.first is None:
-            self.first = iteration - 1
+            self.first, self.first_done = iteration - 1, time.time()
         done = iteration - self.first
-        eta = (time.time() - self.started) / done * (self.config.iterations - iteration)
+        # From this process's first iteration on (start-up and warm-up left out, after one).
+        per = (time.time() - self.first_done) / (done - 1) if done > 1 else record["elapsed_s"]
+        eta = per * (self.config.iterations - iteration)
         log.warning(
             "ppo %d/%d reward %.3f±%.3f kl %.3f beta %.3f entropy %.2f clip %.3f vloss %.4f len %.1f"
             " gap %.1e | gen %.1fs exp %.1fs train %.1fs sync %.2fs | ETA %.0fs",
@@ -1120,8 +1162,11 @@ def finish(
     state: dict[str, Any],
     prompts: PromptStream,
     placement: dict[str, list[str]],
+    timing: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The final policy as a Hugging Face folder in OUTPUT, the rejects and the manifest."""
+    """The final policy as a Hugging Face folder in OUTPUT, the rejects and the manifest
+    (``timing``: ``startup_s``, seconds from the stage's start to its first iteration, and
+    ``first_iteration_s``)."""
     import ray
 
     final = os.path.join(config.output, "_final")
@@ -1151,6 +1196,8 @@ def finish(
         passes=experience_passes(config),  # which model ran which pass each iteration
         reward_normalisation=normalisation,
         weight_sync=placement.pop("weight_sync"),  # the path taken (auto resolved)
+        torch_threads=placement.pop("threads"),  # per group, per worker (from the placement)
+        **(timing or {}),
         placement=placement,  # node id of each worker, per group
         training={
             "iterations": state["iteration"],

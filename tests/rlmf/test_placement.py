@@ -151,3 +151,33 @@ def test_a_placement_held_up_past_its_timeout_stops_with_one_line(
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_torch_threads_share_the_reserved_cpus_of_a_node_among_a_phase() -> None:
+    """The peer benchmark's GRPO on 2 CPUs (four groups of 0.5, taking turns): 2 threads for
+    every model group, 1 for the function reward; PPO's groups at 0.25 on the same node: 1
+    each; a policy of two workers on two nodes trains beside the critic on one of them only."""
+    from huatuo_ray.rlmf.actors.group import torch_threads
+
+    half = {"CPU": 0.5}
+    grpo = [PlacementRequest([n], [half]) for n in ("policy", "reward", "reference", "rollout")]
+    phases = [{"rollout"}, {"reference"}, {"policy"}]
+    got = torch_threads(grpo, [["a"]] * 4, phases, {"a": 2.0})
+    assert got == {"policy": [2], "reward": [1], "reference": [2], "rollout": [2]}
+    quarter = {"CPU": 0.25}
+    names = ("policy", "critic", "reward", "rollout")
+    ppo_phases = [{"rollout"}, {"policy", "critic", "reward"}, {"policy", "critic"}]
+    got = torch_threads([PlacementRequest([n], [quarter]) for n in names], [["a"]] * 4,
+                        ppo_phases, {"a": 2.0})  # fmt: skip
+    assert got == {n: [1] for n in names}
+    two = [
+        PlacementRequest(["policy"], [{"CPU": 2.0}] * 2),
+        PlacementRequest(["critic"], [{"CPU": 2.0}]),
+        PlacementRequest(["rollout"], [{"CPU": 4.0}]),
+    ]
+    nodes = [["a", "b"], ["a"], ["b"]]
+    got = torch_threads(two, nodes, [{"rollout"}, {"critic"}, {"policy", "critic"}],
+                        {"a": 8.0, "b": 8.0})  # fmt: skip
+    # Node a: 4 CPUs reserved, policy + critic train together: 2 each; node b: 6 reserved, the
+    # policy trains alone there (6), the rollout engine generates alone (6).
+    assert got == {"policy": [2, 6], "critic": [2], "rollout": [6]}

@@ -156,8 +156,55 @@ def wait_placed(request: PlacementRequest, placement: Any, timeout_s: float | No
     )
 
 
+def bundle_nodes(placement: Any) -> list[str]:
+    """The node id of each bundle of a placed placement group."""
+    from ray.util import placement_group_table
+
+    nodes = placement_group_table(placement)["bundles_to_node_id"]
+    return [nodes[i] for i in sorted(nodes)]
+
+
+def torch_threads(
+    requests: list[PlacementRequest],
+    nodes_of: list[list[str]],
+    phases: list[set[str]],
+    node_cpus: dict[str, float],
+) -> dict[str, list[int]]:
+    """torch's intra-op threads for each worker of each group (``{group: [per worker]}``).
+
+    Groups of one phase work at the same time and phases take turns (PPO: generate, then
+    experience, then train), so a worker may use, while it is its phase's turn, the CPUs this run
+    reserved on its node (every bundle there, whichever group holds it) divided among the
+    workers of its busiest phase there; at least 1, at most the node's CPUs. ``nodes_of``: the
+    node of each bundle of each request. A group in no phase gets 1 thread."""
+    reserved: dict[str, float] = {}
+    where: dict[str, list[str]] = {}
+    for request, nodes in zip(requests, nodes_of):
+        for bundle, node in zip(request.bundles, nodes):
+            reserved[node] = reserved.get(node, 0.0) + bundle.get("CPU", 0.0)
+        for name in request.names:
+            where[name] = nodes
+    threads = {}
+    for name, nodes in where.items():
+        counts = []
+        for node in nodes:
+            busiest = max(
+                (sum(where[g].count(node) for g in phase if g in where) for phase in phases
+                 if name in phase),
+                default=0,
+            )  # fmt: skip
+            if busiest == 0:
+                counts.append(1)
+                continue
+            share = int(reserved[node] / busiest + 0.5)
+            counts.append(max(1, min(share, int(node_cpus.get(node, 1.0)))))
+        threads[name] = counts
+    return threads
+
+
 class ActorGroup:
-    """``workers`` instances of one actor class, each pinned to a bundle of a placement group."""
+    """``workers`` instances of one actor class, each pinned to a bundle of a placement group,
+    worker i with ``threads[i]`` torch threads (:func:`torch_threads`; default 1)."""
 
     def __init__(
         self,
@@ -169,6 +216,7 @@ class ActorGroup:
         gpu_share: float = 1.0,
         strategy: str = "PACK",
         env: dict[str, str] | None = None,
+        threads: list[int] | None = None,
     ):
         import ray
         from ray.util.placement_group import placement_group
@@ -180,6 +228,12 @@ class ActorGroup:
             placement = placement_group(bundles, strategy=strategy, name=f"ppo-{name}")
         self.placement = placement
         remote = ray.remote(actor_class)
+        self.threads = threads or [1] * resources.workers
+
+        def env_of(i: int) -> dict[str, str]:
+            # torch reads it when it loads (Ray's default: the actor's CPUs, at least 1).
+            return {**(env or {}), "OMP_NUM_THREADS": str(self.threads[i])}
+
         self.workers = [
             remote.options(
                 name=f"ppo-{name}-{i}",
@@ -188,7 +242,7 @@ class ActorGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=placement, placement_group_bundle_index=i
                 ),
-                runtime_env={"env_vars": env} if env else None,
+                runtime_env={"env_vars": env_of(i)},
                 max_concurrency=1,
             ).remote(*args)
             for i in range(resources.workers)
