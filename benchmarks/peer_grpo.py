@@ -152,6 +152,7 @@ def run_ours(args: argparse.Namespace, root: str, model: str, prompts: str) -> d
         "iteration_s": round(steady, 3),
         "first_step_at": stage_started + manifest["startup_s"],
         "stage_startup_s": manifest["startup_s"],
+        "startup_steps": manifest["startup_steps"],
         "first_iteration_s": manifest["first_iteration_s"],
         "passes": manifest["passes"],
         "torch_threads": manifest["torch_threads"],
@@ -241,12 +242,13 @@ def run_trl(
     }
 
 
-def side(name: str, root: str) -> dict[str, Any]:
+def side(name: str, root: str, args: argparse.Namespace) -> dict[str, Any]:
     """One side in a fresh Python process, as a user would start it: its start-up counts from
     the process's launch (imports included) to its first step's start."""
     import subprocess
 
-    argv = [a for a in sys.argv[1:] if not a.startswith("--only")]
+    keys = ("hidden", "layers", "heads", "vocab", "prompts", "tokens", "iterations")
+    argv = [f"--{k}={getattr(args, k)}" for k in keys] + (["--gpu"] if args.gpu else [])
     launched = time.time()
     res = subprocess.run(
         [sys.executable, __file__, *argv, "--side", name, "--root", root],
@@ -295,7 +297,7 @@ def main() -> None:
         Path(root, "prompt_ids.json").write_text(json.dumps(ids))
         for name in ("ours", "trl"):
             if args.only in (None, name):
-                results[name] = side(name, root)
+                results[name] = side(name, root, args)
     for name, figures in results.items():
         print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
     summary: dict[str, Any] = {f"{n}_{k}": v for n, r in results.items() for k, v in r.items()}

@@ -512,20 +512,31 @@ def run(
 
     from huatuo_ray.rlmf import ppo_math, weight_sync
 
+    started = started or time.time()
+    phases: dict[str, float] = {}  # seconds from the stage's start at which each step ended
+
+    def mark(step: str) -> None:
+        phases[step] = round(time.time() - started, 3)
+
+    mark("placed")
     trained = [name for name in ("policy", "critic") if name in groups]  # no critic: critic-free
     ray.get([ref for name in trained for ref in groups[name].setup_distributed(total_steps)])
+    mark("trainers_ready")
     placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
     placement["threads"] = {name: ray.get(g.call("torch_threads")) for name, g in groups.items()}
+    mark("all_loaded")
     sync = weight_sync.WeightSync(config, groups)
     placement["weight_sync"] = sync.method
+    mark("sync_ready")
 
     state = load_latest_checkpoint(config, groups, prompts)
     if state["iteration"] > 0:
         sync.push()  # the engines still hold the SFT weights
     kl_control = ppo_math.KLController(state["beta"], config.kl.target, config.kl.horizon)
     metrics = PPOMetrics(config, started)
-    timing = {"startup_s": round(time.time() - metrics.started, 3)}
-    log.warning("ppo: start-up %.1f s (to the first iteration)", timing["startup_s"])
+    timing: dict[str, Any] = {"startup_s": round(time.time() - started, 3)}
+    timing["startup_steps"] = phases
+    log.warning("ppo: start-up %.1f s (to the first iteration): %s", timing["startup_s"], phases)
 
     while state["iteration"] < config.iterations:
         iteration = state["iteration"]

@@ -63,8 +63,12 @@ class ModelWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def set_torch_threads(self, threads: int) -> None:
+        """torch's intra-op threads (the group sets them from the placement)."""
+        torch.set_num_threads(threads)
+
     def torch_threads(self) -> int:
-        """torch's intra-op threads in this process (set from the placement: OMP_NUM_THREADS)."""
+        """torch's intra-op threads in this process."""
         return torch.get_num_threads()
 
     def gpu_memory(self) -> dict[str, float]:

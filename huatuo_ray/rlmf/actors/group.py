@@ -229,11 +229,6 @@ class ActorGroup:
         self.placement = placement
         remote = ray.remote(actor_class)
         self.threads = threads or [1] * resources.workers
-
-        def env_of(i: int) -> dict[str, str]:
-            # torch reads it when it loads (Ray's default: the actor's CPUs, at least 1).
-            return {**(env or {}), "OMP_NUM_THREADS": str(self.threads[i])}
-
         self.workers = [
             remote.options(
                 name=f"ppo-{name}-{i}",
@@ -242,11 +237,17 @@ class ActorGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=placement, placement_group_bundle_index=i
                 ),
-                runtime_env={"env_vars": env_of(i)},
+                runtime_env={"env_vars": env} if env else None,
                 max_concurrency=1,
             ).remote(*args)
             for i in range(resources.workers)
         ]
+        # Set by a call rather than OMP_NUM_THREADS in a runtime env, which would keep Ray from
+        # reusing its prestarted worker processes; a worker's calls run in order, so every
+        # later one runs with these threads (its constructor, loading, runs with Ray's: the
+        # actor's CPUs, at least 1).
+        for worker, n in zip(self.workers, self.threads):
+            worker.set_torch_threads.remote(n)
 
     def shutdown(self) -> None:
         """Kill the workers and free their placement group (shared ones: by the last user)."""
