@@ -7,13 +7,16 @@ after the other in one run, as a user choosing between the two would try them.
 
 The work of one step, on both sides: a tiny Llama built from a config (hidden 256 x 4 layers,
 vocab 2,000, random weights; the ``tiny-model`` stage's tokenizer), ``--prompts`` prompts x 4
-answers of exactly ``--tokens`` tokens (EOS ignored), sampled by HF ``generate`` in one batch;
-every layer trained; GRPO advantages; KL to the frozen starting model (k3) in the loss with beta
-0.04; a Python reward function (:func:`target_word`); one optimizer step per rollout (one epoch,
-one minibatch of all answers); AdamW at lr 1e-6. Ours: the ``grpo`` stage on a local Ray of
-the machine's CPUs, policy, reference, reward-function and rollout groups at 0.5 CPU each
-(``--gpu``: all four on the one GPU, the hybrid engine); TRL: ``GRPOTrainer`` in this process
-(``use_vllm=False``: its HF generate; on CPUs ``use_cpu``).
+answers of exactly ``--tokens`` tokens (EOS ignored), sampled by HF ``generate``; every layer
+trained; GRPO advantages; KL to the frozen starting model (k3) in the loss with beta 0.04; a
+Python reward function (:func:`target_word`); one optimizer step per rollout (one epoch, one
+minibatch of all answers); AdamW at lr 1e-6. Ours: the ``grpo`` stage on a local Ray of the
+machine's CPUs: policy, reference, reward-function and ``--engines`` (2) HF rollout engines,
+0.4 CPU each, so the two engines decode half the answers each in one batch at the same time (one
+torch thread each: the stage's thread rule), then the reference and the policy take both cores
+in turn; ``--gpu``: one engine and every group on the one GPU (the hybrid engine). TRL:
+``GRPOTrainer`` (``use_vllm=False``: HF ``generate`` of all answers in one batch; on CPUs
+``use_cpu``, torch's default threads).
 
 Figures: ``samples_per_s`` in steady state (the first iteration, warm-up, left out): answers
 per second of wall clock between the ends of consecutive iterations (ours: the stage's
@@ -89,7 +92,10 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
     from huatuo_ray.rlmf.actors.group import Resources
     from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
-    res = Resources(workers=1, num_cpus=0.5, num_gpus=1.0 if args.gpu else 0.0)
+    # Five workers in 2 CPUs: each group's bundle 0.4 (all on the GPU with --gpu).
+    cpus = 0.25 if args.gpu else 0.4
+    res = Resources(workers=1, num_cpus=cpus, num_gpus=1.0 if args.gpu else 0.0)
+    engines = Resources(workers=args.engines, num_cpus=cpus, num_gpus=res.num_gpus)
     rows = args.prompts * GROUP
     return ppo.GRPOConfig(
         inputs=[prompts],
@@ -109,8 +115,8 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
             engine=EngineConfig(
                 backend="hf", max_model_len=1024, hf_batch_prompts=True, hf_max_batch=rows
             ),  # fmt: skip
-            resources=res,
-            chunk_size=rows,  # one batch, scored at once
+            resources=engines,
+            chunk_size=rows // args.engines,  # one share, decoded in one batch, per engine
         ),
         sampling=SamplingConfig(
             n=GROUP, temperature=1.0, top_p=1.0, ignore_eos=True, max_new_tokens=args.tokens
@@ -247,7 +253,7 @@ def side(name: str, root: str, args: argparse.Namespace) -> dict[str, Any]:
     the process's launch (imports included) to its first step's start."""
     import subprocess
 
-    keys = ("hidden", "layers", "heads", "vocab", "prompts", "tokens", "iterations")
+    keys = ("hidden", "layers", "heads", "vocab", "prompts", "tokens", "iterations", "engines")
     argv = [f"--{k}={getattr(args, k)}" for k in keys] + (["--gpu"] if args.gpu else [])
     launched = time.time()
     res = subprocess.run(
@@ -272,11 +278,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--iterations", type=int, default=6, help="steps of each side")
     parser.add_argument("--gpu", action="store_true", help="one GPU (HF rollouts on both sides)")
+    parser.add_argument("--engines", type=int, default=2, help="our rollout engines (CPU)")
     parser.add_argument("--only", choices=("ours", "trl"), help="run one side only")
     parser.add_argument("--smoke", action="store_true", help="the smallest run")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gpu:
+        args.engines = 1  # one GPU: one engine beside the policy (the hybrid engine)
     if args.smoke:
         args.hidden, args.layers, args.heads, args.prompts, args.tokens, args.iterations = (
             64, 2, 2, 2, 8, 2)  # fmt: skip
