@@ -152,7 +152,8 @@ def run_ours(args: argparse.Namespace, root: str, model: str, prompts: str) -> d
     ends = [h["elapsed_s"] for h in history]
     steady = (ends[-1] - ends[0]) / (len(ends) - 1)
     parts = {k: round(sum(h[k] for h in history[1:]) / (len(history) - 1), 3)
-             for k in ("generate_s", "experience_s", "train_s", "sync_s")}  # fmt: skip
+             for k in ("generate_s", "engine_generate_s", "experience_s", "train_s", "sync_s",
+                       "policy_train_s")}  # fmt: skip
     return {
         "samples_per_s": round(args.prompts * GROUP / steady, 2),
         "iteration_s": round(steady, 3),
