@@ -11,10 +11,11 @@ answers of exactly ``--tokens`` tokens (EOS ignored), sampled by HF ``generate``
 trained; GRPO advantages; KL to the frozen starting model (k3) in the loss with beta 0.04; a
 Python reward function (:func:`target_word`); one optimizer step per rollout (one epoch, one
 minibatch of all answers); AdamW at lr 1e-6. Ours: the ``grpo`` stage on a local Ray of the
-machine's CPUs: policy, reference, reward-function and ``--engines`` (2) HF rollout engines,
-0.4 CPU each, so the two engines decode half the answers each in one batch at the same time (one
-torch thread each: the stage's thread rule), then the reference and the policy take both cores
-in turn; ``--gpu``: one engine and every group on the one GPU (the hybrid engine). TRL:
+machine's CPUs: policy (``--policy-workers``, 1), reference, reward-function and ``--engines``
+(2) HF rollout engines, an equal share of the CPUs each (0.4 on 2 cores), so the two engines
+decode half the answers each in one batch at the same time (one torch thread each: the stage's
+thread rule), then the reference and the policy take both cores in turn; ``--gpu``: one engine
+and every group on the one GPU (the hybrid engine). TRL:
 ``GRPOTrainer`` (``use_vllm=False``: HF ``generate`` of all answers in one batch; on CPUs
 ``use_cpu``, torch's default threads).
 
@@ -92,10 +93,12 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
     from huatuo_ray.rlmf.actors.group import Resources
     from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
-    # Five workers in 2 CPUs: each group's bundle 0.4 (all on the GPU with --gpu).
-    cpus = 0.25 if args.gpu else 0.4
+    # Every worker an equal share of the CPUs (all on the one GPU with --gpu).
+    workers = 2 + args.engines + args.policy_workers
+    cpus = 0.25 if args.gpu else int(100 * (os.cpu_count() or 2) / workers) / 100
     res = Resources(workers=1, num_cpus=cpus, num_gpus=1.0 if args.gpu else 0.0)
     engines = Resources(workers=args.engines, num_cpus=cpus, num_gpus=res.num_gpus)
+    policy = Resources(workers=args.policy_workers, num_cpus=cpus, num_gpus=res.num_gpus)
     rows = args.prompts * GROUP
     return ppo.GRPOConfig(
         inputs=[prompts],
@@ -108,7 +111,7 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
             trainable_layers=None,  # every layer, as TRL trains them (a separate reference)
             optim=OptimConfig(lr=LR, warmup_ratio=0.0, min_lr_ratio=1.0),
             deepspeed=DeepSpeedConfig(zero_stage=0, precision="bf16" if args.gpu else "fp32"),
-            resources=res,
+            resources=policy,
         ),
         reference=ppo.ReferenceConfig(mode="separate", resources=res),
         rollout=ppo.RolloutConfig(
@@ -125,7 +128,7 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
         iterations=args.iterations,
         rollout_size=args.prompts,
         minibatch_size=rows,
-        micro_batch_size=rows,
+        micro_batch_size=rows // args.policy_workers,
         ppo_epochs=1,
         max_prompt_tokens=1024,
         checkpoint=ppo.CheckpointEvery(every_iterations=10**6),
@@ -254,8 +257,10 @@ def side(name: str, root: str, args: argparse.Namespace) -> dict[str, Any]:
     the process's launch (imports included) to its first step's start."""
     import subprocess
 
-    keys = ("hidden", "layers", "heads", "vocab", "prompts", "tokens", "iterations", "engines")
-    argv = [f"--{k}={getattr(args, k)}" for k in keys] + (["--gpu"] if args.gpu else [])
+    keys = ("hidden", "layers", "heads", "vocab", "prompts", "tokens", "iterations", "engines",
+            "policy_workers")  # fmt: skip
+    argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keys]
+    argv += ["--gpu"] if args.gpu else []
     launched = time.time()
     res = subprocess.run(
         [sys.executable, __file__, *argv, "--side", name, "--root", root],
@@ -280,13 +285,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=6, help="steps of each side")
     parser.add_argument("--gpu", action="store_true", help="one GPU (HF rollouts on both sides)")
     parser.add_argument("--engines", type=int, default=2, help="our rollout engines (CPU)")
+    parser.add_argument("--policy-workers", type=int, default=1, help="our policy ranks (CPU)")
     parser.add_argument("--only", choices=("ours", "trl"), help="run one side only")
     parser.add_argument("--smoke", action="store_true", help="the smallest run")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gpu:
-        args.engines = 1  # one GPU: one engine beside the policy (the hybrid engine)
+        args.engines = args.policy_workers = 1  # one GPU: the hybrid engine
     if args.smoke:
         args.hidden, args.layers, args.heads, args.prompts, args.tokens, args.iterations = (
             64, 2, 2, 2, 8, 2)  # fmt: skip
