@@ -25,6 +25,7 @@ FIGURES = {
     "ppo_step.py": {"streamed_vs_chunked", "engine_batch", "grpo_vs_ppo_iteration", "weight_sync"},
     "serve_load.py": {"concurrent_vs_sequential", "start_s"},
     "teacher_throughput.py": {"ratio_to_bound", "cache_speedup"},
+    "peer_grpo.py": {"ours_vs_trl", "ours_startup_s", "trl_startup_s", "ours_passes"},
 }
 
 
@@ -57,6 +58,14 @@ def test_benchmark_runs_at_its_smallest_size(script: str, tmp_path: Path) -> Non
         # HF engines: a streamed share decodes in one batch (8 prompts), chunked 4 at a time.
         assert last["engine_batch"] == 8 and last["chunked_engine_batch"] == 4
         assert last["weight_sync"] == "broadcast"
+    if script == "peer_grpo.py":
+        # One optimizer step per rollout with a separate reference: no old-log-prob pass; the
+        # groups take turns on the 2 CPUs (0.4 each reserved, 2.0 in all): the two engines
+        # decode together (1 thread each), reference and policy alone in their turns (2).
+        assert last["ours_passes"]["policy_old_logprobs"] is False
+        assert last["ours_torch_threads"] == {"policy": [2], "reference": [2], "reward": [1],
+                                              "rollout": [1, 1]}  # fmt: skip
+        assert last["ours_vs_trl"] > 0 and last["ours_startup_s"] > 0 < last["trl_startup_s"]
 
 
 def test_ppo_step_gpu_configs_are_the_hybrid_engine_and_validate() -> None:

@@ -14,7 +14,10 @@ one iteration after another:
    sampled tokens (plus the reference's, from its frozen trunk or a separate reference group), the
    critic's values and the reward model's normalised score; the driver then puts the rows back in
    prompt order and computes the per-token KL, r = r_RM - beta * KL, GAE advantages and returns
-   (:mod:`~huatuo_ray.rlmf.ppo_math`);
+   (:mod:`~huatuo_ray.rlmf.ppo_math`). The policy's pass is left out when it is redundant
+   (:func:`old_logprobs_pass`: one optimizer step per rollout, a separate reference, no KL in
+   the rewards); the training forward then supplies the old log-probs and the KL figures, and
+   the manifest's ``passes`` says which passes ran;
 3. **train**: policy and critic, concurrently, run ``ppo_epochs`` over shuffled minibatches;
 4. **sync**: the policy's trainable weights go to every rollout engine
    (:mod:`~huatuo_ray.rlmf.weight_sync`); then the KL controller updates beta.
@@ -310,6 +313,11 @@ class PPOConfig:
         0, help="seed of the prompt order and minibatch shuffles (sampling.seed: of the samples)"
     )
     tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
+    placement_timeout_s: float | None = option(
+        180.0,
+        help="seconds to wait for the actor groups' placement groups (other jobs may hold the "
+        "resources) before stopping with a message; null: wait forever (an autoscaling cluster)",
+    )
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
@@ -356,6 +364,8 @@ class PPOConfig:
             and rollout.resources.num_gpus != rollout.engine.tensor_parallel_size
         ):
             raise ValueError("rollout.resources.num_gpus must equal engine.tensor_parallel_size")
+        if self.placement_timeout_s is not None and self.placement_timeout_s <= 0:
+            raise ValueError("placement_timeout_s must be > 0, or null to wait forever")
         if self.checkpoint.every_iterations < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every_iterations and checkpoint.keep must be >= 1")
         groups = {"policy", "critic", "reference", "reward", "rollout"}
@@ -401,6 +411,34 @@ class GRPOConfig(PPOConfig):
     kl: KLConfig = field(default_factory=lambda: KLConfig(placement="loss", estimator="k3"))
 
 
+def old_logprobs_pass(config: PPOConfig) -> bool:
+    """Whether the policy's no-grad pass over the rollout (the "old" log-probs) runs. It is
+    redundant, as TRL and veRL skip it, when each iteration is one optimizer step (one epoch,
+    one minibatch of all rows): the loss's old log-probs are then the training forward's own,
+    detached (ratio 1 by construction, the same gradient). It still runs when it gives
+    something else: the reference's log-probs (the frozen trunk) or the KL in the rewards."""
+    one_step = config.ppo_epochs == 1 and config.minibatch_size == config.rows
+    kl_in_rewards = config.kl.placement == "reward" and (
+        config.kl.init_beta != 0 or config.kl.target is not None
+    )
+    return not one_step or config.reference.frozen_trunk or kl_in_rewards
+
+
+def experience_passes(config: PPOConfig) -> dict[str, Any]:
+    """The passes each iteration runs (the manifest's ``passes``): which model computes what."""
+    return {
+        "generate": "rollout",
+        "policy_old_logprobs": old_logprobs_pass(config),  # false: from the training forward
+        "reference_logprobs": "policy (frozen trunk)"
+        if config.reference.frozen_trunk
+        else "reference",
+        "values": config.algorithm.uses_critic,
+        "rewards": [source.kind for source in config.reward_sources],
+        "train": ["policy", "critic"] if config.algorithm.uses_critic else ["policy"],
+        "kl_measured_by": "driver" if old_logprobs_pass(config) else "policy train pass",
+    }
+
+
 def teacher_groups(config: PPOConfig) -> list[str]:
     names = zip(reward_group_names(config), config.reward_sources)
     return [name for name, source in names if source.kind == "teacher"]
@@ -429,6 +467,7 @@ def main(config: PPOConfig) -> dict[str, Any]:
 
     from huatuo_ray.runtime import connect
 
+    started = time.time()  # start-up (the manifest's startup_s) counts from here
     connect(config.cluster, "ppo")
     if storage.exists(os.path.join(config.output, artifacts.MANIFEST)):
         return artifacts.read_manifest(config.output)
@@ -445,39 +484,59 @@ def main(config: PPOConfig) -> dict[str, Any]:
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    prompts = PromptStream(config, tokenizer)
-
     total_steps = (  # optimizer steps, for the LR schedule
         config.iterations * config.ppo_epochs * (config.rows // config.minibatch_size)
     )
     groups: dict[str, Any] = {}
     try:
-        place_actor_groups(config, groups)
-        return run(config, groups, prompts, pad_id, total_steps)
+        place_actor_groups(config, groups)  # the actors load their models meanwhile
+        prompts = PromptStream(config, tokenizer)
+        return run(config, groups, prompts, pad_id, total_steps, started)
     finally:  # also when placing failed half-way
         for group in groups.values():
             group.shutdown()
 
 
 def run(
-    config: PPOConfig, groups: dict[str, Any], prompts: PromptStream, pad_id: int, total_steps: int
+    config: PPOConfig,
+    groups: dict[str, Any],
+    prompts: PromptStream,
+    pad_id: int,
+    total_steps: int,
+    started: float | None = None,
 ) -> dict[str, Any]:
-    """Set the groups up, resume if there is a checkpoint, then iterate."""
+    """Set the groups up, resume if there is a checkpoint, then iterate. ``started``: the
+    stage's start (``time.time()``), from which ``startup_s`` (to the first iteration's start)
+    and each record's ``elapsed_s`` count."""
     import ray
 
     from huatuo_ray.rlmf import ppo_math, weight_sync
 
+    started = started or time.time()
+    phases: dict[str, float] = {}  # seconds from the stage's start at which each step ended
+
+    def mark(step: str) -> None:
+        phases[step] = round(time.time() - started, 3)
+
+    mark("placed")
     trained = [name for name in ("policy", "critic") if name in groups]  # no critic: critic-free
     ray.get([ref for name in trained for ref in groups[name].setup_distributed(total_steps)])
+    mark("trainers_ready")
     placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
+    placement["threads"] = {name: ray.get(g.call("torch_threads")) for name, g in groups.items()}
+    mark("all_loaded")
     sync = weight_sync.WeightSync(config, groups)
     placement["weight_sync"] = sync.method
+    mark("sync_ready")
 
     state = load_latest_checkpoint(config, groups, prompts)
     if state["iteration"] > 0:
         sync.push()  # the engines still hold the SFT weights
     kl_control = ppo_math.KLController(state["beta"], config.kl.target, config.kl.horizon)
-    metrics = PPOMetrics(config)
+    metrics = PPOMetrics(config, started)
+    timing: dict[str, Any] = {"startup_s": round(time.time() - started, 3)}
+    timing["startup_steps"] = phases
+    log.warning("ppo: start-up %.1f s (to the first iteration): %s", timing["startup_s"], phases)
 
     while state["iteration"] < config.iterations:
         iteration = state["iteration"]
@@ -515,7 +574,10 @@ def run(
         times["sync_s"] = time.perf_counter() - started
         figures.update(sync.last)
         figures.update(gpu_memory(groups))
-        sequence_kl = float(exp.kl.sum(-1).mean())
+        if exp.logprobs is None:  # measured by the training forward (the same weights)
+            sequence_kl = policy_stats.pop("sequence_kl")
+        else:
+            sequence_kl = float(exp.kl.sum(-1).mean())
         kl_control.update(sequence_kl, len(exp))
 
         state["iteration"] = iteration + 1
@@ -532,12 +594,13 @@ def run(
             figures,
         )
         state["history"].append(record)
+        timing.setdefault("first_iteration_s", round(record["elapsed_s"] - timing["startup_s"], 3))
         done = state["iteration"] == config.iterations
         if done or state["iteration"] % config.checkpoint.every_iterations == 0:
             save_checkpoint(config, groups, state)
 
     metrics.close()
-    return finish(config, groups, state, prompts, placement)
+    return finish(config, groups, state, prompts, placement, timing)
 
 
 def collect_experience(
@@ -620,7 +683,9 @@ def sample_and_score(
             pad_id,
             [o.logprobs for o in samples],
         )
-        calls = experience_calls(groups, exp, config.reference.frozen_trunk)
+        calls = experience_calls(
+            groups, exp, config.reference.frozen_trunk, old_logprobs_pass(config)
+        )
         calls |= rewards.reward_calls(groups, names, exp, [batch[i].info for i in indices])
         parts.append((exp, calls))
         order += indices
@@ -658,7 +723,8 @@ def final_scores(exp: Any, config: PPOConfig) -> Any:
 
 def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
     """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
-    whitened advantages, from the :func:`final_scores`; the KL estimate clamped as ``kl`` says.
+    whitened advantages, from the :func:`final_scores`; the KL estimate clamped as ``kl`` says
+    (zeros without the old-log-prob pass, which only happens when no KL enters the rewards).
     With ``kl.placement: loss`` the rewards carry no KL (the policy loss does); a critic-free
     estimator replaces GAE (returns are then unused: there is no critic to fit)."""
     import torch
@@ -667,9 +733,12 @@ def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None
 
     mask = exp.action_mask.float()
     kl = config.kl
-    exp.kl = ppo_math.kl_estimate(
-        exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp, mask
-    )
+    if exp.logprobs is None:  # no old-log-prob pass: no KL in the rewards; the policy measures it
+        exp.kl = torch.zeros_like(mask)
+    else:
+        exp.kl = ppo_math.kl_estimate(
+            exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp, mask
+        )
     reward_beta = beta if kl.placement == "reward" else 0.0
     exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, reward_beta)
     if not config.algorithm.uses_critic:
@@ -709,42 +778,96 @@ def _absolute_paths(config: PPOConfig) -> None:
         config.tensorboard_dir = os.path.join(config.output, "tensorboard")
 
 
+def stage_name(config: PPOConfig) -> str:
+    return "grpo" if isinstance(config, GRPOConfig) else "ppo"
+
+
+def group_resources(config: PPOConfig) -> tuple[dict[str, Resources], dict[str, str]]:
+    """The groups this run creates, in creation order: (their resources, the config key of
+    each). No critic for critic-free estimators, no reference group with the frozen trunk."""
+    resources = {"policy": config.policy.resources}
+    keys = {"policy": "policy.resources"}
+    if config.algorithm.uses_critic:
+        resources["critic"], keys["critic"] = config.critic.resources, "critic.resources"
+    for i, (name, source) in enumerate(zip(reward_group_names(config), config.reward_sources)):
+        resources[name] = source.resources
+        keys[name] = "reward.resources" if i == 0 else f"extra_rewards[{i - 1}].resources"
+    if not config.reference.frozen_trunk:
+        resources["reference"] = config.reference.resources
+        keys["reference"] = "reference.resources"
+    resources["rollout"], keys["rollout"] = config.rollout.resources, "rollout.resources"
+    return resources, keys
+
+
+def turns(config: PPOConfig) -> list[set[str]]:
+    """The groups that do model work at the same time, phase by phase of an iteration: the
+    engines generate; the policy (its pass, when it runs), critic, reference and reward models
+    score; policy and critic train. (Function and teacher rewards do no model work. Streamed
+    pieces scored while an engine still decodes overlap the first two for that while.)"""
+    model_rewards = {
+        name
+        for name, source in zip(reward_group_names(config), config.reward_sources)
+        if source.kind == "model"
+    }
+    experience = {"critic", "reference", *model_rewards}
+    if old_logprobs_pass(config):
+        experience.add("policy")
+    return [{"rollout"}, experience, {"policy", "critic"}]
+
+
 def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
-    """Create every group into ``groups`` on its placement group (colocated groups share one)."""
+    """Create every group into ``groups`` on its placement group (colocated groups share one).
+    First the placement groups are checked against the cluster's nodes, then created and waited
+    for (``placement_timeout_s``): a request the cluster cannot hold raises :class:`UserError`
+    in one line before any actor starts. Each worker's torch threads follow its placement and
+    the groups that take turns with it (:func:`turns`,
+    :func:`~huatuo_ray.rlmf.actors.group.torch_threads`)."""
+    import ray
+
+    from huatuo_ray.inputs import UserError
+    from huatuo_ray.rlmf.actors import group as actor_group
     from huatuo_ray.rlmf.actors.critic import CriticWorker
     from huatuo_ray.rlmf.actors.frozen import ReferenceWorker, RewardWorker
-    from huatuo_ray.rlmf.actors.group import ActorGroup, colocated_placement
     from huatuo_ray.rlmf.actors.policy import PolicyWorker
     from huatuo_ray.rlmf.actors.rollout import RolloutWorker
     from huatuo_ray.rlmf.rewards import FunctionRewardWorker
     from huatuo_ray.rlmf.teacher_reward import TeacherRewardWorker
 
-    resources = {
-        "policy": config.policy.resources,
-        "critic": config.critic.resources,
-        "reference": config.reference.resources,
-        "reward": config.reward.resources,
-        "rollout": config.rollout.resources,
-    }
+    resources, keys = group_resources(config)
+    requests = actor_group.placement_requests(
+        resources, config.colocate, {"rollout": config.rollout.strategy}, keys
+    )
+    why = actor_group.unplaceable(requests, actor_group.cluster_nodes())
+    if why:
+        raise UserError(why)
     shared: dict[str, tuple[Any, float]] = {}
-    for names in config.colocate:
-        if config.reference.frozen_trunk:
-            names = [n for n in names if n != "reference"]
-        if not config.algorithm.uses_critic:
-            names = [n for n in names if n != "critic"]
-        if len(names) > 1:
-            placement = colocated_placement(names, resources)
-            shared.update({n: placement for n in names})
+    placements = [actor_group.create_placement(r) for r in requests]  # all asked at once
+    try:
+        for request, placement in zip(requests, placements):
+            actor_group.wait_placed(request, placement, config.placement_timeout_s)
+            shared.update({n: (placement, 1.0 / len(request.names)) for n in request.names})
+    except UserError:
+        actor_group.remove_placements(placements)
+        raise
 
-    def group(name: str, actor_class: type, *args: Any) -> Any:
-        placement, share = shared.get(name, (None, 1.0))
-        return ActorGroup(name, actor_class, resources[name], args, placement, share)
+    threads = actor_group.torch_threads(
+        requests,
+        [actor_group.bundle_nodes(p) for p in placements],
+        turns(config),
+        {n["NodeID"]: float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]},
+    )
+
+    def group(name: str, actor_class: type, *args: Any, **kwargs: Any) -> Any:
+        placement, share = shared[name]
+        return actor_group.ActorGroup(
+            name, actor_class, resources[name], args, placement, share,
+            threads=threads[name], **kwargs,
+        )  # fmt: skip
 
     groups["policy"] = group("policy", PolicyWorker, config, config.policy)
     if config.algorithm.uses_critic:  # the critic-free estimators need no value model
         groups["critic"] = group("critic", CriticWorker, config, config.critic)
     for name, source in zip(reward_group_names(config), config.reward_sources):
-        resources[name] = source.resources
         if source.kind == "function":
             args = (source.function, source.fallback, config.model.path)
             groups[name] = group(name, FunctionRewardWorker, *args)
@@ -758,15 +881,12 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         groups["reference"] = group(
             "reference", ReferenceWorker, config.model, config.sampling.temperature, config.pack
         )
-    placement, share = shared.get("rollout", (None, 1.0))
-    groups["rollout"] = ActorGroup(
+    groups["rollout"] = group(
         "rollout",
         RolloutWorker,
-        config.rollout.resources,
-        (config.model.path, config.rollout.engine, config.sampling),
-        placement,
-        share,
-        strategy=config.rollout.strategy,
+        config.model.path,
+        config.rollout.engine,
+        config.sampling,
         # vLLM's engine in the actor's own process (its multiprocessing engine cannot take
         # weights in place on CPUs, and one process per engine is simpler to place).
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
@@ -799,14 +919,17 @@ def hybrid_engine(config: PPOConfig, groups: dict[str, Any], awake: bool) -> Non
         ray.get(groups["rollout"].call("wake_up" if awake else "sleep"))
 
 
-def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> dict[str, list]:
-    """Start the policy's, critic's and reference's part of one chunk's experience, each group
-    over its workers (the rewards: :func:`~huatuo_ray.rlmf.rewards.reward_calls`)."""
+def experience_calls(
+    groups: dict[str, Any], exp: Any, frozen_trunk: bool, old_logprobs: bool = True
+) -> dict[str, list]:
+    """Start the policy's (unless ``old_logprobs`` is false: :func:`old_logprobs_pass`),
+    critic's and reference's part of one chunk's experience, each group over its workers (the
+    rewards: :func:`~huatuo_ray.rlmf.rewards.reward_calls`)."""
 
     def sharded(name: str, method: str) -> list:
         return groups[name].call_shards(method, exp.shards(len(groups[name])))
 
-    calls = {"policy": sharded("policy", "log_probs")}
+    calls = {"policy": sharded("policy", "log_probs")} if old_logprobs else {}
     if "critic" in groups:
         calls["critic"] = sharded("critic", "values")
     if not frozen_trunk:
@@ -816,10 +939,11 @@ def experience_calls(groups: dict[str, Any], exp: Any, frozen_trunk: bool) -> di
 
 def fill_experience(exp: Any, results: dict[str, list]) -> None:
     """Put the models' answers (lists over each group's shards) into ``exp``; no critic: values
-    of 0 (unused)."""
+    of 0 (unused); no policy pass: ``logprobs`` stays None (the training forward's own)."""
     import torch
 
-    exp.logprobs = torch.cat([lp for lp, _ in results["policy"]])
+    if "policy" in results:
+        exp.logprobs = torch.cat([lp for lp, _ in results["policy"]])
     if "reference" in results:
         exp.ref_logprobs = torch.cat(results["reference"])
     else:
@@ -827,7 +951,7 @@ def fill_experience(exp: Any, results: dict[str, list]) -> None:
     if "critic" in results:
         exp.values = torch.cat(results["critic"])
     else:
-        exp.values = torch.zeros_like(exp.logprobs)
+        exp.values = torch.zeros_like(exp.ref_logprobs)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -962,12 +1086,12 @@ def load_latest_checkpoint(
 class PPOMetrics:
     """Per-iteration figures to TensorBoard, the Ray dashboard, the terminal and metrics.jsonl."""
 
-    def __init__(self, config: PPOConfig):
+    def __init__(self, config: PPOConfig, started: float | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.config = config
         self.writer = SummaryWriter(config.tensorboard_dir)
-        self.started = time.time()
+        self.started = started or time.time()  # each record's elapsed_s counts from here
         self.first: int | None = None
 
     def log(
@@ -996,7 +1120,9 @@ class PPOMetrics:
             # Rollout engine vs policy on the same tokens: near 0 when the engines hold the
             # policy's weights, at any temperature (both score logits / T); with top-k or top-p
             # the engine's are of the truncated distribution, higher by the log of its mass.
-            "rollout_logprob_gap": float(
+            "rollout_logprob_gap": policy_stats.pop("rollout_logprob_gap")
+            if exp.logprobs is None  # no old-log-prob pass: the training forward measured it
+            else float(
                 ppo_math.masked_mean(
                     (exp.rollout_logprobs - exp.logprobs).abs(), exp.action_mask.float()
                 )
@@ -1007,21 +1133,24 @@ class PPOMetrics:
             **times,
             "rollout_tokens_per_s": float(lengths.sum()) / max(times["generate_s"], 1e-9),
             "samples_per_s": len(exp) / max(sum(times.values()), 1e-9),
+            "elapsed_s": time.time() - self.started,  # wall clock since the stage started
             **(figures or {}),
         }
         for name, value in record.items():
             if name != "iteration":
                 self.writer.add_scalar(f"ppo/{name}", value, iteration)
-        stage = "grpo" if isinstance(self.config, GRPOConfig) else "ppo"
+        stage = stage_name(self.config)
         for name in ("reward_mean", "kl", "entropy", "samples_per_s", "response_length",
                      "clip_fraction", "rollout_tokens_per_s", "generate_s", "experience_s",
                      "train_s", "sync_s"):  # fmt: skip
             telemetry.gauge(f"ppo_{name}", record[name], stage)
         telemetry.gauge("progress_fraction", iteration / self.config.iterations, stage)
         if self.first is None:
-            self.first = iteration - 1
+            self.first, self.first_done = iteration - 1, time.time()
         done = iteration - self.first
-        eta = (time.time() - self.started) / done * (self.config.iterations - iteration)
+        # From this process's first iteration on (start-up and warm-up left out, after one).
+        per = (time.time() - self.first_done) / (done - 1) if done > 1 else record["elapsed_s"]
+        eta = per * (self.config.iterations - iteration)
         log.warning(
             "ppo %d/%d reward %.3f±%.3f kl %.3f beta %.3f entropy %.2f clip %.3f vloss %.4f len %.1f"
             " gap %.1e | gen %.1fs exp %.1fs train %.1fs sync %.2fs | ETA %.0fs",
@@ -1044,8 +1173,11 @@ def finish(
     state: dict[str, Any],
     prompts: PromptStream,
     placement: dict[str, list[str]],
+    timing: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The final policy as a Hugging Face folder in OUTPUT, the rejects and the manifest."""
+    """The final policy as a Hugging Face folder in OUTPUT, the rejects and the manifest
+    (``timing``: ``startup_s``, seconds from the stage's start to its first iteration, and
+    ``first_iteration_s``)."""
     import ray
 
     final = os.path.join(config.output, "_final")
@@ -1072,8 +1204,11 @@ def finish(
             n: ray.get(groups[n].workers[0].usage.remote()) for n in teacher_groups(config)
         },
         groups=sorted(groups),  # the actor groups created (no critic: a critic-free run)
+        passes=experience_passes(config),  # which model ran which pass each iteration
         reward_normalisation=normalisation,
         weight_sync=placement.pop("weight_sync"),  # the path taken (auto resolved)
+        torch_threads=placement.pop("threads"),  # per group, per worker (from the placement)
+        **(timing or {}),
         placement=placement,  # node id of each worker, per group
         training={
             "iterations": state["iteration"],

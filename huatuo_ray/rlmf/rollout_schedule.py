@@ -148,8 +148,10 @@ def overlap_fraction(
 
 
 def figures(groups: dict[str, Any], generation: list[tuple[float, float]]) -> dict[str, float]:
-    """How the rollout went: the share of generation time with scoring running, and the mean
-    sequences in flight per engine step (from the actors' own clocks and counters)."""
+    """How the rollout went: the share of generation time with scoring running, the mean
+    sequences in flight per engine step, and the engines' own decoding time (first start to
+    last piece, from the actors' own clocks and counters; the driver's ``generate_s`` adds
+    Ray's hand-over)."""
     import ray
 
     scorers = [n for n in ("policy", "critic", "reference", "reward") if n in groups]
@@ -158,4 +160,7 @@ def figures(groups: dict[str, Any], generation: list[tuple[float, float]]) -> di
     return {
         "overlap_fraction": overlap_fraction(generation, scoring),
         "engine_batch": sum(e["mean_batch"] for e in engines) / len(engines),
+        "engine_generate_s": max(b for _, b in generation) - min(a for a, _ in generation)
+        if generation
+        else 0.0,
     }

@@ -295,3 +295,84 @@ def test_reward_clip_bounds_the_scores() -> None:
     exp = make_experience([[5], [5], [5]], [[7], [7], [7]], [True] * 3, 0)
     exp.scores = T([-5.0, 2.0, 1.5])
     assert ppo.final_scores(exp, config).scores.tolist() == [-2.0, 2.0, 1.5]
+
+
+def test_old_logprob_pass_runs_exactly_when_it_is_not_redundant() -> None:
+    """Skipped only for one optimizer step per rollout (one epoch, one minibatch of all rows)
+    with a separate reference and no KL in the rewards; kept otherwise."""
+
+    def config(**kw: Any) -> ppo.PPOConfig:
+        fields = dict(
+            inputs=["x"], output="y", rollout_size=4, minibatch_size=16, micro_batch_size=8,
+            ppo_epochs=1, rollout=ppo.RolloutConfig(chunk_size=4),
+            reference=ppo.ReferenceConfig(mode="separate"),
+            sampling=SamplingConfig(n=4), algorithm=ppo.AlgorithmConfig(advantage="grpo"),
+            kl=ppo.KLConfig(init_beta=0.04, placement="loss", estimator="k3"),
+        )  # fmt: skip
+        return ppo.PPOConfig(**(fields | kw))
+
+    assert not ppo.old_logprobs_pass(config())
+    assert not ppo.old_logprobs_pass(config(kl=ppo.KLConfig(init_beta=0.0)))  # no KL at all
+    assert ppo.old_logprobs_pass(config(ppo_epochs=2))
+    assert ppo.old_logprobs_pass(config(minibatch_size=8))  # two optimizer steps
+    assert ppo.old_logprobs_pass(config(reference=ppo.ReferenceConfig(mode="frozen_trunk")))
+    assert ppo.old_logprobs_pass(config(kl=ppo.KLConfig(init_beta=0.1)))  # KL in the rewards
+    assert ppo.old_logprobs_pass(config(kl=ppo.KLConfig(init_beta=0.0, target=6.0)))
+    passes = ppo.experience_passes(config())
+    assert passes["policy_old_logprobs"] is False and passes["reference_logprobs"] == "reference"
+    assert passes["kl_measured_by"] == "policy train pass"
+
+
+def test_without_the_old_logprob_pass_the_loss_ratio_and_gradient_are_the_same(
+    tiny_model_dir: str,
+) -> None:
+    """One optimizer step on a real tiny policy, with the old log-probs from the no-grad pass
+    (``log_probs``) and without them (None: the training forward's own, detached): the ratio is
+    1 either way (no clipping, approx_kl 0), the loss is the hand-computed -mean(A) + beta x k3
+    and the gradients are equal; the KL and engine gap the driver reads are the same too."""
+    from transformers import AutoModelForCausalLM
+
+    from huatuo_ray.rlmf.actors.policy import PolicyWorker
+    from huatuo_ray.rlmf.model_ops import disable_dropout
+
+    config = ppo.PPOConfig(
+        inputs=["x"], output="y", rollout_size=2, minibatch_size=2, micro_batch_size=2,
+        rollout=ppo.RolloutConfig(chunk_size=2), ppo_epochs=1,
+        reference=ppo.ReferenceConfig(mode="separate"),
+        sampling=SamplingConfig(n=1, temperature=0.7, top_p=1.0),
+        kl=ppo.KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
+    )  # fmt: skip
+    assert not ppo.old_logprobs_pass(config)
+    policy = with_core(PolicyWorker(config, config.policy))
+    handed: list[torch.Tensor] = []
+    policy.core.backward_step, policy.core.lr = handed.append, 0.0
+    policy.engine = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    disable_dropout(policy.engine)
+    policy.reference = None  # a separate reference group
+    exp = make_experience([[0, 50], [0, 60, 70]], [[80, 90, 1], [81]], [True, True], 2)
+    old, _ = policy.log_probs(exp)  # the pass that may be skipped
+    exp.ref_logprobs = old - 0.3
+    exp.rollout_logprobs = old + 0.01 * exp.action_mask
+    exp.advantages = T([[1.0, -2.0, 0.5], [2.0, 0.0, 0.0]])  # row 1 has one token
+    k3 = math.expm1(-0.3) + 0.3
+    expected = -(1.0 - 2.0 + 0.5 + 2.0) / 4 + 0.05 * k3  # ratio 1: -A per token, token mean
+    runs = {}
+    for name, logprobs in (("kept", old), ("skipped", None)):
+        exp.logprobs = logprobs
+        handed.clear()
+        policy.engine.zero_grad()
+        stats = policy.train(exp, 0, 0.05)
+        handed[0].backward()
+        grads = [p.grad.clone() for p in policy.engine.parameters() if p.grad is not None]
+        runs[name] = (float(handed[0].detach()), stats, grads)
+        assert runs[name][0] == pytest.approx(expected, rel=1e-5)
+        assert stats["clip_fraction"] == 0.0 and stats["approx_kl"] < 1e-12
+    (kept, kept_stats, kept_grads), (skipped, skipped_stats, skipped_grads) = runs.values()
+    assert skipped == pytest.approx(kept, rel=1e-6)
+    assert len(kept_grads) == len(skipped_grads) > 0
+    for a, b in zip(kept_grads, skipped_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # What the driver computes from the pass, the skipped run measures in its training forward.
+    assert "sequence_kl" not in kept_stats
+    assert skipped_stats["sequence_kl"] == pytest.approx(k3 * 4 / 2, rel=1e-4)  # 4 tokens, 2 rows
+    assert skipped_stats["rollout_logprob_gap"] == pytest.approx(0.01, rel=1e-3)

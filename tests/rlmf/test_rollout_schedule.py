@@ -147,6 +147,9 @@ def test_scoring_of_the_first_piece_starts_before_the_last_piece_is_generated(
     groups: dict = {}
     try:
         ppo.place_actor_groups(config, groups)
+        # Every group loaded, as the stage has them before its first iteration (the engine warms
+        # up while loading, so it may otherwise finish before the reward model has loaded).
+        ray.get([ref for group in groups.values() for ref in group.call("node_id")])
         engine, reward = groups["rollout"].workers[0], groups["reward"].workers[0]
         ids, seeds = [p.ids for p in prompts], list(range(24))
         piece_ends, calls = [], []

@@ -63,6 +63,14 @@ class ModelWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def set_torch_threads(self, threads: int) -> None:
+        """torch's intra-op threads (the group sets them from the placement)."""
+        torch.set_num_threads(threads)
+
+    def torch_threads(self) -> int:
+        """torch's intra-op threads in this process."""
+        return torch.get_num_threads()
+
     def gpu_memory(self) -> dict[str, float]:
         """On a GPU: this process's peak allocation and the whole device's memory in use now
         (every process on it: colocated groups share it), GiB; {} on a CPU."""

@@ -5,14 +5,20 @@ placement group: rollout engines with the ``SPREAD`` strategy by default, so N e
 nodes there are; the model groups ``PACK``. Groups named together in ``colocate`` share one
 placement group: worker i of each lands in bundle i and they split its GPUs, the way a policy and
 its reference, or a critic and the reward model, can share devices when memory allows.
+
+Before any actor starts, :func:`unplaceable` checks the whole set of placement groups against the
+cluster's nodes (the total of each resource, each bundle on some node, strict strategies); a
+placement group that the cluster could hold but that waits longer than ``placement_timeout_s``
+(other jobs hold the resources) also ends the stage with one line instead of hanging.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from huatuo_ray.config import option
+from huatuo_ray.inputs import UserError
 
 
 @dataclass
@@ -37,8 +43,168 @@ def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
     return bundle
 
 
+@dataclass
+class PlacementRequest:
+    """One placement group as the stage will ask for it: the groups sharing it (one unless
+    colocated), one bundle per worker, the strategy, and the config key of each group's
+    resources (for the message)."""
+
+    names: list[str]
+    bundles: list[dict[str, float]]
+    strategy: str = "PACK"
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.names)
+
+    def asks(self) -> str:
+        bundle = self.bundles[0]
+        each = ", ".join(f"{k} {_num(v)}" for k, v in bundle.items())
+        return f"{self.label} asks {len(self.bundles)} x {{{each}}}"
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _total(bundles: list[dict[str, float]], resource: str) -> float:
+    return sum(b.get(resource, 0.0) for b in bundles)
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The CPU and GPU totals of each live node of the connected Ray cluster."""
+    import ray
+
+    return [
+        {k: float(n["Resources"].get(k, 0.0)) for k in ("CPU", "GPU")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def unplaceable(requests: list[PlacementRequest], nodes: list[dict[str, float]]) -> str | None:
+    """Why ``requests`` can never all be placed on ``nodes`` (one line), or None when they can
+    as far as totals, single nodes and strict strategies tell (what they cannot tell, e.g. how
+    bundles of several groups pack into nodes, the placement wait catches)."""
+    problems = []
+    bundles = [b for r in requests for b in r.bundles]
+    for resource in ("CPU", "GPU"):
+        asked, have = _total(bundles, resource), sum(n.get(resource, 0.0) for n in nodes)
+        if asked > have + 1e-9:
+            problems.append(f"{resource} {_num(asked)} asked in all, the cluster has {_num(have)}")
+    largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
+
+    def fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+        return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+    for r in requests:
+        if not any(fits(r.bundles[0], n) for n in nodes):
+            problems.append(
+                f"a bundle of {r.label} fits on no node (the largest has CPU "
+                f"{_num(largest['CPU'])}, GPU {_num(largest['GPU'])})"
+            )
+        elif r.strategy == "STRICT_PACK":
+            whole = {k: _total(r.bundles, k) for k in r.bundles[0]}
+            if not any(fits(whole, n) for n in nodes):
+                problems.append(f"{r.label} (STRICT_PACK) fits on no single node")
+        elif r.strategy == "STRICT_SPREAD":
+            hosts = sum(fits(r.bundles[0], n) for n in nodes)
+            if hosts < len(r.bundles):
+                problems.append(
+                    f"{r.label} (STRICT_SPREAD) needs {len(r.bundles)} nodes, {hosts} can host it"
+                )
+    if not problems:
+        return None
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    workers = sum(len(r.bundles) * len(r.names) for r in requests)
+    each = max(int(cpus / max(workers, 1) * 100) / 100, 0.01)
+    keys = ", ".join(k for r in requests for k in r.keys)
+    sizes = ", ".join("{" + ", ".join(f"{k} {_num(v)}" for k, v in n.items()) + "}" for n in nodes)
+    return (
+        f"the actor groups can never be placed on this cluster: "
+        f"{'; '.join(r.asks() for r in requests)}; {'; '.join(problems)} "
+        f"({len(nodes)} node(s): {sizes}); fix: lower {keys} (e.g. num_cpus {_num(each)} "
+        f"each for {workers} workers on {_num(cpus)} CPUs; num_gpus to what the nodes have), "
+        "or give the cluster more (cluster.num_cpus for a local Ray)"
+    )
+
+
+def remove_placements(placements: list[Any]) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for placement in placements:
+        try:
+            remove_placement_group(placement)
+        except Exception:  # noqa: BLE001 - already removed
+            pass
+
+
+def wait_placed(request: PlacementRequest, placement: Any, timeout_s: float | None) -> None:
+    """Wait until ``placement`` is placed; after ``timeout_s`` raise :class:`UserError` with
+    what it asks and what the cluster has free (other jobs may hold the rest)."""
+    import ray
+
+    if timeout_s is None or placement.wait(timeout_seconds=timeout_s):
+        return
+    free = ray.available_resources()
+    have = ", ".join(f"{k} {_num(free.get(k, 0.0))}" for k in ("CPU", "GPU"))
+    raise UserError(
+        f"placement of {request.label} not done after {_num(timeout_s)} s: {request.asks()}, "
+        f"the cluster has {have} free now; fix: free what other jobs or actors hold, lower "
+        f"{', '.join(request.keys)}, or raise placement_timeout_s"
+    )
+
+
+def bundle_nodes(placement: Any) -> list[str]:
+    """The node id of each bundle of a placed placement group."""
+    from ray.util import placement_group_table
+
+    nodes = placement_group_table(placement)["bundles_to_node_id"]
+    return [nodes[i] for i in sorted(nodes)]
+
+
+def torch_threads(
+    requests: list[PlacementRequest],
+    nodes_of: list[list[str]],
+    phases: list[set[str]],
+    node_cpus: dict[str, float],
+) -> dict[str, list[int]]:
+    """torch's intra-op threads for each worker of each group (``{group: [per worker]}``).
+
+    Groups of one phase work at the same time and phases take turns (PPO: generate, then
+    experience, then train), so a worker may use, while it is its phase's turn, the CPUs this run
+    reserved on its node (every bundle there, whichever group holds it) divided among the
+    workers of its busiest phase there; at least 1, at most the node's CPUs. ``nodes_of``: the
+    node of each bundle of each request. A group in no phase gets 1 thread."""
+    reserved: dict[str, float] = {}
+    where: dict[str, list[str]] = {}
+    for request, nodes in zip(requests, nodes_of):
+        for bundle, node in zip(request.bundles, nodes):
+            reserved[node] = reserved.get(node, 0.0) + bundle.get("CPU", 0.0)
+        for name in request.names:
+            where[name] = nodes
+    threads = {}
+    for name, nodes in where.items():
+        counts = []
+        for node in nodes:
+            busiest = max(
+                (sum(where[g].count(node) for g in phase if g in where) for phase in phases
+                 if name in phase),
+                default=0,
+            )  # fmt: skip
+            if busiest == 0:
+                counts.append(1)
+                continue
+            share = int(reserved[node] / busiest + 0.5)
+            counts.append(max(1, min(share, int(node_cpus.get(node, 1.0)))))
+        threads[name] = counts
+    return threads
+
+
 class ActorGroup:
-    """``workers`` instances of one actor class, each pinned to a bundle of a placement group."""
+    """``workers`` instances of one actor class, each pinned to a bundle of a placement group,
+    worker i with ``threads[i]`` torch threads (:func:`torch_threads`; default 1)."""
 
     def __init__(
         self,
@@ -50,6 +216,7 @@ class ActorGroup:
         gpu_share: float = 1.0,
         strategy: str = "PACK",
         env: dict[str, str] | None = None,
+        threads: list[int] | None = None,
     ):
         import ray
         from ray.util.placement_group import placement_group
@@ -61,6 +228,7 @@ class ActorGroup:
             placement = placement_group(bundles, strategy=strategy, name=f"ppo-{name}")
         self.placement = placement
         remote = ray.remote(actor_class)
+        self.threads = threads or [1] * resources.workers
         self.workers = [
             remote.options(
                 name=f"ppo-{name}-{i}",
@@ -74,6 +242,12 @@ class ActorGroup:
             ).remote(*args)
             for i in range(resources.workers)
         ]
+        # Set by a call rather than OMP_NUM_THREADS in a runtime env, which would keep Ray from
+        # reusing its prestarted worker processes; a worker's calls run in order, so every
+        # later one runs with these threads (its constructor, loading, runs with Ray's: the
+        # actor's CPUs, at least 1).
+        for worker, n in zip(self.workers, self.threads):
+            worker.set_torch_threads.remote(n)
 
     def shutdown(self) -> None:
         """Kill the workers and free their placement group (shared ones: by the last user)."""
@@ -110,16 +284,41 @@ class ActorGroup:
         ]
 
 
-def colocated_placement(groups: list[str], resources: dict[str, Resources]) -> tuple[Any, float]:
-    """One placement group for ``groups``: bundle i holds worker i of each; (group, GPU share)."""
+def placement_requests(
+    resources: dict[str, Resources],
+    colocate: list[list[str]],
+    strategies: dict[str, str],
+    keys: dict[str, str],
+) -> list[PlacementRequest]:
+    """The placement groups for the groups of ``resources`` (those the run creates): one per
+    group, except that groups named together in ``colocate`` share one whose bundle i holds
+    worker i of each (their CPUs summed, the most GPUs any asks, split between them)."""
+    requests, taken = [], set()
+    for names in colocate:
+        names = [n for n in names if n in resources]
+        if len(names) < 2:
+            continue
+        counts = {resources[n].workers for n in names}
+        if len(counts) != 1:
+            raise ValueError(f"colocate {names}: the groups need the same number of workers")
+        bundle = _bundle(
+            sum(resources[n].num_cpus for n in names), max(resources[n].num_gpus for n in names)
+        )
+        requests.append(
+            PlacementRequest(names, [bundle] * counts.pop(), "PACK", [keys[n] for n in names])
+        )
+        taken.update(names)
+    for name, res in resources.items():
+        if name not in taken:
+            bundles = [_bundle(res.num_cpus, res.num_gpus)] * res.workers
+            requests.append(
+                PlacementRequest([name], bundles, strategies.get(name, "PACK"), [keys[name]])
+            )
+    return requests
+
+
+def create_placement(request: PlacementRequest) -> Any:
     from ray.util.placement_group import placement_group
 
-    counts = {resources[g].workers for g in groups}
-    if len(counts) != 1:
-        raise ValueError(f"colocate {groups}: the groups need the same number of workers")
-    bundle = _bundle(
-        sum(resources[g].num_cpus for g in groups), max(resources[g].num_gpus for g in groups)
-    )
-    name = "ppo-" + "+".join(groups)
-    placement = placement_group([bundle] * counts.pop(), strategy="PACK", name=name)
-    return placement, 1.0 / len(groups)
+    name = "ppo-" + request.label
+    return placement_group(request.bundles, strategy=request.strategy, name=name)

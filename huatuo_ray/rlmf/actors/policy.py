@@ -85,17 +85,23 @@ class PolicyWorker(TrainableWorker):
         c = self.config
         logits = forward_logits(self.engine, micro, c.pack)
         logprobs = token_logprobs(logits, micro.responses, c.sampling.temperature)
+        # No old-log-prob pass (one optimizer step per rollout: ppo.old_logprobs_pass): the old
+        # log-probs are this forward's own, detached (ratio 1, the same gradient); what the
+        # driver measures from them comes from here.
+        old = micro.logprobs if micro.logprobs is not None else logprobs.detach()
         is_weights = None
         if c.tis_cap is not None and micro.rollout_logprobs is not None:
             is_weights = truncated_is_weights(
-                micro.logprobs, micro.rollout_logprobs, micro.action_mask, c.tis_cap
+                old, micro.rollout_logprobs, micro.action_mask, c.tis_cap
             )
         losses, stats = policy_token_losses(
-            logprobs, micro.logprobs, micro.advantages, micro.action_mask, c.clip_ratio,
+            logprobs, old, micro.advantages, micro.action_mask, c.clip_ratio,
             c.dual_clip, c.log_ratio_clamp, is_weights,
         )  # fmt: skip
         stats = {k: float(v.detach()) for k, v in stats.items()}
         kl = c.kl
+        if micro.logprobs is None:
+            stats.update(self.measured_for_the_driver(old, micro))
         if kl.placement == "loss":  # GRPO's KL term: beta x KL(pi || pi_ref), per token
             token_kl = kl_estimate(
                 logprobs, micro.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp,
@@ -111,6 +117,20 @@ class PolicyWorker(TrainableWorker):
             micro.action_mask,
         )
         return loss, {"policy_loss": logged, "entropy": float(entropy), **stats}
+
+    def measured_for_the_driver(self, old: torch.Tensor, micro: Experience) -> dict[str, float]:
+        """Without the old-log-prob pass: the mean per-sequence KL to the reference (what the
+        driver's controller and logs read) and the rollout engine's log-prob gap, from this
+        forward's log-probs (equal-sized micro-batches: their means average to the rollout's)."""
+        kl, mask = self.config.kl, micro.action_mask
+        token_kl = kl_estimate(
+            old, micro.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp, mask
+        )
+        stats = {"sequence_kl": float((token_kl * mask).sum(-1).mean())}
+        if micro.rollout_logprobs is not None:
+            gap = masked_mean((micro.rollout_logprobs - old).abs(), mask.float())
+            stats["rollout_logprob_gap"] = float(gap)
+        return stats
 
     # ---------------------------------------------------------------- weight sync
 

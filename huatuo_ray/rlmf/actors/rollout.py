@@ -33,6 +33,17 @@ class RolloutWorker(ModelWorker):
         self.tensor_parallel_size = engine.tensor_parallel_size
         self.sampling = sampling
         self.sync_group: Any = None
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """A few tokens for two prompts, while the other groups still load, so that the first
+        iteration does not pay HF ``generate``'s first-call costs. vLLM's engine warms itself
+        up when it starts."""
+        if isinstance(self.generator, HFGenerator):
+            one = SamplingConfig(**{**self.sampling.__dict__, "n": 1, "max_new_tokens": 4})
+            bos = self.generator.tokenizer.bos_token_id or 0
+            self.generator.generate([[bos, 5, 6], [bos, 7]], one, [0, 1], logprobs=True)
+            self.generator.stats = StreamStats()
 
     @property
     def backend(self) -> str:
