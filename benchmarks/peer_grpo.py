@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 GROUP = 4  # answers per prompt
@@ -261,10 +262,13 @@ def side(name: str, root: str, args: argparse.Namespace) -> dict[str, Any]:
             "policy_workers")  # fmt: skip
     argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keys]
     argv += ["--gpu"] if args.gpu else []
+    # The ours side's reward function lives in this script: its Ray workers import it by module
+    # path (benchmarks.peer_grpo), so the project's root goes on their path.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     launched = time.time()
     res = subprocess.run(
         [sys.executable, __file__, *argv, "--side", name, "--root", root],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path},
     )  # fmt: skip
     if res.returncode:
         sys.stderr.write(res.stderr[-6000:])
