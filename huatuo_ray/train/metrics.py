@@ -83,8 +83,8 @@ class TrainMetrics:
         self.started = time.time()
 
     def _reset(self) -> None:
-        self.micro = self.tokens = 0
-        self.sums: Any = None  # device tensor [loss, real tokens, samples]
+        self.micro = self.tokens = self.rows = 0  # host counts: known from shapes alone
+        self.sums: Any = None  # device tensor [loss, real tokens, packed samples]
 
     def add_micro(self, batch: dict[str, Any], loss: Any) -> None:
         """Count a micro-batch; ``loss`` stays a device tensor (summed there, read at the step)."""
@@ -96,11 +96,11 @@ class TrainMetrics:
         if "segment_ids" in batch:  # packed: segments 1..k per row, 0 is padding
             seg = batch["segment_ids"]
             real, samples = (seg > 0).sum(), seg.amax(dim=1).sum()
-        else:
-            real, samples = batch["attention_mask"].sum(), torch.tensor(ids.shape[0])
-        row = torch.stack(
-            [loss.detach().float().reshape(()), real.float(), samples.to(real.device).float()]
-        )
+        else:  # a row is a sample: counted on the host (no copy to the device)
+            real, samples = batch["attention_mask"].sum(), None
+            self.rows += ids.shape[0]
+        packed = samples.float() if samples is not None else real.new_zeros((), dtype=torch.float)
+        row = torch.stack([loss.detach().float().reshape(()), real.float(), packed])
         self.sums = row if self.sums is None else self.sums + row
 
     def log_step(
@@ -113,7 +113,12 @@ class TrainMetrics:
 
         local = self.sums if self.sums is not None else torch.zeros(3)
         sums = torch.cat(
-            [local.double(), torch.tensor([float(self.micro), float(self.tokens)]).to(local.device)]
+            [
+                local.double(),
+                torch.tensor([float(self.micro), float(self.tokens), float(self.rows)]).to(
+                    local.device
+                ),
+            ]
         )
         wall = torch.tensor([timing[k] for k in ("step_s", *TIMING)], dtype=torch.float64)
         if dist.is_initialized():
@@ -121,7 +126,8 @@ class TrainMetrics:
             sums, wall = sums.to(device), wall.to(device)
             dist.all_reduce(sums)
             dist.all_reduce(wall, op=dist.ReduceOp.MAX)
-        loss_sum, real, samples, micro, tokens = sums.tolist()
+        loss_sum, real, packed_samples, micro, tokens, rows = sums.tolist()
+        samples = packed_samples + rows
         step_s, *split = wall.tolist()
         elapsed = max(step_s, 1e-9)
         values = {
