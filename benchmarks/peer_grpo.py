@@ -90,7 +90,7 @@ def build(root: str, args: argparse.Namespace) -> tuple[str, str, list[list[int]
 def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -> Any:
     from huatuo_ray.config import ClusterConfig, ModelConfig
     from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
-    from huatuo_ray.rlmf import ppo
+    from huatuo_ray.rlmf import ppo_config
     from huatuo_ray.rlmf.actors.group import Resources
     from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
@@ -101,21 +101,21 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
     engines = Resources(workers=args.engines, num_cpus=cpus, num_gpus=res.num_gpus)
     policy = Resources(workers=args.policy_workers, num_cpus=cpus, num_gpus=res.num_gpus)
     rows = args.prompts * GROUP
-    return ppo.GRPOConfig(
+    return ppo_config.GRPOConfig(
         inputs=[prompts],
         output=os.path.join(root, "ours"),
         model=ModelConfig(path=model),
-        reward=ppo.RewardConfig(
+        reward=ppo_config.RewardConfig(
             kind="function", function="benchmarks.peer_grpo:target_word", resources=res
         ),
-        policy=ppo.PolicyConfig(
+        policy=ppo_config.PolicyConfig(
             trainable_layers=None,  # every layer, as TRL trains them (a separate reference)
             optim=OptimConfig(lr=LR, warmup_ratio=0.0, min_lr_ratio=1.0),
             deepspeed=DeepSpeedConfig(zero_stage=0, precision="bf16" if args.gpu else "fp32"),
             resources=policy,
         ),
-        reference=ppo.ReferenceConfig(mode="separate", resources=res),
-        rollout=ppo.RolloutConfig(
+        reference=ppo_config.ReferenceConfig(mode="separate", resources=res),
+        rollout=ppo_config.RolloutConfig(
             engine=EngineConfig(
                 backend="hf", max_model_len=1024, hf_batch_prompts=True, hf_max_batch=rows
             ),  # fmt: skip
@@ -125,14 +125,14 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
         sampling=SamplingConfig(
             n=GROUP, temperature=1.0, top_p=1.0, ignore_eos=True, max_new_tokens=args.tokens
         ),  # fmt: skip
-        kl=ppo.KLConfig(init_beta=BETA, placement="loss", estimator="k3"),
+        kl=ppo_config.KLConfig(init_beta=BETA, placement="loss", estimator="k3"),
         iterations=args.iterations,
         rollout_size=args.prompts,
         minibatch_size=rows,
         micro_batch_size=rows // args.policy_workers,
         ppo_epochs=1,
         max_prompt_tokens=1024,
-        checkpoint=ppo.CheckpointEvery(every_iterations=10**6),
+        checkpoint=ppo_config.CheckpointEvery(every_iterations=10**6),
         colocate=[["rollout", "policy", "reference", "reward"]] if args.gpu else [],
         cluster=ClusterConfig(address="auto"),
     )

@@ -51,6 +51,15 @@ from huatuo_ray.models.tiny import (  # noqa: E402
 )
 from huatuo_ray.rlmf import ppo  # noqa: E402
 from huatuo_ray.rlmf.actors.group import Resources  # noqa: E402
+from huatuo_ray.rlmf.ppo_config import (  # noqa: E402
+    AlgorithmConfig,
+    CheckpointEvery,
+    CriticConfig,
+    PolicyConfig,
+    PPOConfig,
+    RewardConfig,
+    RolloutConfig,
+)
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig  # noqa: E402
 
 PARTS = ("generate_s", "experience_s", "train_s", "sync_s")
@@ -72,7 +81,7 @@ def prompts_artifact(folder: str, n: int) -> str:
 
 def config(
     args: argparse.Namespace, root: str, backend: str, schedule: str, advantage: str = "gae"
-) -> ppo.PPOConfig:
+) -> PPOConfig:
     gpu = args.gpu
     # One GPU shared by every group (the hybrid engine): one colocate list, each group asking
     # for the whole GPU, which the placement splits between them.
@@ -81,22 +90,22 @@ def config(
 
     ds = DeepSpeedConfig(zero_stage=0 if not gpu else 2)
     n = 1 if advantage == "gae" else GROUP
-    return ppo.PPOConfig(
-        algorithm=ppo.AlgorithmConfig(advantage=advantage),
+    return PPOConfig(
+        algorithm=AlgorithmConfig(advantage=advantage),
         inputs=[os.path.join(root, "prompts")],
         output=os.path.join(root, f"out-{backend}-{schedule}-{advantage}"),
         model=ModelConfig(path=os.path.join(root, "policy")),
-        reward=ppo.RewardConfig(
+        reward=RewardConfig(
             model=ModelConfig(path=os.path.join(root, "reward")), normalise=False, resources=res
         ),  # fmt: skip
-        critic=ppo.CriticConfig(deepspeed=ds, resources=res),
-        policy=ppo.PolicyConfig(
+        critic=CriticConfig(deepspeed=ds, resources=res),
+        policy=PolicyConfig(
             trainable_layers=2,
             deepspeed=ds,
             resources=res,
             optim=OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0),
         ),  # fmt: skip
-        rollout=ppo.RolloutConfig(
+        rollout=RolloutConfig(
             engine=EngineConfig(
                 backend=backend,
                 max_model_len=1024,
@@ -116,7 +125,7 @@ def config(
         micro_batch_size=args.chunk,
         ppo_epochs=args.ppo_epochs,
         max_prompt_tokens=1024,
-        checkpoint=ppo.CheckpointEvery(every_iterations=10**6),
+        checkpoint=CheckpointEvery(every_iterations=10**6),
         colocate=colocate,
         weight_sync=args.weight_sync,
         cluster=ClusterConfig(address="auto"),

@@ -4,16 +4,28 @@ From a dialogue artifact of real data (the ``data`` stage's output) or its polis
 (``polish``, which keeps the doctor's original words in ``meta.reference``), every assistant turn
 gives a prompt: the turns before it (ending with the patient's turn) and, as the reference, what
 the real doctor said there. Prompts are deduplicated on their normalised text.
+
+:class:`PromptStream` serves them to the ``ppo`` recipe: tokenised, too-long ones rejected, in a
+seeded order per epoch, with a position to resume from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import random
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from huatuo_ray import artifacts
 from huatuo_ray.data.similarity import normalise
-from huatuo_ray.dialogue import Dialogue
+from huatuo_ray.dialogue import Dialogue, encode_prompt
+
+if TYPE_CHECKING:
+    from huatuo_ray.rlmf.ppo_config import PPOConfig
+
+log = logging.getLogger(__name__)
 
 
 def _real_turns(record: Dialogue) -> list[dict[str, str]]:
@@ -51,3 +63,66 @@ def rl_prompts(records: Iterable[Dialogue], last_turn_only: bool = False) -> Ite
                 "turn_index": i,
             }
             yield Dialogue(prompt_id, "rl_prompt", history, meta)
+
+
+@dataclass
+class Prompt:
+    """One RL prompt, tokenised; a group's k-th answer asks it as ``id#k``."""
+
+    id: str
+    ids: list[int]
+    info: dict[str, Any] = field(default_factory=dict)  # prompt text, reference, meta (rewards)
+
+    def answer(self, k: int) -> Prompt:
+        """The prompt as asked for its k-th answer of a group (its own sampling seed)."""
+        return self if k == 0 else Prompt(f"{self.id}#{k}", self.ids, self.info)
+
+    def seed(self, base: int, iteration: int) -> int:
+        from huatuo_ray.inference.generation import prompt_seed
+
+        return prompt_seed(base, f"{iteration}:{self.id}")
+
+
+class PromptStream:
+    """The RL prompts in a seeded order per epoch; ``position`` = (epoch, index) resumes it."""
+
+    def __init__(self, config: PPOConfig, tokenizer: Any):
+        self.seed = config.seed
+        self.prompts: list[Prompt] = []
+        self.rejects: list[dict[str, str]] = []
+        records = (d for uri in config.inputs for d in artifacts.read_dialogues(uri))
+        for prompt in rl_prompts(records, config.last_turn_only):
+            ids = encode_prompt(tokenizer, prompt.turns)
+            if len(ids) > config.max_prompt_tokens:
+                self.rejects.append(
+                    {"id": prompt.id, "reason": f"prompt of {len(ids)} tokens > max_prompt_tokens"}
+                )
+                continue
+            info = {
+                "prompt": prompt.turns[-1]["content"],
+                "reference": prompt.meta.get("reference", ""),
+                "meta": {**prompt.meta, "id": prompt.id, "turns": prompt.turns},
+            }
+            self.prompts.append(Prompt(prompt.id, ids, info))
+        if not self.prompts:
+            raise ValueError(f"ppo: no usable prompts in {config.inputs}")
+        log.warning("ppo: %d prompts (%d rejected)", len(self.prompts), len(self.rejects))
+        self.position = [0, 0]
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[Prompt]:
+        batch = []
+        epoch, index = self.position
+        order = self._order(epoch)
+        while len(batch) < size:
+            if index == len(order):
+                epoch, index = epoch + 1, 0
+                order = self._order(epoch)
+            batch.append(self.prompts[order[index]])
+            index += 1
+        self.position = [epoch, index]
+        return batch

@@ -17,20 +17,26 @@ from huatuo_ray.config import ModelConfig
 from huatuo_ray.inference.generation import SamplingConfig
 from huatuo_ray.rlmf import ppo, rewards
 from huatuo_ray.rlmf.actors.group import Resources
+from huatuo_ray.rlmf.ppo_config import (
+    AlgorithmConfig,
+    GRPOConfig,
+    KLConfig,
+    PPOConfig,
+    RewardConfig,
+    RolloutConfig,
+)
 from tests.rlmf.test_ppo import ppo_config, ppo_inputs  # noqa: F401 - the module's fixture
 
 SMALL = Resources(workers=1, num_cpus=0.25)
 
 
-def critic_free(inputs, model: str, out: Path, advantage: str, **overrides) -> ppo.PPOConfig:
+def critic_free(inputs, model: str, out: Path, advantage: str, **overrides) -> PPOConfig:
     fields = dict(
-        algorithm=ppo.AlgorithmConfig(advantage=advantage),
+        algorithm=AlgorithmConfig(advantage=advantage),
         sampling=SamplingConfig(n=4, max_new_tokens=16, temperature=1.0, top_p=1.0),
         rollout_size=4,  # 4 prompts x 4 answers: the 16 answers of the PPO test
         # Adaptive: KL stays far below the target, so beta *= 1 - 0.2 x 16 / 160 each iteration.
-        kl=ppo.KLConfig(
-            init_beta=0.05, placement="loss", estimator="k3", target=1000.0, horizon=160
-        ),
+        kl=KLConfig(init_beta=0.05, placement="loss", estimator="k3", target=1000.0, horizon=160),
         iterations=20,  # as the PPO test
     )
     return ppo_config(inputs, model, out, "hf", weight_sync="object_store", **(fields | overrides))
@@ -80,13 +86,13 @@ def test_function_reward_drives_a_run_and_its_exceptions_are_counted(
     local_ray,
 ) -> None:
     out = tmp_path / "rule"
-    reward = ppo.RewardConfig(
+    reward = RewardConfig(
         kind="function",
         function="tests.support.rule_rewards:count_target_word",
         fallback=0.0,
         resources=SMALL,
     )
-    broken = ppo.RewardConfig(
+    broken = RewardConfig(
         kind="function",
         function="tests.support.rule_rewards:always_fails",
         fallback=0.0,
@@ -101,7 +107,7 @@ def test_function_reward_drives_a_run_and_its_exceptions_are_counted(
             "grpo",
             reward=reward,
             extra_rewards=[broken],
-            algorithm=ppo.AlgorithmConfig(advantage="grpo", dynamic_filtering=True),
+            algorithm=AlgorithmConfig(advantage="grpo", dynamic_filtering=True),
         )
     )
     records = history(out)
@@ -141,36 +147,36 @@ def test_reward_sources_are_summed_by_weight() -> None:
 def test_config_checks_of_critic_free_runs() -> None:
     base = dict(inputs=["x"], output="o", model=ModelConfig(path="m"), rollout_size=4)
     with pytest.raises(ValueError, match="sampling.n >= 2"):
-        ppo.PPOConfig(**base, algorithm=ppo.AlgorithmConfig(advantage="grpo"),
-                      minibatch_size=4, micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4))  # fmt: skip
+        PPOConfig(**base, algorithm=AlgorithmConfig(advantage="grpo"),
+                      minibatch_size=4, micro_batch_size=4, rollout=RolloutConfig(chunk_size=4))  # fmt: skip
     with pytest.raises(ValueError, match="gae samples one"):
-        ppo.PPOConfig(**base, sampling=SamplingConfig(n=4), minibatch_size=4,
-                      micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4))  # fmt: skip
+        PPOConfig(**base, sampling=SamplingConfig(n=4), minibatch_size=4,
+                      micro_batch_size=4, rollout=RolloutConfig(chunk_size=4))  # fmt: skip
     with pytest.raises(ValueError, match="kind function only"):
-        ppo.PPOConfig(**base, reward=ppo.RewardConfig(kind="function"), minibatch_size=4,
-                      micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4))  # fmt: skip
-    ok = ppo.PPOConfig(**base, algorithm=ppo.AlgorithmConfig(advantage="rloo"),
+        PPOConfig(**base, reward=RewardConfig(kind="function"), minibatch_size=4,
+                      micro_batch_size=4, rollout=RolloutConfig(chunk_size=4))  # fmt: skip
+    ok = PPOConfig(**base, algorithm=AlgorithmConfig(advantage="rloo"),
                        sampling=SamplingConfig(n=4), minibatch_size=8, micro_batch_size=4,
-                       rollout=ppo.RolloutConfig(chunk_size=8))  # fmt: skip
+                       rollout=RolloutConfig(chunk_size=8))  # fmt: skip
     assert ok.rows == 16 and not ok.algorithm.uses_critic
 
 
 def test_kl_in_the_loss_refuses_k1() -> None:
     with pytest.raises(ValueError, match="kl.placement: loss with kl.estimator: k1") as e:
-        ppo.KLConfig(placement="loss", estimator="k1")
+        KLConfig(placement="loss", estimator="k1")
     assert "\n" not in str(e.value) and "kl.estimator: k3" in str(e.value)
-    assert ppo.KLConfig(placement="reward", estimator="k1").estimator == "k1"  # trlx's PPO
-    assert ppo.GRPOConfig(inputs=["x"], output="y").kl.estimator == "k3"
+    assert KLConfig(placement="reward", estimator="k1").estimator == "k1"  # trlx's PPO
+    assert GRPOConfig(inputs=["x"], output="y").kl.estimator == "k3"
 
 
 def test_driver_takes_group_advantages_and_keeps_kl_out_of_the_reward() -> None:
     from huatuo_ray.rlmf.experience import make_experience
 
-    config = ppo.PPOConfig(
-        inputs=["x"], output="y", algorithm=ppo.AlgorithmConfig(advantage="dr_grpo"),
-        sampling=SamplingConfig(n=2), kl=ppo.KLConfig(placement="loss", estimator="k2"),
+    config = PPOConfig(
+        inputs=["x"], output="y", algorithm=AlgorithmConfig(advantage="dr_grpo"),
+        sampling=SamplingConfig(n=2), kl=KLConfig(placement="loss", estimator="k2"),
         rollout_size=4, minibatch_size=8, micro_batch_size=4,
-        rollout=ppo.RolloutConfig(chunk_size=8),
+        rollout=RolloutConfig(chunk_size=8),
     )  # fmt: skip
     exp = make_experience([[5], [5]], [[7, 8], [7]], [True, True], 0)
     exp.logprobs = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]])
@@ -187,10 +193,10 @@ def test_dynamic_filtering_drops_equal_groups_and_refills() -> None:
     from huatuo_ray.rlmf.experience import make_experience
     from huatuo_ray.rlmf.filtering import informative_rollout
 
-    config = ppo.PPOConfig(
-        inputs=["x"], output="y", algorithm=ppo.AlgorithmConfig(advantage="grpo",
+    config = PPOConfig(
+        inputs=["x"], output="y", algorithm=AlgorithmConfig(advantage="grpo",
         dynamic_filtering=True, max_filter_rounds=3), sampling=SamplingConfig(n=2),
-        rollout_size=2, minibatch_size=4, micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4),
+        rollout_size=2, minibatch_size=4, micro_batch_size=4, rollout=RolloutConfig(chunk_size=4),
     )  # fmt: skip
     rollouts = iter([[1.0, 1.0, 0.0, 2.0], [3.0, 3.0, 5.0, 4.0], [9.0, 9.0, 9.0, 9.0]])
 
@@ -216,12 +222,12 @@ def test_dynamic_filtering_judges_the_final_scores(monkeypatch: pytest.MonkeyPat
     cut is uniform after the penalty (dropped), a group the penalty splits is kept."""
     from huatuo_ray.rlmf.experience import make_experience
 
-    config = ppo.PPOConfig(
-        inputs=["x"], output="y", reward=ppo.RewardConfig(unfinished_score=-1.0),
-        algorithm=ppo.AlgorithmConfig(advantage="grpo", dynamic_filtering=True,
+    config = PPOConfig(
+        inputs=["x"], output="y", reward=RewardConfig(unfinished_score=-1.0),
+        algorithm=AlgorithmConfig(advantage="grpo", dynamic_filtering=True,
         max_filter_rounds=2), sampling=SamplingConfig(n=2), rollout_size=2, minibatch_size=4,
-        micro_batch_size=4, rollout=ppo.RolloutConfig(chunk_size=4),
-        kl=ppo.KLConfig(placement="loss", estimator="k3"),
+        micro_batch_size=4, rollout=RolloutConfig(chunk_size=4),
+        kl=KLConfig(placement="loss", estimator="k3"),
     )  # fmt: skip
     rollouts = iter(
         [  # (reward-model scores, finished) of two groups of two answers

@@ -21,6 +21,13 @@ from huatuo_ray.inputs import UserError
 from huatuo_ray.rlmf import ppo
 from huatuo_ray.rlmf.actors.group import PlacementRequest, placement_requests, unplaceable
 from huatuo_ray.rlmf.actors.group import Resources as R
+from huatuo_ray.rlmf.ppo_config import (
+    GRPOConfig,
+    PolicyConfig,
+    ReferenceConfig,
+    RewardConfig,
+    RolloutConfig,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = {"CPU": 1.0}
@@ -124,13 +131,13 @@ def test_a_placement_held_up_past_its_timeout_stops_with_one_line(
 
     prompts, _ = _inputs(tmp_path)
     quarter = R(workers=1, num_cpus=0.25)
-    config = ppo.GRPOConfig(
+    config = GRPOConfig(
         inputs=[prompts], output=str(tmp_path / "out"), model=ModelConfig(path=tiny_model_dir),
-        reward=ppo.RewardConfig(kind="function", resources=quarter,
+        reward=RewardConfig(kind="function", resources=quarter,
                                 function="tests.support.rule_rewards:count_target_word"),
-        policy=ppo.PolicyConfig(trainable_layers=None, resources=quarter),
-        reference=ppo.ReferenceConfig(resources=quarter),
-        rollout=ppo.RolloutConfig(resources=quarter, chunk_size=4),
+        policy=PolicyConfig(trainable_layers=None, resources=quarter),
+        reference=ReferenceConfig(resources=quarter),
+        rollout=RolloutConfig(resources=quarter, chunk_size=4),
         rollout_size=4, minibatch_size=16, micro_batch_size=16, placement_timeout_s=2.0,
     )  # fmt: skip
     other = placement_group([{"CPU": 1.5}])

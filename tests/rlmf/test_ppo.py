@@ -20,6 +20,15 @@ from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.rlmf import ppo
 from huatuo_ray.rlmf.actors.group import Resources
+from huatuo_ray.rlmf.ppo_config import (
+    CheckpointEvery,
+    CriticConfig,
+    KLConfig,
+    PolicyConfig,
+    PPOConfig,
+    RewardConfig,
+    RolloutConfig,
+)
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
 pytestmark = pytest.mark.slow
@@ -49,44 +58,44 @@ def ppo_inputs(
     return str(root / "prompts"), reward
 
 
-def ppo_config(inputs, model: str, out: Path, backend: str, **overrides) -> ppo.PPOConfig:
+def ppo_config(inputs, model: str, out: Path, backend: str, **overrides) -> PPOConfig:
     prompts, reward = inputs
     small = Resources(workers=1, num_cpus=0.25)
     fields = dict(
         inputs=[prompts],
         output=str(out),
         model=ModelConfig(path=model),
-        reward=ppo.RewardConfig(model=ModelConfig(path=reward), resources=small),
-        critic=ppo.CriticConfig(
+        reward=RewardConfig(model=ModelConfig(path=reward), resources=small),
+        critic=CriticConfig(
             trainable_layers=None,
             optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
             deepspeed=DeepSpeedConfig(zero_stage=0, precision="fp32"),
             resources=small,
         ),
-        policy=ppo.PolicyConfig(
+        policy=PolicyConfig(
             trainable_layers=1,
             optim=OptimConfig(lr=1e-2, warmup_ratio=0.0, min_lr_ratio=1.0),
             deepspeed=DeepSpeedConfig(zero_stage=0, precision="fp32"),
             resources=small,
         ),
-        rollout=ppo.RolloutConfig(
+        rollout=RolloutConfig(
             engine=EngineConfig(backend=backend, max_model_len=1024, hf_batch_prompts=True),
             resources=small,
             chunk_size=8,
         ),
         sampling=SamplingConfig(n=1, max_new_tokens=16, temperature=1.0, top_p=1.0),
-        kl=ppo.KLConfig(init_beta=0.1, target=6.0, horizon=16),
+        kl=KLConfig(init_beta=0.1, target=6.0, horizon=16),
         iterations=20,
         rollout_size=16,
         minibatch_size=8,
         micro_batch_size=8,
         ppo_epochs=2,
         max_prompt_tokens=60,  # short prompts: the response weighs more in the score
-        checkpoint=ppo.CheckpointEvery(every_iterations=10),
+        checkpoint=CheckpointEvery(every_iterations=10),
         cluster=ClusterConfig(address="auto"),
     )
     fields.update(overrides)
-    return ppo.PPOConfig(**fields)
+    return PPOConfig(**fields)
 
 
 def check_learning(out: Path, iterations: int) -> list[dict]:

@@ -20,6 +20,16 @@ from huatuo_ray.inference.generation import SamplingConfig
 from huatuo_ray.rlmf import ppo
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
 from huatuo_ray.rlmf.experience import make_experience
+from huatuo_ray.rlmf.ppo_config import (
+    AlgorithmConfig,
+    KLConfig,
+    PPOConfig,
+    ReferenceConfig,
+    RewardConfig,
+    RolloutConfig,
+    experience_passes,
+    old_logprobs_pass,
+)
 from huatuo_ray.rlmf.ppo_math import (
     aggregate_loss,
     kl_estimate,
@@ -123,13 +133,13 @@ def test_two_micro_batches_on_two_ranks_give_the_one_batch_loss_and_gradient(
         aggregate_loss(losses, mask, "token_sum")  # type: ignore[arg-type]
 
 
-def _grpo_config(**overrides: Any) -> ppo.PPOConfig:
+def _grpo_config(**overrides: Any) -> PPOConfig:
     fields = dict(
-        inputs=["x"], output="y", algorithm=ppo.AlgorithmConfig(advantage="grpo"),
+        inputs=["x"], output="y", algorithm=AlgorithmConfig(advantage="grpo"),
         sampling=SamplingConfig(n=2), rollout_size=2, minibatch_size=4, micro_batch_size=4,
-        rollout=ppo.RolloutConfig(chunk_size=4), kl=ppo.KLConfig(placement="loss", estimator="k3"),
+        rollout=RolloutConfig(chunk_size=4), kl=KLConfig(placement="loss", estimator="k3"),
     )  # fmt: skip
-    return ppo.PPOConfig(**(fields | overrides))
+    return PPOConfig(**(fields | overrides))
 
 
 @pytest.mark.parametrize(
@@ -175,7 +185,7 @@ class FixedValues(torch.nn.Module):
 def test_clipped_value_loss_wins_and_stops_the_gradient_through_the_critic() -> None:
     from huatuo_ray.rlmf.actors.critic import CriticWorker
 
-    config = ppo.PPOConfig(inputs=["x"], output="y", value_clip=0.2)
+    config = PPOConfig(inputs=["x"], output="y", value_clip=0.2)
     critic = with_core(CriticWorker(config, config.critic))
     # Prompt [5], response [7, 8]: V(s_t) of the two response tokens are positions 0 and 1.
     critic.engine = FixedValues([1.0, 0.1, 0.0])
@@ -201,11 +211,11 @@ def test_the_kl_term_in_the_policy_loss_takes_the_drivers_beta(tiny_model_dir: s
     from huatuo_ray.rlmf.actors.policy import PolicyWorker
     from huatuo_ray.rlmf.model_ops import disable_dropout, forward_logits, token_logprobs
 
-    config = ppo.PPOConfig(
+    config = PPOConfig(
         inputs=["x"], output="y", rollout_size=2, minibatch_size=2, micro_batch_size=2,
-        rollout=ppo.RolloutConfig(chunk_size=2), ppo_epochs=1,
+        rollout=RolloutConfig(chunk_size=2), ppo_epochs=1,
         sampling=SamplingConfig(n=1, temperature=0.7, top_p=1.0),
-        kl=ppo.KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
+        kl=KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
     )  # fmt: skip
     policy = with_core(PolicyWorker(config, config.policy))
     handed: list[torch.Tensor] = []
@@ -276,7 +286,7 @@ def test_policy_loss_log_ratio_clamp_and_dual_clip_at_their_edges() -> None:
     with pytest.raises(ValueError, match="dual_clip"):
         policy_token_losses(new, old, adv, mask, clip=0.2, dual_clip=1.0)
     with pytest.raises(ValueError, match="dual_clip must be > 1"):  # refused at load already
-        ppo.PPOConfig(inputs=["x"], output="y", dual_clip=1.0)
+        PPOConfig(inputs=["x"], output="y", dual_clip=1.0)
     weights = T([[0.5, 2.0, 1.0, 0.0]])
     weighted, _ = policy_token_losses(new, old, adv, mask, 0.2, 3.0, is_weights=weights)
     assert weighted[0].tolist() == pytest.approx([1.5, 6.0, -0.5, 0.0], rel=1e-5)
@@ -291,7 +301,7 @@ def test_truncated_is_weights_cap_and_padding() -> None:
 
 
 def test_reward_clip_bounds_the_scores() -> None:
-    config = ppo.PPOConfig(inputs=["x"], output="y", reward=ppo.RewardConfig(clip=2.0))
+    config = PPOConfig(inputs=["x"], output="y", reward=RewardConfig(clip=2.0))
     exp = make_experience([[5], [5], [5]], [[7], [7], [7]], [True] * 3, 0)
     exp.scores = T([-5.0, 2.0, 1.5])
     assert ppo.final_scores(exp, config).scores.tolist() == [-2.0, 2.0, 1.5]
@@ -301,24 +311,24 @@ def test_old_logprob_pass_runs_exactly_when_it_is_not_redundant() -> None:
     """Skipped only for one optimizer step per rollout (one epoch, one minibatch of all rows)
     with a separate reference and no KL in the rewards; kept otherwise."""
 
-    def config(**kw: Any) -> ppo.PPOConfig:
+    def config(**kw: Any) -> PPOConfig:
         fields = dict(
             inputs=["x"], output="y", rollout_size=4, minibatch_size=16, micro_batch_size=8,
-            ppo_epochs=1, rollout=ppo.RolloutConfig(chunk_size=4),
-            reference=ppo.ReferenceConfig(mode="separate"),
-            sampling=SamplingConfig(n=4), algorithm=ppo.AlgorithmConfig(advantage="grpo"),
-            kl=ppo.KLConfig(init_beta=0.04, placement="loss", estimator="k3"),
+            ppo_epochs=1, rollout=RolloutConfig(chunk_size=4),
+            reference=ReferenceConfig(mode="separate"),
+            sampling=SamplingConfig(n=4), algorithm=AlgorithmConfig(advantage="grpo"),
+            kl=KLConfig(init_beta=0.04, placement="loss", estimator="k3"),
         )  # fmt: skip
-        return ppo.PPOConfig(**(fields | kw))
+        return PPOConfig(**(fields | kw))
 
-    assert not ppo.old_logprobs_pass(config())
-    assert not ppo.old_logprobs_pass(config(kl=ppo.KLConfig(init_beta=0.0)))  # no KL at all
-    assert ppo.old_logprobs_pass(config(ppo_epochs=2))
-    assert ppo.old_logprobs_pass(config(minibatch_size=8))  # two optimizer steps
-    assert ppo.old_logprobs_pass(config(reference=ppo.ReferenceConfig(mode="frozen_trunk")))
-    assert ppo.old_logprobs_pass(config(kl=ppo.KLConfig(init_beta=0.1)))  # KL in the rewards
-    assert ppo.old_logprobs_pass(config(kl=ppo.KLConfig(init_beta=0.0, target=6.0)))
-    passes = ppo.experience_passes(config())
+    assert not old_logprobs_pass(config())
+    assert not old_logprobs_pass(config(kl=KLConfig(init_beta=0.0)))  # no KL at all
+    assert old_logprobs_pass(config(ppo_epochs=2))
+    assert old_logprobs_pass(config(minibatch_size=8))  # two optimizer steps
+    assert old_logprobs_pass(config(reference=ReferenceConfig(mode="frozen_trunk")))
+    assert old_logprobs_pass(config(kl=KLConfig(init_beta=0.1)))  # KL in the rewards
+    assert old_logprobs_pass(config(kl=KLConfig(init_beta=0.0, target=6.0)))
+    passes = experience_passes(config())
     assert passes["policy_old_logprobs"] is False and passes["reference_logprobs"] == "reference"
     assert passes["kl_measured_by"] == "policy train pass"
 
@@ -335,14 +345,14 @@ def test_without_the_old_logprob_pass_the_loss_ratio_and_gradient_are_the_same(
     from huatuo_ray.rlmf.actors.policy import PolicyWorker
     from huatuo_ray.rlmf.model_ops import disable_dropout
 
-    config = ppo.PPOConfig(
+    config = PPOConfig(
         inputs=["x"], output="y", rollout_size=2, minibatch_size=2, micro_batch_size=2,
-        rollout=ppo.RolloutConfig(chunk_size=2), ppo_epochs=1,
-        reference=ppo.ReferenceConfig(mode="separate"),
+        rollout=RolloutConfig(chunk_size=2), ppo_epochs=1,
+        reference=ReferenceConfig(mode="separate"),
         sampling=SamplingConfig(n=1, temperature=0.7, top_p=1.0),
-        kl=ppo.KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
+        kl=KLConfig(init_beta=0.05, placement="loss", estimator="k3"),
     )  # fmt: skip
-    assert not ppo.old_logprobs_pass(config)
+    assert not old_logprobs_pass(config)
     policy = with_core(PolicyWorker(config, config.policy))
     handed: list[torch.Tensor] = []
     policy.core.backward_step, policy.core.lr = handed.append, 0.0

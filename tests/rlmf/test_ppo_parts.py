@@ -162,13 +162,14 @@ def test_target_token_reward_model_prefers_the_target(tiny_model_dir: str, tmp_p
 
 
 def _ppo_config(**overrides):
-    from huatuo_ray.rlmf.ppo import PPOConfig
+    from huatuo_ray.rlmf.ppo_config import PPOConfig
 
     return PPOConfig(inputs=["x"], output="y", **overrides)
 
 
 def test_rewards_and_advantages_by_hand() -> None:
-    from huatuo_ray.rlmf.ppo import RewardConfig, add_rewards_and_advantages, final_scores
+    from huatuo_ray.rlmf.ppo import add_rewards_and_advantages, final_scores
+    from huatuo_ray.rlmf.ppo_config import RewardConfig
 
     config = _ppo_config(reward=RewardConfig(unfinished_score=-1.0), gamma=1.0, lam=0.5,
                          whiten_advantages=False)  # fmt: skip
@@ -190,7 +191,7 @@ def test_rewards_and_advantages_by_hand() -> None:
 
 
 def test_ppo_config_checks_batch_terms_and_resolves_the_reference() -> None:
-    from huatuo_ray.rlmf.ppo import (
+    from huatuo_ray.rlmf.ppo_config import (
         CheckpointEvery,
         PolicyConfig,
         ReferenceConfig,
@@ -227,7 +228,7 @@ def test_weight_sync_follows_the_placement_and_refuses_nccl_on_one_gpu() -> None
     between groups that share a GPU, or handles to engines on other GPUs, are refused at load
     with the fix, before any actor starts."""
     from huatuo_ray.rlmf.actors.group import Resources
-    from huatuo_ray.rlmf.ppo import PolicyConfig, RolloutConfig
+    from huatuo_ray.rlmf.ppo_config import PolicyConfig, RolloutConfig
     from huatuo_ray.rlmf.weight_sync import resolve_method
 
     gpu = Resources(workers=1, num_gpus=1)
@@ -248,7 +249,7 @@ def test_weight_sync_follows_the_placement_and_refuses_nccl_on_one_gpu() -> None
 
 def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path) -> None:
     from huatuo_ray.config import load_config
-    from huatuo_ray.rlmf.ppo import PPOConfig
+    from huatuo_ray.rlmf.ppo_config import PPOConfig
 
     path = tmp_path / "ppo.yaml"
     path.write_text("inputs: [a]\noutput: b\npolicy:\n  optim: {lr: 1.0e-3}\n")

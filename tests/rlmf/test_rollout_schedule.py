@@ -51,8 +51,14 @@ def rollout_inputs(tmp_path_factory: pytest.TempPathFactory, shared_datasets, ti
 
 def schedule_config(inputs, model: str, engines: int, **overrides):
     from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
-    from huatuo_ray.rlmf import ppo
     from huatuo_ray.rlmf.actors.group import Resources
+    from huatuo_ray.rlmf.ppo_config import (
+        CriticConfig,
+        PolicyConfig,
+        PPOConfig,
+        RewardConfig,
+        RolloutConfig,
+    )
     from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig
 
     prompts, reward, root = inputs
@@ -62,10 +68,10 @@ def schedule_config(inputs, model: str, engines: int, **overrides):
         inputs=[prompts],
         output=str(Path(root) / "out"),
         model=ModelConfig(path=model),
-        reward=ppo.RewardConfig(model=ModelConfig(path=reward), resources=small),
-        critic=ppo.CriticConfig(trainable_layers=None, deepspeed=ds, resources=small),
-        policy=ppo.PolicyConfig(trainable_layers=1, deepspeed=ds, resources=small),
-        rollout=ppo.RolloutConfig(
+        reward=RewardConfig(model=ModelConfig(path=reward), resources=small),
+        critic=CriticConfig(trainable_layers=None, deepspeed=ds, resources=small),
+        policy=PolicyConfig(trainable_layers=1, deepspeed=ds, resources=small),
+        rollout=RolloutConfig(
             engine=EngineConfig(backend="hf", hf_batch_prompts=True),
             resources=Resources(workers=engines, num_cpus=0.25),
             chunk_size=4,
@@ -78,7 +84,7 @@ def schedule_config(inputs, model: str, engines: int, **overrides):
         cluster=ClusterConfig(address="auto"),
     )
     fields.update(overrides)
-    return ppo.PPOConfig(**fields)
+    return PPOConfig(**fields)
 
 
 @pytest.mark.slow
@@ -88,16 +94,16 @@ def test_streamed_and_chunked_draw_the_same_samples_and_scoring_overlaps(
     import ray
     from transformers import AutoTokenizer
 
-    from huatuo_ray.rlmf import ppo
+    from huatuo_ray.rlmf import ppo, ppo_placement, rl_prompts
 
     config = schedule_config(rollout_inputs, tiny_model_dir, engines=2)
     ppo._absolute_paths(config)
     config.reference.mode = "frozen_trunk"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompts = ppo.PromptStream(config, tokenizer)
+    prompts = rl_prompts.PromptStream(config, tokenizer)
     groups: dict = {}
     try:
-        ppo.place_actor_groups(config, groups)
+        ppo_placement.place_actor_groups(config, groups)
         ray.get(groups["policy"].setup_distributed(10) + groups["critic"].setup_distributed(10))
         results = {}
         for schedule in ("chunked", "streamed", "streamed"):
@@ -135,7 +141,7 @@ def test_scoring_of_the_first_piece_starts_before_the_last_piece_is_generated(
     import ray
     from transformers import AutoTokenizer
 
-    from huatuo_ray.rlmf import ppo
+    from huatuo_ray.rlmf import ppo, ppo_placement, rl_prompts
     from huatuo_ray.rlmf.experience import make_experience
 
     config = schedule_config(rollout_inputs, tiny_model_dir, engines=1)
@@ -143,10 +149,10 @@ def test_scoring_of_the_first_piece_starts_before_the_last_piece_is_generated(
     ppo._absolute_paths(config)
     config.reference.mode = "frozen_trunk"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompts = ppo.PromptStream(config, tokenizer).next_batch(24)
+    prompts = rl_prompts.PromptStream(config, tokenizer).next_batch(24)
     groups: dict = {}
     try:
-        ppo.place_actor_groups(config, groups)
+        ppo_placement.place_actor_groups(config, groups)
         # Every group loaded, as the stage has them before its first iteration (the engine warms
         # up while loading, so it may otherwise finish before the reward model has loaded).
         ray.get([ref for group in groups.values() for ref in group.call("node_id")])

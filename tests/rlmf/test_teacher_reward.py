@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from huatuo_ray.rlmf import ppo
+from huatuo_ray.rlmf.ppo_config import RewardConfig
 from huatuo_ray.rlmf.teacher_reward import TeacherBudget, TeacherRewardConfig, pairs_of_group
 from tests.conftest import teacher_config
 from tests.rlmf.test_critic_free import SMALL, assert_reward_rose, critic_free, history
@@ -31,8 +32,8 @@ def target_word_judge(body: dict) -> str:
     return f"Rating A: {1 + min(a, 9)}; Rating B: {1 + min(b, 9)}"
 
 
-def teacher_reward(base_url: str, budget: TeacherBudget | None = None) -> ppo.RewardConfig:
-    return ppo.RewardConfig(
+def teacher_reward(base_url: str, budget: TeacherBudget | None = None) -> RewardConfig:
+    return RewardConfig(
         kind="teacher",
         teacher=TeacherRewardConfig(
             teacher=teacher_config(base_url, max_tokens=64, timeout_s=10.0),

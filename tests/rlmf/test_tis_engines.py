@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from huatuo_ray.inference.generation import EngineConfig, HFGenerator, Sample, SamplingConfig
-from huatuo_ray.rlmf import ppo
 from huatuo_ray.rlmf.experience import Experience, make_experience
+from huatuo_ray.rlmf.ppo_config import GRPOConfig
 from huatuo_ray.rlmf.ppo_math import masked_mean, truncated_is_weights
 
 PROMPTS = [[0, 50, 60, 70], [0, 80, 90]]
@@ -40,7 +40,7 @@ def scored_by_the_trainer(
         PAD,
         [s.logprobs for _, s in flat],
     )
-    config = ppo.GRPOConfig(inputs=["x"], output="y", sampling=sampling)
+    config = GRPOConfig(inputs=["x"], output="y", sampling=sampling)
     policy = PolicyWorker(config, config.policy)
     policy.engine = AutoModelForCausalLM.from_pretrained(model_dir)
     policy.reference = None  # the separate-reference layout: log_probs returns (policy, None)
