@@ -11,7 +11,7 @@ top N layers, the final norm and the head, taken from the SFT weights; one polic
 records the hidden states entering layer L-N, and the copy finishes the reference forward from
 there. The reference log-probs then cost N layers instead of a second model, and no second model
 sits in memory. It is exact (a test compares it with a separate reference model); it needs an untied head and
-ZeRO <= 2, which :func:`~huatuo_ray.rlmf.ppo.resolve_reference` checks.
+ZeRO <= 2, which :func:`~huatuo_ray.rlmf.ppo_config.resolve_reference` checks.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@
   and critic calls of a piece as soon as it arrives (``ray.wait``), so scoring overlaps
   generation.
 
-Same seeds, same samples: each prompt's seed is its own (:meth:`~huatuo_ray.rlmf.ppo.Prompt.seed`),
-and both engines sample each sequence with its own seeded generator: an HF engine decodes its
+Same seeds, same samples: each prompt's seed is its own
+(:meth:`~huatuo_ray.rlmf.rl_prompts.Prompt.seed`), and both engines sample each sequence with its own seeded generator: an HF engine decodes its
 whole streamed share in one batch (up to ``engine.hf_max_batch`` sequences) and draws the same
 tokens as in chunks of 8; vLLM the same wherever its kernels give the same logits whatever the
 batch (tests say what held on vLLM-CPU).

@@ -85,9 +85,9 @@ class PolicyWorker(TrainableWorker):
         c = self.config
         logits = forward_logits(self.engine, micro, c.pack)
         logprobs = token_logprobs(logits, micro.responses, c.sampling.temperature)
-        # No old-log-prob pass (one optimizer step per rollout: ppo.old_logprobs_pass): the old
-        # log-probs are this forward's own, detached (ratio 1, the same gradient); what the
-        # driver measures from them comes from here.
+        # No old-log-prob pass (one optimizer step per rollout: ppo_config.old_logprobs_pass):
+        # the old log-probs are this forward's own, detached (ratio 1, the same gradient); what
+        # the driver measures from them comes from here.
         old = micro.logprobs if micro.logprobs is not None else logprobs.detach()
         is_weights = None
         if c.tis_cap is not None and micro.rollout_logprobs is not None:
