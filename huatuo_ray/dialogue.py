@@ -88,6 +88,10 @@ class Dialogue:
     def n_assistant(self) -> int:
         return sum(t["role"] == "assistant" for t in self.turns)
 
+    def spoken(self) -> list[dict[str, str]]:
+        """Copies of the user and assistant turns, in order (the system turn left out)."""
+        return [dict(t) for t in self.turns if t["role"] != "system"]
+
     def to_row(self) -> dict[str, Any]:
         """The Parquet row: ``meta`` is stored as a JSON string so that shards keep one schema."""
         return {

@@ -14,8 +14,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_COUNTERS: dict[str, Any] = {}
-_GAUGES: dict[str, Any] = {}
+_METRICS: dict[str, Any] = {}  # (kind, name, tag names) -> this process's metric object
 
 
 def _job() -> str:
@@ -24,21 +23,27 @@ def _job() -> str:
     return ray.get_runtime_context().get_job_id() or ""
 
 
+def _metric(kind: str, name: str, tags: dict[str, str]) -> Any:
+    """This process's ``ray.util.metrics.<kind>`` (Counter, Gauge) ``huatuo_<name>`` with the tag
+    names of ``tags``, made on first use."""
+    from ray.util import metrics
+
+    key = f"{kind}:{name}:" + ",".join(sorted(tags))
+    if key not in _METRICS:
+        _METRICS[key] = getattr(metrics, kind)(
+            f"huatuo_{name}",
+            description=name.replace("_", " "),
+            tag_keys=("stage", "job", *sorted(tags)),
+        )
+    return _METRICS[key]
+
+
 def count(name: str, value: float, stage: str, **tags: str) -> None:
     """Add ``value`` to counter ``huatuo_<name>``; a no-op outside Ray."""
     if value <= 0:
         return
     try:
-        from ray.util.metrics import Counter
-
-        key = name + ":" + ",".join(sorted(tags))
-        if key not in _COUNTERS:
-            _COUNTERS[key] = Counter(
-                f"huatuo_{name}",
-                description=name.replace("_", " "),
-                tag_keys=("stage", "job", *sorted(tags)),
-            )
-        _COUNTERS[key].inc(value, tags={"stage": stage, "job": _job(), **tags})
+        _metric("Counter", name, tags).inc(value, tags={"stage": stage, "job": _job(), **tags})
     except Exception as e:  # noqa: BLE001 - metrics must never stop a stage
         log.debug("metric %s not recorded: %s", name, e)
 
@@ -46,17 +51,8 @@ def count(name: str, value: float, stage: str, **tags: str) -> None:
 def gauge(name: str, value: float, stage: str, **tags: str) -> None:
     """Set gauge ``huatuo_<name>``; a no-op outside Ray."""
     try:
-        from ray.util.metrics import Gauge
-
-        key = name + ":" + ",".join(sorted(tags))
-        if key not in _GAUGES:
-            _GAUGES[key] = Gauge(
-                f"huatuo_{name}",
-                description=name.replace("_", " "),
-                tag_keys=("stage", "job", *sorted(tags)),
-            )
-        _GAUGES[key].set(value, tags={"stage": stage, "job": _job(), **tags})
-    except Exception as e:  # noqa: BLE001
+        _metric("Gauge", name, tags).set(value, tags={"stage": stage, "job": _job(), **tags})
+    except Exception as e:  # noqa: BLE001 - metrics must never stop a stage
         log.debug("metric %s not recorded: %s", name, e)
 
 

@@ -18,29 +18,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray.config import input_artifact, option
+from huatuo_ray.config import option
 from huatuo_ray.dialogue import Dialogue
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.agents import Turns, case_and_diagnosis, consultation, patient_turn
 from huatuo_ray.teacher.client import TeacherClient
 from huatuo_ray.teacher.stage import (
+    ArtifactStageConfig,
     Outcome,
     StageOutput,
-    TeacherStageConfig,
     ask_parsed,
     count_by,
-    read_artifact,
-    run_teacher_stage,
+    run_on_artifact,
 )
 
 
 @dataclass(kw_only=True)
-class DialoguesConfig(TeacherStageConfig):
-    """Distil multi-turn consultations with a patient agent and a doctor agent."""
+class DialoguesConfig(ArtifactStageConfig):
+    """Distil multi-turn consultations with a patient agent and a doctor agent (``input``: an
+    artifact of real cases, meddialog_cases or meddialog)."""
 
-    input: str = input_artifact(
-        "dataset artifact of real cases (meddialog_cases or meddialog)", made_by="data"
-    )
     max_turns: int = option(6, help="most patient/doctor exchanges in one consultation")
 
     def __post_init__(self) -> None:
@@ -81,10 +78,10 @@ async def consult_record(
 
 
 def main(config: DialoguesConfig) -> dict:
-    return run_teacher_stage(
+    return run_on_artifact(
         config,
         "dialogues",
-        read_artifact(config.input, config.limit),
+        config.input,
         consult_record,
         fn_kwargs={"max_turns": config.max_turns},
         finish=lambda result, _: StageOutput(

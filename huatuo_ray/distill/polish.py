@@ -14,32 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray.config import input_artifact
 from huatuo_ray.dialogue import Dialogue, RecordError, turn
 from huatuo_ray.teacher import grammars, parsers, prompts
 from huatuo_ray.teacher.client import TeacherClient
-from huatuo_ray.teacher.stage import (
-    Outcome,
-    TeacherStageConfig,
-    ask_parsed,
-    read_artifact,
-    run_teacher_stage,
-)
+from huatuo_ray.teacher.stage import ArtifactStageConfig, Outcome, ask_parsed, run_on_artifact
 
 
 @dataclass(kw_only=True)
-class PolishConfig(TeacherStageConfig):
-    """Rewrite real doctor answers and dialogues with the teacher."""
-
-    input: str = input_artifact(
-        "dataset artifact of real single-turn answers or dialogues", made_by="data"
-    )
+class PolishConfig(ArtifactStageConfig):
+    """Rewrite real doctor answers and dialogues with the teacher (``input``: an artifact of real
+    single-turn answers or dialogues)."""
 
 
 async def polish_record(row: dict[str, Any], teacher: TeacherClient, retries: int) -> Outcome:
     """One input record -> its polished version (or a reject reason)."""
     original = Dialogue.from_row(row)
-    spoken = [t for t in original.turns if t["role"] != "system"]
+    spoken = original.spoken()
     if not any(t["role"] == "assistant" for t in spoken):
         return Outcome.reject("no doctor reply to polish")
     if len(spoken) == 2 and [t["role"] for t in spoken] == ["user", "assistant"]:
@@ -73,6 +63,4 @@ async def polish_record(row: dict[str, Any], teacher: TeacherClient, retries: in
 
 
 def main(config: PolishConfig) -> dict:
-    return run_teacher_stage(
-        config, "polish", read_artifact(config.input, config.limit), polish_record
-    )
+    return run_on_artifact(config, "polish", config.input, polish_record)

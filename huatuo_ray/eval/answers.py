@@ -13,33 +13,18 @@ import json
 from typing import Any
 
 from huatuo_ray.dialogue import Dialogue
+from huatuo_ray.inference.batch import EnginePool, Rows, generate_rows
 from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 
 
 def generate_answers(
-    rows: list[dict[str, Any]],
-    model_path: str,
-    engine: EngineConfig,
-    max_new_tokens: int,
-    engines: int = 1,
-    gpus_per_engine: float = 0,
-    batch_size: int = 16,
-) -> list[dict[str, Any]]:
+    rows: Rows, model_path: str, engine: EngineConfig, max_new_tokens: int, pool: EnginePool
+) -> Rows:
     """Rows with ``prompt_ids`` and ``seed`` in; the same rows with ``meta.prediction`` (one
     greedy answer) out, sorted by id."""
-    from huatuo_ray.inference.batch import generate_rows
-
     greedy = SamplingConfig(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     answered = []
-    for row in generate_rows(
-        rows,
-        model_path,
-        engine,
-        greedy,
-        engines=engines,
-        gpus_per_engine=gpus_per_engine,
-        batch_size=batch_size,
-    ):
+    for row in generate_rows(rows, model_path, engine, greedy, pool):
         meta = json.loads(row["meta"])
         meta["prediction"] = meta.pop("responses")[0]
         meta.pop("finished", None)
@@ -49,7 +34,7 @@ def generate_answers(
 
 def conversation(record: Dialogue) -> list[dict[str, str]]:
     """The conversation a candidate had: turns (+ its generated answer, when stored aside)."""
-    turns = [dict(t) for t in record.turns if t["role"] != "system"]
+    turns = record.spoken()
     prediction = record.meta.get("prediction")
     if isinstance(prediction, str):
         turns.append({"role": "assistant", "content": prediction})

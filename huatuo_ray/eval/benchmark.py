@@ -22,6 +22,7 @@ from huatuo_ray.config import ClusterConfig, ModelConfig, input_artifact, option
 from huatuo_ray.dialogue import encode_prompt
 from huatuo_ray.eval.answers import generate_answers
 from huatuo_ray.eval.text_metrics import METRICS, score_corpus
+from huatuo_ray.inference.batch import EnginePool
 from huatuo_ray.inference.generation import EngineConfig
 from huatuo_ray.models.fetch import local_model_path
 
@@ -83,15 +84,8 @@ def main(config: BenchmarkConfig) -> dict:
                          "meta": json.dumps(meta, ensure_ascii=False), "prompt_ids": ids, "seed": 0})  # fmt: skip
             if config.limit and len(rows) >= config.limit:
                 break
-        answered = generate_answers(
-            rows,
-            model_path,
-            config.engine,
-            config.max_new_tokens,
-            config.engines,
-            config.gpus_per_engine,
-            config.batch_size,
-        )
+        pool = EnginePool(config.engines, config.gpus_per_engine, config.batch_size)
+        answered = generate_answers(rows, model_path, config.engine, config.max_new_tokens, pool)
         predictions, references = [], []
         for row in answered:
             meta = json.loads(row["meta"])

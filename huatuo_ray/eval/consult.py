@@ -42,8 +42,7 @@ from huatuo_ray.teacher.stage import (
     StageOutput,
     TeacherStageConfig,
     count_by,
-    read_artifact,
-    run_teacher_stage,
+    run_on_artifact,
 )
 
 
@@ -130,10 +129,10 @@ def main(config: ConsultConfig) -> dict[str, Any]:
             result.records, {**extra, **({"doctor_server": served} if served else {})}
         )
 
-    return run_teacher_stage(
+    return run_on_artifact(
         config,
         "consult",
-        read_artifact(config.cases, config.limit),
+        config.cases,
         consult_case,
         fn_kwargs={"max_turns": config.max_turns, "name": config.name},
         finish=finish,

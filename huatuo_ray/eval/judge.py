@@ -32,6 +32,7 @@ from huatuo_ray.config import input_artifact, option
 from huatuo_ray.dialogue import Dialogue, encode_prompt
 from huatuo_ray.eval.answers import conversation, field_of, generate_answers
 from huatuo_ray.eval.tally import markdown, tally
+from huatuo_ray.inference.batch import EnginePool
 from huatuo_ray.inference.generation import EngineConfig
 from huatuo_ray.models.fetch import local_model_path
 from huatuo_ray.teacher import grammars, parsers, prompts
@@ -145,8 +146,8 @@ def candidate_records(
         if len(ids) <= config.max_prompt_tokens:
             row = Dialogue(q.id, q.source, prompt, q.meta).to_row()
             rows.append({**row, "prompt_ids": ids, "seed": 0})
-    answered = generate_answers(rows, path, config.engine, config.max_new_tokens,
-                                config.engines, config.gpus_per_engine, config.workers.batch_size)  # fmt: skip
+    pool = EnginePool(config.engines, config.gpus_per_engine, config.workers.batch_size)
+    answered = generate_answers(rows, path, config.engine, config.max_new_tokens, pool)
     records = []
     for row in answered:
         meta = json.loads(row["meta"])

@@ -14,32 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from huatuo_ray.config import input_artifact
 from huatuo_ray.dialogue import Dialogue, turn
 from huatuo_ray.teacher import parsers
 from huatuo_ray.teacher.client import TeacherClient
-from huatuo_ray.teacher.stage import (
-    Outcome,
-    TeacherStageConfig,
-    ask_parsed,
-    read_artifact,
-    run_teacher_stage,
-)
+from huatuo_ray.teacher.stage import ArtifactStageConfig, Outcome, ask_parsed, run_on_artifact
 
 
 @dataclass(kw_only=True)
-class TeacherAnswersConfig(TeacherStageConfig):
-    """Collect the teacher's answers to evaluation questions (the judge's baseline)."""
-
-    input: str = input_artifact(
-        "dataset artifact of questions (records ending with a user turn)", made_by="data"
-    )
+class TeacherAnswersConfig(ArtifactStageConfig):
+    """Collect the teacher's answers to evaluation questions, the judge's baseline (``input``: an
+    artifact of questions, records ending with a user turn)."""
 
 
 async def answer_record(row: dict[str, Any], teacher: TeacherClient, retries: int) -> Outcome:
     """One question -> the conversation with the teacher's answer appended."""
     question = Dialogue.from_row(row)
-    spoken = [dict(t) for t in question.turns if t["role"] != "system"]
+    spoken = question.spoken()
     if not spoken or spoken[-1]["role"] != "user":
         return Outcome.reject("the record does not end with a question (a user turn)")
     answer = await ask_parsed(teacher, spoken, parsers.parse_answer, retries)
@@ -53,6 +43,4 @@ async def answer_record(row: dict[str, Any], teacher: TeacherClient, retries: in
 
 
 def main(config: TeacherAnswersConfig) -> dict:
-    return run_teacher_stage(
-        config, "teacher-answers", read_artifact(config.input, config.limit), answer_record
-    )
+    return run_on_artifact(config, "teacher-answers", config.input, answer_record)

@@ -5,6 +5,7 @@ greedy answer)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from huatuo_ray.inference.generation import EngineConfig, SamplingConfig, make_generator
@@ -34,17 +35,22 @@ class SampleBatch:
         return pa.Table.from_pylist(rows)
 
 
+@dataclass
+class EnginePool:
+    """The Ray Data actors that generate: how many, GPUs each, rows per engine call."""
+
+    engines: int = 1
+    gpus_per_engine: float = 0
+    batch_size: int = 16
+
+
+Rows = list[dict[str, Any]]  # dialogue rows (Dialogue.to_row) with their prompt_ids and seed
+
+
 def generate_rows(
-    rows: list[dict[str, Any]],
-    model_path: str,
-    engine: EngineConfig,
-    sampling: SamplingConfig,
-    *,
-    engines: int = 1,
-    gpus_per_engine: float = 0,
-    batch_size: int = 16,
-) -> list[dict[str, Any]]:
-    """:class:`SampleBatch` over ``rows`` on ``engines`` actors; the rows back, sorted by id."""
+    rows: Rows, model_path: str, engine: EngineConfig, sampling: SamplingConfig, pool: EnginePool
+) -> Rows:
+    """:class:`SampleBatch` over ``rows`` on the ``pool``'s actors; the rows back, sorted by id."""
     import pyarrow as pa
     import ray
 
@@ -54,11 +60,11 @@ def generate_rows(
     ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).map_batches(
         SampleBatch,
         fn_constructor_args=(model_path, engine, sampling),
-        batch_size=batch_size,
+        batch_size=pool.batch_size,
         batch_format="pyarrow",
-        concurrency=engines,
-        num_gpus=gpus_per_engine,
-        num_cpus=0.5 if not gpus_per_engine else 1,
+        concurrency=pool.engines,
+        num_gpus=pool.gpus_per_engine,
+        num_cpus=0.5 if not pool.gpus_per_engine else 1,
         runtime_env={"env_vars": env},
     )
     return sorted(ds.iter_rows(), key=lambda r: r["id"])

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from huatuo_ray.inference.generation import EngineConfig, SamplingConfig, vllm_available
+from huatuo_ray.inference.generation import (
+    EngineConfig,
+    SamplingConfig,
+    backend_of,
+    vllm_dtype,
+    vllm_sampling_params,
+)
 
 
 @dataclass
@@ -47,10 +53,7 @@ class AsyncEngine(Protocol):
 
 
 def make_async_engine(model_path: str, engine: EngineConfig) -> AsyncEngine:
-    backend = engine.backend
-    if backend == "auto":
-        backend = "vllm" if vllm_available() else "hf"
-    if backend == "vllm":
+    if backend_of(engine) == "vllm":
         return VLLMAsyncEngine(model_path, engine)
     return HFAsyncEngine(model_path, engine)
 
@@ -74,12 +77,10 @@ class VLLMAsyncEngine:
         import torch
         from vllm import AsyncEngineArgs, AsyncLLMEngine  # AsyncLLMEngine is v1's AsyncLLM
 
-        on_gpu = torch.cuda.is_available()
-        dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         self.engine = AsyncLLMEngine.from_engine_args(
             AsyncEngineArgs(
                 model=model_path,
-                dtype=dtype,
+                dtype=vllm_dtype(engine, on_gpu=torch.cuda.is_available()),
                 tensor_parallel_size=engine.tensor_parallel_size,
                 gpu_memory_utilization=engine.gpu_memory_utilization,
                 enforce_eager=engine.enforce_eager,
@@ -92,19 +93,10 @@ class VLLMAsyncEngine:
     async def stream(
         self, prompt: list[int], sampling: SamplingConfig, seed: int, request_id: str
     ) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1,
-            max_tokens=sampling.max_new_tokens,
-            ignore_eos=sampling.ignore_eos,
-            seed=seed,
-            output_kind=RequestOutputKind.DELTA,  # only what is new since the last piece
-        )
+        # DELTA: each output holds only what is new since the last piece.
+        params = vllm_sampling_params(sampling, seed, output_kind=RequestOutputKind.DELTA)
         # Closing this generator closes vLLM's, which aborts the request in the engine.
         async for out in self.engine.generate({"prompt_token_ids": prompt}, params, request_id):
             for c in out.outputs:

@@ -23,9 +23,9 @@ pi_trainer / pi_engine is then the correction for sampling from the truncated di
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from huatuo_ray.config import option
 
@@ -56,26 +56,36 @@ class Sample:
     logprobs: list[float] | None = None
 
 
+Prompts = list[list[int]]  # token ids of each prompt
+Answered = tuple[int, list[Sample]]  # (index into the call's prompts, its ``n`` samples)
+
+
 class Generator(Protocol):
     def generate(
-        self,
-        prompts: list[list[int]],
-        sampling: SamplingConfig,
-        seeds: list[int],
-        logprobs: bool = False,
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], logprobs: bool = False
     ) -> list[list[Sample]]: ...
 
     def stream(
-        self,
-        prompts: list[list[int]],
-        sampling: SamplingConfig,
-        seeds: list[int],
-        piece_size: int,
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], piece_size: int,
         logprobs: bool = False,
-    ) -> Iterator[list[tuple[int, list[Sample]]]]:
-        """All ``prompts`` at once; pieces of ``piece_size`` finished prompts as they finish,
-        each a list of (index into ``prompts``, its ``n`` samples)."""
+    ) -> Iterator[list[Answered]]:  # fmt: skip
+        """All ``prompts`` at once; pieces of ``piece_size`` finished prompts as they finish."""
         ...
+
+
+T = TypeVar("T")
+
+
+def in_pieces(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter), each as soon as it is full."""
+    piece: list[T] = []
+    for item in items:
+        piece.append(item)
+        if len(piece) == size:
+            yield piece
+            piece = []
+    if piece:
+        yield piece
 
 
 @dataclass
@@ -125,17 +135,45 @@ def vllm_available() -> bool:
     return True
 
 
+def backend_of(engine: EngineConfig) -> Literal["vllm", "hf"]:
+    """The engine ``engine.backend`` names; ``auto``: vLLM where it is installed, else HF."""
+    if engine.backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return engine.backend
+
+
 def make_generator(model_path: str, engine: EngineConfig) -> Generator:
     """A generator on ``model_path`` (a URI is fetched to this node's cache first)."""
     from huatuo_ray.models.fetch import local_model_path
 
     model_path = local_model_path(model_path)
-    backend = engine.backend
-    if backend == "auto":
-        backend = "vllm" if vllm_available() else "hf"
-    if backend == "vllm":
+    if backend_of(engine) == "vllm":
         return VLLMGenerator(model_path, engine)
     return HFGenerator(model_path, engine)
+
+
+def vllm_dtype(engine: EngineConfig, on_gpu: bool) -> str:
+    """vLLM's ``dtype``: as configured; ``auto``: bfloat16 on GPUs, float32 on CPUs."""
+    if engine.dtype != "auto":
+        return engine.dtype
+    return "bfloat16" if on_gpu else "float32"
+
+
+def vllm_sampling_params(sampling: SamplingConfig, seed: int, **more: Any) -> Any:
+    """vLLM's ``SamplingParams`` for ``sampling`` and one request's ``seed`` (``more``: further
+    arguments, e.g. ``logprobs`` or ``output_kind``)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k > 0 else -1,  # vLLM's "off"
+        max_tokens=sampling.max_new_tokens,
+        ignore_eos=sampling.ignore_eos,
+        seed=seed,
+        **more,
+    )
 
 
 def _cpu_scheduling(engine: EngineConfig) -> dict:
@@ -168,10 +206,9 @@ class VLLMGenerator:
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
-        dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         self.llm = LLM(
             model=model_path,
-            dtype=dtype,
+            dtype=vllm_dtype(engine, on_gpu),
             tensor_parallel_size=engine.tensor_parallel_size,
             gpu_memory_utilization=engine.gpu_memory_utilization if on_gpu else 0.1,
             enforce_eager=engine.enforce_eager or not on_gpu,
@@ -190,63 +227,46 @@ class VLLMGenerator:
         self.stats = StreamStats()
 
     def generate(
-        self,
-        prompts: list[list[int]],
-        sampling: SamplingConfig,
-        seeds: list[int],
-        logprobs: bool = False,
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], logprobs: bool = False
     ) -> list[list[Sample]]:
-        params = [self._params(sampling, seed, logprobs) for seed in seeds]
         outputs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+            [{"prompt_token_ids": p} for p in prompts],
+            self._params(sampling, seeds, logprobs),
+            use_tqdm=False,
         )
         return [self._samples(out, logprobs) for out in outputs]
 
-    def _params(self, sampling: SamplingConfig, seed: int, logprobs: bool) -> Any:
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1,
-            max_tokens=sampling.max_new_tokens,
-            ignore_eos=sampling.ignore_eos,
-            seed=seed,
-            logprobs=0 if logprobs else None,  # 0: just the sampled token's
-        )
+    @staticmethod
+    def _params(sampling: SamplingConfig, seeds: list[int], logprobs: bool) -> list[Any]:
+        """One request's ``SamplingParams`` per seed; ``logprobs=0``: just the sampled token's."""
+        lp = 0 if logprobs else None
+        return [vllm_sampling_params(sampling, seed, logprobs=lp) for seed in seeds]
 
     def stream(
-        self,
-        prompts: list[list[int]],
-        sampling: SamplingConfig,
-        seeds: list[int],
-        piece_size: int,
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], piece_size: int,
         logprobs: bool = False,
-    ) -> Iterator[list[tuple[int, list[Sample]]]]:
+    ) -> Iterator[list[Answered]]:  # fmt: skip
         """Every prompt enters vLLM's scheduler at once (continuous batching decides how many
         decode together); the engine is stepped here so finished requests leave in pieces."""
         ids = self.llm.enqueue(
             [{"prompt_token_ids": p} for p in prompts],
-            [self._params(sampling, seed, logprobs) for seed in seeds],
+            self._params(sampling, seeds, logprobs),
             use_tqdm=False,
         )
+        yield from in_pieces(self._finished(ids, logprobs), piece_size)
+
+    def _finished(self, ids: list[str], logprobs: bool) -> Iterator[Answered]:
+        """Steps the engine until the requests ``ids`` are done; each as it finishes."""
         # enqueue returns vLLM's internal ids ("<external>-<random>"); outputs carry the external.
         index = {rid: i for i, rid in enumerate(ids)}
         index.update({rid.rsplit("-", 1)[0]: i for i, rid in enumerate(ids)})
         engine = self.llm.llm_engine
-        finished: list[tuple[int, list[Sample]]] = []
         while engine.has_unfinished_requests():
             self.stats.steps += 1
             self.stats.in_flight += engine.get_num_unfinished_requests()
             for out in engine.step():
                 if out.finished:
-                    finished.append((index[out.request_id], self._samples(out, logprobs)))
-            while len(finished) >= piece_size:
-                yield finished[:piece_size]
-                finished = finished[piece_size:]
-        if finished:
-            yield finished
+                    yield index[out.request_id], self._samples(out, logprobs)
 
     @staticmethod
     def _samples(out: Any, logprobs: bool) -> list[Sample]:
@@ -287,11 +307,7 @@ class HFGenerator:
         return [(i, min(i + size, count)) for i in range(0, count, size)]
 
     def generate(
-        self,
-        prompts: list[list[int]],
-        sampling: SamplingConfig,
-        seeds: list[int],
-        logprobs: bool = False,
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], logprobs: bool = False
     ) -> list[list[Sample]]:
         out: list[list[Sample]] = []
         for start, stop in self._batches(len(prompts), sampling.n):
@@ -299,13 +315,9 @@ class HFGenerator:
         return out
 
     def stream(
-        self,
-        prompts: list[list[int]],
-        sampling: SamplingConfig,
-        seeds: list[int],
-        piece_size: int,
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], piece_size: int,
         logprobs: bool = False,
-    ) -> Iterator[list[tuple[int, list[Sample]]]]:
+    ) -> Iterator[list[Answered]]:  # fmt: skip
         """The whole share in as few batches as ``hf_max_batch`` allows (``generate`` has no
         continuous batching: a batch's answers are all done at its end), then its pieces of
         ``piece_size``. Per-row seeds: the same samples as any other split into calls."""
@@ -313,12 +325,10 @@ class HFGenerator:
             self.stats.steps += 1
             self.stats.in_flight += (stop - start) * sampling.n
             outs = self._generate(prompts[start:stop], sampling, seeds[start:stop], logprobs)
-            for i in range(start, stop, piece_size):
-                end = min(i + piece_size, stop)
-                yield list(zip(range(i, end), outs[i - start : end - start]))
+            yield from in_pieces(zip(range(start, stop), outs), piece_size)
 
     def _generate(
-        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], logprobs: bool
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], logprobs: bool
     ) -> list[list[Sample]]:
         """``n`` samples of each prompt in one left-padded batch; row k of a prompt draws with
         seed ``row_seed(seed, k)``."""

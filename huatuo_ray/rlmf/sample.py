@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from huatuo_ray import artifacts, storage
 from huatuo_ray.config import ClusterConfig, ModelConfig, input_artifact, option, to_dict
 from huatuo_ray.dialogue import encode_prompt
-from huatuo_ray.inference.batch import generate_rows
+from huatuo_ray.inference.batch import EnginePool, generate_rows
 from huatuo_ray.inference.generation import (
     EngineConfig,
     SamplingConfig,
@@ -86,15 +86,8 @@ def main(config: SampleConfig) -> dict:
         if config.limit and len(rows) >= config.limit:
             break
     log.info("sample: %d prompts", len(rows))
-    generated = generate_rows(
-        rows,
-        model_path,
-        config.engine,
-        config.sampling,
-        engines=config.engines,
-        gpus_per_engine=config.gpus_per_engine,
-        batch_size=config.batch_size,
-    )
+    pool = EnginePool(config.engines, config.gpus_per_engine, config.batch_size)
+    generated = generate_rows(rows, model_path, config.engine, config.sampling, pool)
     for row in generated:
         writer.write({k: row[k] for k in ("id", "source", "turns", "meta")})
     return writer.finish(

@@ -36,8 +36,7 @@ from huatuo_ray.teacher.stage import (
     StageOutput,
     TeacherStageConfig,
     ask_parsed,
-    read_artifact,
-    run_teacher_stage,
+    run_on_artifact,
 )
 
 JUDGEMENTS = "judgements.jsonl"
@@ -149,10 +148,10 @@ def main(config: ScoreConfig) -> dict:
             failed=(failed, stats.pairs + len(result.rejects), "pairs unrated or prompts rejected"),
         )
 
-    return run_teacher_stage(
+    return run_on_artifact(
         config,
         "score",
-        read_artifact(config.input, config.limit),
+        config.input,
         score_record,
         fn_kwargs={"pairs": config.pairs_per_prompt, "seed": config.seed},
         finish=finish,

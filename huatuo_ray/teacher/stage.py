@@ -3,8 +3,10 @@
 A teacher stage (``self-instruct``, ``dialogues``, ``polish``, ``score``, ``judge``, ``consult``)
 supplies only what is its own:
 
-* a config that extends :class:`TeacherStageConfig` (the fields they all share);
-* a *read* function returning a :class:`StageInput` (the rows to work on, the inputs' manifests);
+* a config that extends :class:`TeacherStageConfig` (the fields they all share), or
+  :class:`ArtifactStageConfig` for a stage over the records of one dataset artifact;
+* a *read* function returning a :class:`StageInput` (the rows to work on, the inputs' manifests),
+  or the records of one artifact (:func:`run_on_artifact`);
 * a *record function* ``async def fn(row, teacher, **kwargs) -> Outcome``: one input row -> a
   :class:`~huatuo_ray.dialogue.Dialogue` or a rejection reason;
 * optionally a *finish* function ``(MapResult, StageInput) -> StageOutput`` that turns the map's
@@ -47,7 +49,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from huatuo_ray import artifacts, storage, telemetry
-from huatuo_ray.config import ClusterConfig, ConfigError, TeacherConfig, option, to_dict
+from huatuo_ray.config import (
+    ClusterConfig,
+    ConfigError,
+    TeacherConfig,
+    input_artifact,
+    option,
+    to_dict,
+)
 from huatuo_ray.dialogue import Dialogue, RecordError
 from huatuo_ray.teacher.client import (
     BLOCKED,
@@ -104,6 +113,14 @@ class TeacherStageConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError("max_reject_fraction must lie in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class ArtifactStageConfig(TeacherStageConfig):
+    """A teacher stage over the records of one dataset artifact (the stage's description says
+    which records it expects)."""
+
+    input: str = input_artifact("dataset artifact whose records the stage reads", made_by="data")
 
 
 class TooManyRejects(RuntimeError):
@@ -503,6 +520,14 @@ def run_teacher_stage(
             f"{config.output} is marked failed, its rejects are in {artifacts.REJECTS}"
         )
     return manifest
+
+
+def run_on_artifact(
+    config: TeacherStageConfig, stage: str, uri: str, record_fn: RecordFn, **frame: Any
+) -> dict[str, Any]:
+    """:func:`run_teacher_stage` over the records of the dataset artifact ``uri`` (the first
+    ``config.limit``); ``frame``: its ``fn_kwargs``, ``finish`` and ``agents``."""
+    return run_teacher_stage(config, stage, read_artifact(uri, config.limit), record_fn, **frame)
 
 
 def reject_failure(rejected: int, total: int, what: str, max_fraction: float) -> str:

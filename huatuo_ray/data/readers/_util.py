@@ -1,11 +1,13 @@
-"""Small helpers shared by the readers: input files, names for ``Reject.where`` and UTF-8 lines."""
+"""What the readers share: input files, names for ``Reject.where``, the row loops of JSON arrays
+and of line-per-row files, and the check that an id is not read twice."""
 
 from __future__ import annotations
 
 import codecs
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from huatuo_ray import storage
@@ -51,6 +53,87 @@ def utf8_lines(path: str) -> Iterator[tuple[int, str | None]]:
                 yield number, raw.rstrip(b"\r\n").decode("utf-8")
             except UnicodeDecodeError:
                 yield number, None
+
+
+@dataclass
+class Line:
+    """A non-blank UTF-8 line of an input file, with the ``file:line`` a Reject of it names."""
+
+    file: str
+    number: int
+    where: str
+    text: str
+
+
+def nonblank_lines(path: str, suffixes: tuple[str, ...]) -> Iterator[Line | Reject]:
+    """The non-blank lines of ``path`` (or of its files ending in ``suffixes``), in order; a line
+    that is not UTF-8 is a Reject ``line is not UTF-8``."""
+    for file in input_files(path, suffixes):
+        name = basename(file)
+        for number, content in utf8_lines(file):
+            where = f"{name}:{number}"
+            if content is None:
+                yield Reject(where, "line is not UTF-8")
+            elif content.strip():
+                yield Line(file, number, where, content)
+
+
+@dataclass
+class Item:
+    """An item of a JSON array file, with the ``file#index`` a Reject of it names."""
+
+    file: str
+    index: int
+    where: str
+    value: Any
+
+
+def json_array_items(path: str, what: str) -> Iterator[Item]:
+    """The items of the JSON array in ``path`` (or in each of its ``.json`` files), in order. A
+    file holding anything but an array raises ValueError "expected a JSON array of ``what``"."""
+    for file in input_files(path, (".json",)):
+        name, data = basename(file), read_json(file)
+        if not isinstance(data, list):
+            raise ValueError(f"{name}: expected a JSON array of {what}")
+        for i, value in enumerate(data):
+            yield Item(file, i, f"{name}#{i}", value)
+
+
+def json_objects(path: str, what: str) -> Iterator[Item | Reject]:
+    """:func:`json_array_items`, with an item that is not an object a Reject of its own."""
+    for item in json_array_items(path, what):
+        if isinstance(item.value, dict):
+            yield item
+        else:
+            yield Reject(item.where, "a row must be a JSON object", excerpt(item.value))
+
+
+def object_records(
+    path: str, what: str, record: Callable[[Item, FirstSeen], Dialogue | Reject]
+) -> Iterator[Dialogue | Reject]:
+    """``record(item, seen)`` for each object of the JSON arrays in ``path`` (``seen``: the ids
+    read so far, in any of its files); an item that is not an object is a Reject."""
+    seen = FirstSeen()
+    for item in json_objects(path, what):
+        yield item if isinstance(item, Reject) else record(item, seen)
+
+
+class FirstSeen:
+    """Where each record id was first read, so that a row repeating one becomes a Reject naming
+    both places."""
+
+    def __init__(self, what: str = "id") -> None:
+        self.what = what
+        self.where: dict[str, str] = {}
+
+    def repeat(self, key: str, where: str, raw: str = "", shown: Any = None) -> Reject | None:
+        """None the first time ``key`` is seen (it is recorded at ``where``); a Reject
+        ``duplicate {what} {shown or key} (first at ...)`` each later time."""
+        if key in self.where:
+            shown = key if shown is None else shown
+            return Reject(where, f"duplicate {self.what} {shown} (first at {self.where[key]})", raw)
+        self.where[key] = where
+        return None
 
 
 def read_json(path: str) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from huatuo_ray.data.readers._util import basename, checked, input_files, stem, utf8_lines
+from huatuo_ray.data.readers._util import FirstSeen, Line, checked, nonblank_lines, stem
 from huatuo_ray.data.readers.base import ReadResult, Reject
 from huatuo_ray.dialogue import Dialogue, turn
 
@@ -39,39 +39,29 @@ def _problem(key: str, row: dict[str, Any], items: list[str] | None) -> str | No
 
 
 def read(path: str) -> ReadResult:
-    seen: dict[str, str] = {}
-    for file in input_files(path, (".jsonl",)):
-        name = basename(file)
-        for line, content in utf8_lines(file):
-            where = f"{name}:{line}"
-            if content is None:
-                yield Reject(where, "line is not UTF-8")
-                continue
-            if not content.strip():
-                continue
-            try:
-                row = json.loads(content)
-            except ValueError as e:
-                yield Reject(where, f"bad JSON: {e}", content)
-                continue
-            if not isinstance(row, dict):
-                yield Reject(where, "a line must be a JSON object", content)
-                continue
-            questions, answers = _texts(row.get("questions")), _texts(row.get("answers"))
-            reason = _problem("questions", row, questions) or _problem("answers", row, answers)
-            if reason or not questions or not answers:
-                yield Reject(where, reason or "", content)
-                continue
-            has_id = row.get("id") not in (None, "")
-            record_id = f"{SOURCE}-{row['id']}" if has_id else f"{SOURCE}-{stem(file)}-{line}"
-            if record_id in seen:
-                yield Reject(
-                    where, f"duplicate id {record_id} (first at {seen[record_id]})", content
-                )
-                continue
-            seen[record_id] = where
-            turns = [turn("user", questions[0]), turn("assistant", answers[0])]
-            meta: dict[str, Any] = {"extra_questions": questions[1:], "extra_answers": answers[1:]}
-            if has_id:
-                meta["qid"] = row["id"]
-            yield checked(Dialogue(record_id, SOURCE, turns, meta), where, content)
+    seen = FirstSeen()
+    for line in nonblank_lines(path, (".jsonl",)):
+        yield line if isinstance(line, Reject) else _record(line, seen)
+
+
+def _record(line: Line, seen: FirstSeen) -> Dialogue | Reject:
+    where, content = line.where, line.text
+    try:
+        row = json.loads(content)
+    except ValueError as e:
+        return Reject(where, f"bad JSON: {e}", content)
+    if not isinstance(row, dict):
+        return Reject(where, "a line must be a JSON object", content)
+    questions, answers = _texts(row.get("questions")), _texts(row.get("answers"))
+    reason = _problem("questions", row, questions) or _problem("answers", row, answers)
+    if reason or not questions or not answers:
+        return Reject(where, reason or "", content)
+    has_id = row.get("id") not in (None, "")
+    record_id = f"{SOURCE}-{row['id']}" if has_id else f"{SOURCE}-{stem(line.file)}-{line.number}"
+    if repeat := seen.repeat(record_id, where, content):
+        return repeat
+    turns = [turn("user", questions[0]), turn("assistant", answers[0])]
+    meta: dict[str, Any] = {"extra_questions": questions[1:], "extra_answers": answers[1:]}
+    if has_id:
+        meta["qid"] = row["id"]
+    return checked(Dialogue(record_id, SOURCE, turns, meta), where, content)

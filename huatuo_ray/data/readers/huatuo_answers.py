@@ -12,11 +12,11 @@ Rejected: rows that are not objects, or have no id, query or answer; repeated id
 from __future__ import annotations
 
 from huatuo_ray.data.readers._util import (
-    basename,
+    FirstSeen,
+    Item,
     checked,
     excerpt,
-    input_files,
-    read_json,
+    object_records,
     stem,
     text,
 )
@@ -27,31 +27,17 @@ SOURCE = "huatuo_answers"
 
 
 def read(path: str) -> ReadResult:
-    seen: dict[str, str] = {}
-    for file in input_files(path, (".json",)):
-        name, model, data = basename(file), stem(file), read_json(file)
-        if not isinstance(data, list):
-            raise ValueError(f"{name}: expected a JSON array of answers")
-        for i, row in enumerate(data):
-            where = f"{name}#{i}"
-            if not isinstance(row, dict):
-                yield Reject(where, "a row must be a JSON object", excerpt(row))
-                continue
-            qid, query, answer = (
-                row.get("id"),
-                text(row.get("query")),
-                text(row.get("model_output")),
-            )
-            if qid in (None, "") or not query or not answer:
-                yield Reject(where, "missing id, query or model_output", excerpt(row))
-                continue
-            record_id = f"{SOURCE}-{model}-{qid}"
-            if record_id in seen:
-                yield Reject(
-                    where, f"duplicate id {qid} (first at {seen[record_id]})", excerpt(row)
-                )
-                continue
-            seen[record_id] = where
-            meta = {"qid": qid, "label": row.get("label"), "model": model}
-            turns = [turn("user", query), turn("assistant", answer)]
-            yield checked(Dialogue(record_id, SOURCE, turns, meta), where, row)
+    return object_records(path, "answers", _record)
+
+
+def _record(item: Item, seen: FirstSeen) -> Dialogue | Reject:
+    row, where, model = item.value, item.where, stem(item.file)
+    qid, query, answer = row.get("id"), text(row.get("query")), text(row.get("model_output"))
+    if qid in (None, "") or not query or not answer:
+        return Reject(where, "missing id, query or model_output", excerpt(row))
+    record_id = f"{SOURCE}-{model}-{qid}"
+    if repeat := seen.repeat(record_id, where, excerpt(row), shown=qid):
+        return repeat
+    meta = {"qid": qid, "label": row.get("label"), "model": model}
+    turns = [turn("user", query), turn("assistant", answer)]
+    return checked(Dialogue(record_id, SOURCE, turns, meta), where, row)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from huatuo_ray.data.readers._util import basename, input_files, utf8_lines
+from huatuo_ray.data.readers._util import FirstSeen, basename, nonblank_lines
 from huatuo_ray.data.readers.base import ReadResult, Reject
 from huatuo_ray.dialogue import Dialogue, RecordError
 
@@ -60,23 +60,15 @@ def from_obj(row: Any, default_id: str, default_source: str) -> Dialogue:
 
 
 def read(path: str) -> ReadResult:
-    seen: dict[str, str] = {}
-    for file in input_files(path, (".jsonl",)):
-        name = basename(file)
-        for line, content in utf8_lines(file):
-            where = f"{name}:{line}"
-            if content is None:
-                yield Reject(where, "line is not UTF-8")
-                continue
-            if not content.strip():
-                continue
-            try:
-                dialogue = from_obj(json.loads(content), f"{name}-{line}", SOURCE)
-            except (ValueError, RecordError) as e:  # JSONDecodeError is a ValueError
-                yield Reject(where, str(e), content)
-                continue
-            if dialogue.id in seen:
-                yield Reject(where, f"duplicate id {dialogue.id} (first at {seen[dialogue.id]})")
-                continue
-            seen[dialogue.id] = where
-            yield dialogue
+    seen = FirstSeen()
+    for line in nonblank_lines(path, (".jsonl",)):
+        if isinstance(line, Reject):
+            yield line
+            continue
+        try:
+            default_id = f"{basename(line.file)}-{line.number}"
+            dialogue = from_obj(json.loads(line.text), default_id, SOURCE)
+        except (ValueError, RecordError) as e:  # JSONDecodeError is a ValueError
+            yield Reject(line.where, str(e), line.text)
+            continue
+        yield seen.repeat(dialogue.id, line.where) or dialogue

@@ -14,11 +14,11 @@ an object, a missing id, an empty query, a repeated id.
 from __future__ import annotations
 
 from huatuo_ray.data.readers._util import (
-    basename,
+    FirstSeen,
+    Item,
     checked,
     excerpt,
-    input_files,
-    read_json,
+    object_records,
     stem,
     text,
 )
@@ -35,29 +35,18 @@ def split_of(file: str) -> str:
 
 
 def read(path: str) -> ReadResult:
-    seen: dict[str, str] = {}
-    for file in input_files(path, (".json",)):
-        name, split, data = basename(file), split_of(file), read_json(file)
-        if not isinstance(data, list):
-            raise ValueError(f"{name}: expected a JSON array of queries")
-        for i, row in enumerate(data):
-            where = f"{name}#{i}"
-            if not isinstance(row, dict):
-                yield Reject(where, "a row must be a JSON object", excerpt(row))
-                continue
-            qid, query = row.get("id"), text(row.get("query"))
-            if qid in (None, ""):
-                yield Reject(where, "missing id", excerpt(row))
-                continue
-            if not query:
-                yield Reject(where, "missing or empty query", excerpt(row))
-                continue
-            record_id = f"{SOURCE}-{split}-{qid}"
-            if record_id in seen:
-                yield Reject(
-                    where, f"duplicate id {qid} (first at {seen[record_id]})", excerpt(row)
-                )
-                continue
-            seen[record_id] = where
-            meta = {"qid": qid, "label": row.get("label"), "split": split}
-            yield checked(Dialogue(record_id, SOURCE, [turn("user", query)], meta), where, row)
+    return object_records(path, "queries", _record)
+
+
+def _record(item: Item, seen: FirstSeen) -> Dialogue | Reject:
+    row, where, split = item.value, item.where, split_of(item.file)
+    qid, query = row.get("id"), text(row.get("query"))
+    if qid in (None, ""):
+        return Reject(where, "missing id", excerpt(row))
+    if not query:
+        return Reject(where, "missing or empty query", excerpt(row))
+    record_id = f"{SOURCE}-{split}-{qid}"
+    if repeat := seen.repeat(record_id, where, excerpt(row), shown=qid):
+        return repeat
+    meta = {"qid": qid, "label": row.get("label"), "split": split}
+    return checked(Dialogue(record_id, SOURCE, [turn("user", query)], meta), where, row)

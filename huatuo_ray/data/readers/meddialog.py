@@ -36,7 +36,7 @@ from huatuo_ray.data.readers._util import (
     checked,
     excerpt,
     input_files,
-    read_json,
+    json_array_items,
     stem,
     utf8_lines,
 )
@@ -111,11 +111,8 @@ def read(path: str) -> ReadResult:
 
 
 def _read_json(file: str) -> ReadResult:
-    name, data = basename(file), read_json(file)
-    if not isinstance(data, list):
-        raise ValueError(f"{name}: expected a JSON array of dialogues")
-    for i, item in enumerate(data):
-        where = f"{name}#{i}"
+    for entry in json_array_items(file, "dialogues"):
+        i, where, item = entry.index, entry.where, entry.value
         if not isinstance(item, list) or not all(isinstance(s, str) for s in item):
             yield Reject(where, "a dialogue must be a list of strings", excerpt(item))
             continue
@@ -131,7 +128,7 @@ def _read_json(file: str) -> ReadResult:
         if reason:
             yield Reject(where, reason, excerpt(item))
             continue
-        meta = {"file": name, "index": i}
+        meta = {"file": basename(file), "index": i}
         yield checked(Dialogue(f"{SOURCE}-{stem(file)}-{i}", SOURCE, turns, meta), where, item)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from huatuo_ray.data.readers._util import basename, checked, excerpt, input_files, read_json, text
+from huatuo_ray.data.readers._util import FirstSeen, checked, excerpt, json_array_items, text
 from huatuo_ray.data.readers.base import ReadResult, Reject
 from huatuo_ray.data.readers.meddialog import parse_dialogue
 from huatuo_ray.dialogue import Dialogue, turn
@@ -30,21 +30,12 @@ SOURCE = "meddialog_cases"
 
 
 def read(path: str) -> ReadResult:
-    seen: dict[str, str] = {}
-    for file in input_files(path, (".json",)):
-        name, data = basename(file), read_json(file)
-        if not isinstance(data, list):
-            raise ValueError(f"{name}: expected a JSON array of cases")
-        for i, row in enumerate(data):
-            where = f"{name}#{i}"
-            result = _case(row, where)
-            if isinstance(result, Dialogue):
-                if result.id in seen:
-                    result = Reject(
-                        where, f"duplicate case id {result.id} (first at {seen[result.id]})"
-                    )
-                else:
-                    seen[result.id] = where
+    seen = FirstSeen("case id")
+    for item in json_array_items(path, "cases"):
+        result = _case(item.value, item.where)
+        if isinstance(result, Dialogue):
+            yield seen.repeat(result.id, item.where) or result
+        else:
             yield result
 
 

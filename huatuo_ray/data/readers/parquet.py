@@ -15,7 +15,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 
 from huatuo_ray import storage
-from huatuo_ray.data.readers._util import basename, excerpt, input_files
+from huatuo_ray.data.readers._util import FirstSeen, basename, excerpt, input_files
 from huatuo_ray.data.readers.base import ReadResult, Reject
 from huatuo_ray.data.readers.jsonl import from_obj
 from huatuo_ray.dialogue import RecordError
@@ -24,7 +24,7 @@ SOURCE = "parquet"
 
 
 def read(path: str) -> ReadResult:
-    seen: dict[str, str] = {}
+    seen = FirstSeen()
     for file in input_files(path, (".parquet",)):
         name, index = basename(file), 0
         with storage.open_input(file) as f:
@@ -37,9 +37,4 @@ def read(path: str) -> ReadResult:
                     except RecordError as e:
                         yield Reject(where, str(e), excerpt(row))
                         continue
-                    if dialogue.id in seen:
-                        reason = f"duplicate id {dialogue.id} (first at {seen[dialogue.id]})"
-                        yield Reject(where, reason)
-                        continue
-                    seen[dialogue.id] = where
-                    yield dialogue
+                    yield seen.repeat(dialogue.id, where) or dialogue

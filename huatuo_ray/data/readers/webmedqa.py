@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from huatuo_ray.data.readers._util import basename, checked, input_files, stem, utf8_lines
+from huatuo_ray.data.readers._util import basename, checked, nonblank_lines, stem
 from huatuo_ray.data.readers.base import ReadResult, Reject
 from huatuo_ray.dialogue import Dialogue, turn
 
@@ -32,30 +32,26 @@ def split_of(file: str) -> str:
 
 def read(path: str) -> ReadResult:
     seen: dict[str, int] = {}
-    for file in input_files(path, (".txt",)):
-        name, split = basename(file), split_of(file)
-        for line, content in utf8_lines(file):
-            where = f"{name}:{line}"
-            if content is None:
-                yield Reject(where, "line is not UTF-8")
-                continue
-            if not content.strip():
-                continue
-            cols = content.split("\t")
-            if len(cols) != 5:
-                yield Reject(where, f"expected 5 tab-separated columns, found {len(cols)}", content)
-                continue
-            department, label, qid, question, answer = (c.strip() for c in cols)
-            if label == "0":
-                yield Reject(where, "negative candidate (label 0)", content)
-            elif label != "1":
-                yield Reject(where, f"bad label {label!r} (expected 1 or 0)", content)
-            elif not question or not answer:
-                yield Reject(where, f"empty {'question' if not question else 'answer'}", content)
-            else:
-                key = f"{SOURCE}-{split}-{qid}"
-                seen[key] = seen.get(key, 0) + 1
-                record_id = key if seen[key] == 1 else f"{key}-{seen[key]}"
-                turns = [turn("user", question), turn("assistant", answer)]
-                meta = {"department": department, "split": split, "qid": qid}
-                yield checked(Dialogue(record_id, SOURCE, turns, meta), where, content)
+    for line in nonblank_lines(path, (".txt",)):
+        if isinstance(line, Reject):
+            yield line
+            continue
+        where, content, split = line.where, line.text, split_of(line.file)
+        cols = content.split("\t")
+        if len(cols) != 5:
+            yield Reject(where, f"expected 5 tab-separated columns, found {len(cols)}", content)
+            continue
+        department, label, qid, question, answer = (c.strip() for c in cols)
+        if label == "0":
+            yield Reject(where, "negative candidate (label 0)", content)
+        elif label != "1":
+            yield Reject(where, f"bad label {label!r} (expected 1 or 0)", content)
+        elif not question or not answer:
+            yield Reject(where, f"empty {'question' if not question else 'answer'}", content)
+        else:
+            key = f"{SOURCE}-{split}-{qid}"
+            seen[key] = seen.get(key, 0) + 1
+            record_id = key if seen[key] == 1 else f"{key}-{seen[key]}"
+            turns = [turn("user", question), turn("assistant", answer)]
+            meta = {"department": department, "split": split, "qid": qid}
+            yield checked(Dialogue(record_id, SOURCE, turns, meta), where, content)
