@@ -52,6 +52,8 @@ def init_process_group(
     import deepspeed
 
     backend = "nccl" if on_gpu else "gloo"
+    if not on_gpu:
+        skip_shared_memory_all_reduce()
     if address is None:
         deepspeed.init_distributed(dist_backend=backend)
         return
@@ -70,6 +72,17 @@ def init_process_group(
         rank=rank,
         world_size=world,
     )
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """On CPUs, DeepSpeed's ``init_distributed`` compiles a shared-memory all-reduce op
+    (``deepspeed_shm_comm``: 45-60 s on 2 cores, once per environment) that only its
+    tensor-parallel inference layers call (``inference_all_reduce``); training's collectives go
+    through gloo either way. Marking the op unavailable skips the build; nothing here uses
+    DeepSpeed's tensor-parallel inference."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def all_reduce_sum(values: list[float], device: Any) -> list[float]:
