@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pip's own build of DeepSpeed must not try to compile CUDA/C++ ops: they are built on first use.
 export DS_BUILD_OPS := 0
 
-.PHONY: install test test-system lint format demo clean
+.PHONY: install test test-fast test-system lint format demo clean
 
 install: $(VENV)/.installed
 
@@ -21,14 +21,24 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "import huatuo_ray, torch, transformers, ray, deepspeed, vllm; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"
 	touch $@
 
+# Two pytest workers: most of a slow test's time is waiting (a Ray, a vLLM or a DeepSpeed
+# process starting, a job's status polled), so two tests at once keep 2 cores busy. The slow
+# tests are handed out first (tests/conftest.py), so the longest ones do not end the run alone.
+XDIST := -n 2 --dist load
+
 test: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
-	$(BIN)/python -m pytest -q tests -m "not system" --durations=10
+	$(BIN)/python -m pytest -q tests -m "not system" $(XDIST) --durations=10
+
+# The inner loop: the unit tests (no Ray job, vLLM or DeepSpeed engine started by a test), ~1.5 minutes.
+test-fast: install
+	$(BIN)/ruff check huatuo_ray tests benchmarks
+	$(BIN)/python -m pytest -q tests -m "not slow and not system" $(XDIST) --durations=10
 
 # System checks: the whole tiny recipe as Ray jobs on a `ray start` head, PPO on two nodes, a
-# stage losing a worker node (about 10 minutes on 2 cores, 2026-12-04; CI runs them after `make test`).
+# stage losing a worker node (CI runs them after `make test`).
 test-system: install
-	$(BIN)/python -m pytest -q tests -m system --durations=10
+	$(BIN)/python -m pytest -q tests -m system $(XDIST) --durations=10
 
 lint: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks

@@ -137,6 +137,7 @@ def engine_loop(rows, args, device, dtype) -> tuple[float, float]:
     """One DeepSpeed engine (ZeRO-2) with the stage's settings; (tokens/s, peak GiB)."""
     import deepspeed
 
+    from huatuo_ray.train.core import init_process_group
     from huatuo_ray.train.deepspeed_setup import (
         DeepSpeedConfig,
         OptimConfig,
@@ -149,7 +150,7 @@ def engine_loop(rows, args, device, dtype) -> tuple[float, float]:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    init_process_group(device == "cuda")  # the stage's own call, so both sides start alike
     model = build_model(args, dtype, device).train()
     ds = DeepSpeedConfig(zero_stage=2, precision="bf16" if dtype == torch.bfloat16 else "fp32")
     optim = OptimConfig(lr=1e-5)
