@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # Two pytest workers: most of a slow test's time is waiting (a Ray, a vLLM or a DeepSpeed
 # process starting, a job's status polled), so two tests at once keep 2 cores busy. The slow
-# tests are handed out first (tests/conftest.py), so the longest ones do not end the run alone.
-XDIST := -n 2 --dist load
+# tests are handed out first (tests/conftest.py), one at a time to whichever worker is free
+# (--maxschedchunk 1), so the longest ones do not end the run alone.
+XDIST := -n 2 --dist load --maxschedchunk 1
 
 test: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks

@@ -11,6 +11,9 @@ from huatuo_ray.inputs import UserError
 
 log = logging.getLogger(__name__)
 
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller poll (default 2 s)
+LOCAL_TRAIN_POLL_S = "0.25"
+
 
 def connect(cluster: ClusterConfig, stage: str) -> Any:
     """``ray.init()`` for a stage. Inside ``ray job submit`` RAY_ADDRESS points at the cluster and
@@ -34,6 +37,12 @@ def connect(cluster: ClusterConfig, stage: str) -> Any:
         )
     if starts_local and cluster.num_cpus is not None:
         kwargs["num_cpus"] = cluster.num_cpus
+    if starts_local:
+        # Ray Train's controller takes a worker's report (each checkpoint, the end of training)
+        # at its next poll, every 2 s by default: 2 s per checkpoint and at the end of a run,
+        # much of a small run on one machine. A new local Ray polls every 0.25 s (the raylet
+        # and every worker inherit this process's environment); a cluster keeps its own setting.
+        os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
     try:
         try:
             ctx = ray.init(**kwargs)

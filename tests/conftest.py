@@ -7,9 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from huatuo_ray.runtime import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+
 # Ray 2.60 turns token authentication on for new clusters; a client sends the token only when
 # RAY_AUTH_MODE=token is set, and Ray reads it once per process, so it is set before Ray loads.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Every Ray the tests start (local ones, `ray start` heads, subprocess stages) polls its Ray Train
+# workers as a stage's own local Ray does (huatuo_ray.runtime), not every 2 s.
+os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"

@@ -116,6 +116,7 @@ PORT_FLAGS = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(360)
 def test_readme_commands_on_a_fresh_home_start_a_head_with_token_auth(tmp_path: Path) -> None:

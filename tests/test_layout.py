@@ -68,6 +68,21 @@ def test_readme_code_map_matches_the_stage_list() -> None:
         assert (PACKAGE.parent / rows[name]).is_file()
 
 
+def test_every_make_command_the_docs_give_is_a_makefile_target() -> None:
+    """README and the CI script name `make X` commands; each X is a target of the Makefile (a
+    renamed target would otherwise leave the docs pointing at nothing)."""
+    import re
+
+    root = PACKAGE.parent
+    targets = set(re.findall(r"^([a-z][\w-]*):", (root / "Makefile").read_text(), flags=re.M))
+    for doc in (root / "README.md", root / ".ci" / "run"):
+        text = doc.read_text(encoding="utf-8")  # commands: at a line's start or in backticks
+        named = set(re.findall(r"(?:^|`)make ([a-z][\w-]*)", text, flags=re.M))
+        assert named, doc
+        assert named <= targets, (doc.name, named - targets)
+    assert {"install", "test", "test-fast", "test-system", "demo"} <= targets
+
+
 def test_tests_mirror_the_package_layout() -> None:
     """A package's tests live in ``tests/<package>/``; the root holds the cross-cutting ones (CLI,
     config, pipeline, clusters), the helper scripts and ``support/`` (the test doubles)."""

@@ -10,8 +10,10 @@ with ``ray.train.get_dataset_shard``: no worker loads the whole set.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,46 +26,60 @@ from huatuo_ray.train.packing import group_by_length, pack, pad_batch
 TOKEN_COLUMNS = ["input_ids", "labels", "position_ids", "segment_ids"]
 
 
-class TokenizeBlock:
-    """Ray Data callable: dialogue rows -> packed rows (or length-sorted samples) + rejects."""
+def cached_tokenizer(path: str) -> Any:
+    """One tokenizer per worker process and model folder: Ray Data's tasks run on pooled
+    workers, so a later block (or the next split, or the next stage on the same cluster) finds
+    it loaded. A folder rewritten in place (a stage run again into it) is loaded afresh."""
+    local = local_model_path(path)
+    folder = Path(local)
+    stamp = tuple(
+        sorted((f.name, f.stat().st_mtime_ns) for f in folder.glob("*token*") if f.is_file())
+    )
+    return _load_tokenizer(local, stamp)
 
-    def __init__(self, tokenizer_path: str, max_length: int, packing: bool):
-        from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(local_model_path(tokenizer_path))
-        self.max_length, self.packing = max_length, packing
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(local: str, stamp: tuple) -> Any:
+    from transformers import AutoTokenizer
 
-    def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
+    return AutoTokenizer.from_pretrained(local)
 
-        samples, rejects = [], []
-        for row in batch.to_pylist():
-            record = Dialogue.from_row(row)
-            try:
-                t = tokenize_dialogue(self.tokenizer, record.turns, self.max_length)
-            except RecordError as e:
-                rejects.append({"reject": json.dumps({"where": record.id, "reason": str(e)})})
-                continue
-            samples.append({"input_ids": t.input_ids, "labels": t.labels})
-        if self.packing:
-            rows = pack(samples, self.max_length, self.pad_id)
-        else:
-            rows = [
-                {
-                    **s,
-                    "position_ids": list(range(len(s["input_ids"]))),
-                    "segment_ids": [1] * len(s["input_ids"]),
-                }
-                for s in group_by_length(samples)
-            ]
-        out = [{**r, "reject": ""} for r in rows] + [
-            {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": [], **r}
-            for r in rejects
+
+def tokenize_block(batch: Any, tokenizer_path: str, max_length: int, packing: bool) -> Any:
+    """Ray Data function: dialogue rows -> packed rows (or length-sorted samples) + rejects.
+
+    A task, not an actor pool: an actor is a new process (seconds of imports) per split, while
+    tasks reuse the cluster's idle workers and their cached tokenizer."""
+    import pyarrow as pa
+
+    tokenizer = cached_tokenizer(tokenizer_path)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    samples, rejects = [], []
+    for row in batch.to_pylist():
+        record = Dialogue.from_row(row)
+        try:
+            t = tokenize_dialogue(tokenizer, record.turns, max_length)
+        except RecordError as e:
+            rejects.append({"reject": json.dumps({"where": record.id, "reason": str(e)})})
+            continue
+        samples.append({"input_ids": t.input_ids, "labels": t.labels})
+    if packing:
+        rows = pack(samples, max_length, pad_id)
+    else:
+        rows = [
+            {
+                **s,
+                "position_ids": list(range(len(s["input_ids"]))),
+                "segment_ids": [1] * len(s["input_ids"]),
+            }
+            for s in group_by_length(samples)
         ]
-        return pa.Table.from_pylist(out)
+    out = [{**r, "reject": ""} for r in rows] + [
+        {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": [], **r} for r in rejects
+    ]
+    return pa.Table.from_pylist(out)
 
 
 @dataclass
@@ -90,8 +106,8 @@ def prepare_split(
     if not files:
         raise ValueError(f"{uri} holds no records")
     ds = ray.data.read_parquet(files).map_batches(
-        TokenizeBlock,
-        fn_constructor_args=(tokenizer_path, max_length, packing),
+        tokenize_block,
+        fn_args=(tokenizer_path, max_length, packing),
         batch_size=block_samples,
         batch_format="pyarrow",
         concurrency=workers,

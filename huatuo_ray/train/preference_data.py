@@ -21,7 +21,7 @@ import numpy as np
 from huatuo_ray import artifacts
 from huatuo_ray.config import option
 from huatuo_ray.dialogue import Dialogue, encode_prompt
-from huatuo_ray.models.fetch import local_model_path
+from huatuo_ray.train.data import cached_tokenizer
 from huatuo_ray.train.loop import TrainStageConfig
 from huatuo_ray.train.metrics import timing_summary
 from huatuo_ray.train.ray_trainer import promote_best
@@ -64,40 +64,34 @@ def encode_response(tokenizer: Any, turns: list[dict[str, str]], response: str) 
     )
 
 
-class TokenizePairs:
-    """Ray Data callable: preference rows -> (chosen_ids, rejected_ids, margin) rows + rejects."""
+def tokenize_pairs(batch: Any, tokenizer_path: str, max_length: int) -> Any:
+    """Ray Data function: preference rows -> (chosen_ids, rejected_ids, margin) rows + rejects
+    (a task on a pooled worker, with that worker's cached tokenizer: :func:`~huatuo_ray.train.data.tokenize_block`)."""
+    import pyarrow as pa
 
-    def __init__(self, tokenizer_path: str, max_length: int):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(local_model_path(tokenizer_path))
-        self.max_length = max_length
-
-    def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
-        out = []
-        for row in batch.to_pylist():
-            record = Dialogue.from_row(row)
-            prompt_len = len(encode_prompt(self.tokenizer, record.turns))
-            chosen = encode_response(self.tokenizer, record.turns, record.meta["chosen"])
-            rejected = encode_response(self.tokenizer, record.turns, record.meta["rejected"])
-            reject = ""
-            if max(len(chosen), len(rejected)) > self.max_length:
-                reject = json.dumps(
-                    {"where": record.id, "reason": f"pair longer than max_length={self.max_length}"}
-                )
-                chosen = rejected = []
-            out.append(
-                {
-                    "chosen_ids": chosen,
-                    "rejected_ids": rejected,
-                    "margin": float(record.meta.get("margin", 0.0)),
-                    "prompt_len": prompt_len,
-                    "reject": reject,
-                }
+    tokenizer = cached_tokenizer(tokenizer_path)
+    out = []
+    for row in batch.to_pylist():
+        record = Dialogue.from_row(row)
+        prompt_len = len(encode_prompt(tokenizer, record.turns))
+        chosen = encode_response(tokenizer, record.turns, record.meta["chosen"])
+        rejected = encode_response(tokenizer, record.turns, record.meta["rejected"])
+        reject = ""
+        if max(len(chosen), len(rejected)) > max_length:
+            reject = json.dumps(
+                {"where": record.id, "reason": f"pair longer than max_length={max_length}"}
             )
-        return pa.Table.from_pylist(out)
+            chosen = rejected = []
+        out.append(
+            {
+                "chosen_ids": chosen,
+                "rejected_ids": rejected,
+                "margin": float(record.meta.get("margin", 0.0)),
+                "prompt_len": prompt_len,
+                "reject": reject,
+            }
+        )
+    return pa.Table.from_pylist(out)
 
 
 def pair_batches(shard: Any, micro_batch_size: int, pad_id: int, **feed: Any) -> Any:
@@ -140,8 +134,8 @@ def prepare_pairs(
     import ray
 
     ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).map_batches(
-        TokenizePairs,
-        fn_constructor_args=(tokenizer_path, max_length),
+        tokenize_pairs,
+        fn_args=(tokenizer_path, max_length),
         batch_size=256,
         batch_format="pyarrow",
         concurrency=1,

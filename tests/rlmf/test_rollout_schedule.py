@@ -132,6 +132,7 @@ def test_streamed_and_chunked_draw_the_same_samples_and_scoring_overlaps(
             group.shutdown()
 
 
+@pytest.mark.slow
 def test_scoring_of_the_first_piece_starts_before_the_last_piece_is_generated(
     rollout_inputs, tiny_model_dir: str, local_ray
 ) -> None:

@@ -102,3 +102,21 @@ def test_gradient_accumulation() -> None:
     assert gradient_accumulation(128, 4, 8) == 4
     with pytest.raises(ValueError, match="not a multiple"):
         gradient_accumulation(128, 3, 8)
+
+
+def test_tokenizer_is_cached_per_folder_until_the_folder_is_rewritten(tiny_model_dir: str) -> None:
+    """Ray Data's tokenising tasks reuse a worker's loaded tokenizer; a folder written again
+    (a stage rerun into it) is read afresh."""
+    import os
+    import shutil
+
+    from huatuo_ray.train.data import cached_tokenizer
+
+    folder = shutil.copytree(tiny_model_dir, os.path.join(os.path.dirname(tiny_model_dir), "copy"))
+    first = cached_tokenizer(folder)
+    assert cached_tokenizer(folder) is first
+    assert cached_tokenizer(tiny_model_dir) is not first  # another folder, its own tokenizer
+    config = os.path.join(folder, "tokenizer_config.json")
+    os.utime(config, ns=(0, os.stat(config).st_mtime_ns + 1_000_000))
+    again = cached_tokenizer(folder)
+    assert again is not first and cached_tokenizer(folder) is again

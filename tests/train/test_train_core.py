@@ -54,6 +54,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two DeepSpeed engines on gloo, each run twice (save, then restore)
 @pytest.mark.parametrize("where", ["folder", "uri"])
 def test_core_steps_saves_and_restores(
     tiny_model_dir: str, tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch
