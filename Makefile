@@ -29,17 +29,18 @@ XDIST := -n 2 --dist load --maxschedchunk 1
 
 test: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
-	$(BIN)/python -m pytest -q tests -m "not system" $(XDIST) --durations=10
+	$(BIN)/python -m pytest -q tests -m "not system and not cluster" $(XDIST) --durations=10
 
 # The inner loop: the unit tests (no Ray job, vLLM or DeepSpeed engine started by a test), ~1.5 minutes.
 test-fast: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
-	$(BIN)/python -m pytest -q tests -m "not slow and not system" $(XDIST) --durations=10
+	$(BIN)/python -m pytest -q tests -m "not slow and not system and not cluster" $(XDIST) --durations=10
 
-# System checks: the whole tiny recipe as Ray jobs on a `ray start` head, PPO on two nodes, a
-# stage losing a worker node (CI runs them after `make test`).
+# System checks: everything that starts a `ray start` head or several nodes: the whole tiny recipe
+# as Ray jobs, stages submitted as jobs, the dashboard's metrics, PPO on two nodes, a stage losing a
+# worker node (CI runs them after `make test`).
 test-system: install
-	$(BIN)/python -m pytest -q tests -m system $(XDIST) --durations=10
+	$(BIN)/python -m pytest -q tests -m "system or cluster" $(XDIST) --durations=10
 
 lint: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
