@@ -65,9 +65,24 @@ def local_ray():
     os.environ[TEACHER_KEY_ENV] = TEACHER_KEY
     if not ray.is_initialized():
         # address="local": a fresh Ray of its own, even while another test runs a `ray start` head.
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        # 4 logical CPUs on 2 cores: the tests' stages ask fractions and take turns; the margin
+        # keeps a Ray Train stage (whole CPUs, waiting until they are free) from waiting forever
+        # on an actor that an earlier test's stopped stage has not yet let go.
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _release_actors_of_failed_stages(request: pytest.FixtureRequest):
+    """After a test on the shared local Ray, collect the cycles an in-process error leaves (a
+    stage stopped by its teacher: Ray's error keeps its actor pool's handles, and so their
+    CPUs, until the cycle is collected), so the next test's Ray Train finds its CPUs free."""
+    yield
+    if "local_ray" in request.fixturenames:
+        import gc
+
+        gc.collect()
 
 
 class RecordingResponder:

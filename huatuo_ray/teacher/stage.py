@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
@@ -332,8 +333,10 @@ def run_teacher_map(
         num_cpus=0.5,
     )
     progress = telemetry.Progress(stage, len(rows))
+    fatal = None
+    outputs = iter(ds.iter_rows())
     try:
-        for row in ds.iter_rows():
+        for row in outputs:
             result.usage.add(json.loads(row["usage"]))
             progress.update(bool(row["record"]))
             if row["record"]:
@@ -341,9 +344,15 @@ def run_teacher_map(
             else:
                 result.rejects.append((row["input_id"], row["reason"]))
     except Exception as e:
-        if (fatal := _fatal_cause(e)) is not None:
-            raise fatal from None  # one clear message, not Ray's nested traces
-        raise
+        if (fatal := _fatal_cause(e)) is None:
+            raise
+    if fatal is not None:
+        # Ray's error holds the stopped iteration (and with it the pool's actors and their
+        # CPUs) through its traceback: let both go before raising one clear message of our own,
+        # raised outside the handler so that it does not carry Ray's error as its context.
+        del outputs, ds
+        gc.collect()
+        raise fatal
     result.seconds = time.time() - started
     return result
 
