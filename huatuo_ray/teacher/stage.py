@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import re
@@ -333,10 +332,8 @@ def run_teacher_map(
         num_cpus=0.5,
     )
     progress = telemetry.Progress(stage, len(rows))
-    fatal = None
-    outputs = iter(ds.iter_rows())
     try:
-        for row in outputs:
+        for row in ds.iter_rows():
             result.usage.add(json.loads(row["usage"]))
             progress.update(bool(row["record"]))
             if row["record"]:
@@ -344,15 +341,9 @@ def run_teacher_map(
             else:
                 result.rejects.append((row["input_id"], row["reason"]))
     except Exception as e:
-        if (fatal := _fatal_cause(e)) is None:
-            raise
-    if fatal is not None:
-        # Ray's error holds the stopped iteration (and with it the pool's actors and their
-        # CPUs) through its traceback: let both go before raising one clear message of our own,
-        # raised outside the handler so that it does not carry Ray's error as its context.
-        del outputs, ds
-        gc.collect()
-        raise fatal
+        if (fatal := _fatal_cause(e)) is not None:
+            raise fatal from None  # one clear message, not Ray's nested traces
+        raise
     result.seconds = time.time() - started
     return result
 
