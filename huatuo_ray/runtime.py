@@ -15,6 +15,17 @@ TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller p
 LOCAL_TRAIN_POLL_S = "0.25"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now. Another process may take it before the caller binds it:
+    whoever starts a server on it checks that the server it reaches is its own, and retries
+    on another port (:func:`~huatuo_ray.inference.openai_server.vllm_server`)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def connect(cluster: ClusterConfig, stage: str) -> Any:
     """``ray.init()`` for a stage. Inside ``ray job submit`` RAY_ADDRESS points at the cluster and
     this connects to it; on a laptop it starts a local Ray. Returns the Ray context."""

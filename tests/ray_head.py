@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,11 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from huatuo_ray.runtime import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Head", "free_port", "local_head"]
 
 
 @dataclass
@@ -36,11 +33,19 @@ class Head:
     tmpdir: str = ""  # RAY_TMPDIR whose ray/ is temp_dir
 
 
-def _wait_for_dashboard(url: str, env: dict[str, str], deadline: float) -> None:
+class HeadExited(RuntimeError):
+    """`ray start` ended before its dashboard answered (a port taken meanwhile, most often)."""
+
+
+def _wait_for_dashboard(
+    url: str, env: dict[str, str], deadline: float, proc: subprocess.Popen
+) -> None:
     from ray.job_submission import JobSubmissionClient
 
     last: Exception | None = None
     while time.time() < deadline:
+        if proc.poll() is not None:
+            raise HeadExited(f"`ray start` exited with code {proc.returncode}")
         try:
             with _env(env):
                 JobSubmissionClient(url).list_jobs()
@@ -89,7 +94,22 @@ def local_head(
     would be), inherited by every job and worker on it. The temp dir is ``RAY_TMPDIR/ray`` of
     ``Head.tmpdir``: a bare ``ray.init()`` run with that ``RAY_TMPDIR`` finds this head as it
     finds a `ray start` head on the default temp dir. ``metrics_port``: the node's metrics
-    endpoint (``http://127.0.0.1:PORT/metrics``)."""
+    endpoint (``http://127.0.0.1:PORT/metrics``). A head that exits while starting (a free port
+    taken by another test's process meanwhile) is started again on new ports, three times in all."""
+    for attempt in range(3):
+        try:
+            with _head(num_cpus, timeout, node_env, metrics_port) as head:
+                yield head
+            return
+        except HeadExited:
+            if attempt == 2:
+                raise
+
+
+@contextlib.contextmanager
+def _head(
+    num_cpus: int, timeout: float, node_env: dict[str, str] | None, metrics_port: int | None
+) -> Iterator[Head]:
     tmpdir = tempfile.mkdtemp(prefix="hr-ray-", dir="/tmp")
     temp_dir = os.path.join(tmpdir, "ray")
     os.mkdir(temp_dir)
@@ -122,7 +142,7 @@ def local_head(
     )
     url = f"http://127.0.0.1:{dash_port}"
     try:
-        _wait_for_dashboard(url, env, time.time() + timeout)
+        _wait_for_dashboard(url, env, time.time() + timeout, proc)
         yield Head(f"127.0.0.1:{gcs_port}", url, env, temp_dir, tmpdir)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -49,7 +49,8 @@ def main() -> None:
         import vllm  # noqa: F401
     except ImportError:
         raise SystemExit("the demo's local teacher is vLLM's server: run `make install`") from None
-    from huatuo_ray.inference.openai_server import free_port, vllm_server
+    from huatuo_ray.inference.openai_server import vllm_server
+    from huatuo_ray.runtime import free_port
 
     port = free_port()
     config = load_config(

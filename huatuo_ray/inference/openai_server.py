@@ -19,21 +19,39 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from huatuo_ray.runtime import free_port
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "vllm_server"]
 
 
 @contextlib.contextmanager
 def vllm_server(
-    model_dir: str, name: str = "tiny-teacher", timeout: float = 240, port: int | None = None
-) -> Iterator[str]:
-    """Start ``python -m vllm.entrypoints.openai.api_server``; yield its base URL; stop it."""
-    port = port or free_port()
+    model_dir: str, name: str = "tiny-teacher", timeout: float = 240, port: int | None = None,
+    attempts: int = 3,
+) -> Iterator[str]:  # fmt: skip
+    """Start ``python -m vllm.entrypoints.openai.api_server``; yield its base URL; stop it.
+
+    Without ``port``, a free one is picked; another process may take it in the seconds before
+    vLLM binds it (vLLM imports first), so the server counts as up only when ``/v1/models``
+    there names ``name``, and a server that found its port taken is started again on another
+    (``attempts`` in all)."""
+    for attempt in range(1, attempts + 1):
+        chosen = port or free_port()
+        try:
+            with _one_server(model_dir, name, timeout, chosen) as base_url:
+                yield base_url
+            return
+        except PortTaken:
+            if port or attempt == attempts:
+                raise
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its port: another process holds it."""
+
+
+@contextlib.contextmanager
+def _one_server(model_dir: str, name: str, timeout: float, port: int) -> Iterator[str]:
     with open(Path(model_dir) / "config.json") as f:
         context = min(4096, int(json.load(f).get("max_position_embeddings", 1024)))
     log_path = Path(model_dir).parent / f"vllm-{port}.log"
@@ -52,18 +70,15 @@ def vllm_server(
         base_url = f"http://127.0.0.1:{port}/v1"
         try:
             deadline = time.time() + timeout
-            while True:
+            while not _serves(base_url, name):
                 if proc.poll() is not None:
-                    raise RuntimeError(f"vLLM server exited: {log_path.read_text()[-3000:]}")
-                try:
-                    urllib.request.urlopen(f"{base_url}/models", timeout=2).read()
-                    break
-                # HTTPException: not HTTP at all, another process that took the free port first
-                # (vLLM then fails to bind and exits, reported above).
-                except (OSError, http.client.HTTPException):
-                    if time.time() > deadline:
-                        raise TimeoutError(f"vLLM server did not start: {log_path}") from None
-                    time.sleep(1)
+                    text = log_path.read_text()
+                    if "address already in use" in text.lower():
+                        raise PortTaken(f"port {port} was taken before vLLM bound it")
+                    raise RuntimeError(f"vLLM server exited: {text[-3000:]}")
+                if time.time() > deadline:
+                    raise TimeoutError(f"vLLM server did not start: {log_path}")
+                time.sleep(1)
             yield base_url
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -73,3 +88,14 @@ def vllm_server(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def _serves(base_url: str, name: str) -> bool:
+    """Whether the server at ``base_url`` is up and serves ``name`` (not another process that
+    took the port: not HTTP at all, or another server)."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=2) as r:
+            models = json.loads(r.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+    return any(m.get("id") == name for m in models.get("data", []) if isinstance(m, dict))

@@ -14,6 +14,7 @@ from huatuo_ray.inference.generation import (
     HFGenerator,
     SamplingConfig,
     SeededSampler,
+    seeded_uniform,
 )
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
@@ -49,6 +50,25 @@ def test_the_sampler_draws_temperature_top_k_and_top_p_by_hand() -> None:
     assert got == pytest.approx([*two, 0.0, 0.0], abs=0.015)
 
 
+def test_the_seeded_noise_is_uniform_and_a_function_of_seed_step_and_token_only() -> None:
+    seeds = torch.tensor([3, 1 << 62, 12345, 7], dtype=torch.long)
+    u = seeded_uniform(seeds, step=0, width=50_000)
+    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all())
+    # Uniform on (0, 1): mean 1/2, variance 1/12, deciles of a tenth each.
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.005)
+    assert float(u.var()) == pytest.approx(1 / 12, abs=0.002)
+    deciles = torch.histc(u, bins=10, min=0.0, max=1.0) / u.numel()
+    assert deciles.tolist() == pytest.approx([0.1] * 10, abs=0.005)
+    # A row's numbers depend on its seed only: the same in another batch, in another position.
+    alone = seeded_uniform(torch.tensor([7]), step=0, width=50_000)
+    assert torch.equal(alone[0], u[3])
+    # Another step, another seed: other numbers, not correlated.
+    later = seeded_uniform(seeds, step=1, width=50_000)
+    assert not torch.equal(later, u)
+    assert abs(float(torch.corrcoef(torch.stack([u[0], later[0]]))[0, 1])) < 0.02
+    assert abs(float(torch.corrcoef(u[:2])[0, 1])) < 0.02
+
+
 def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_model_dir: str) -> None:
     engine = HFGenerator(tiny_model_dir, EngineConfig(backend="hf", hf_batch_prompts=True))
     prompts = [[5 + (i * 7 + j) % 300 for j in range(4 + i % 9)] for i in range(6)]
@@ -78,3 +98,35 @@ def test_a_streamed_share_is_decoded_in_batches_bounded_by_hf_max_batch(
     assert (bounded.stats.steps, bounded.stats.in_flight) == (3, 20)  # 4 + 4 + 2 prompts x 2
     flat = [s.token_ids for p in pieces for _, ss in p for s in ss]
     assert flat == [s.token_ids for p in again for _, ss in p for s in ss]
+
+
+def test_the_static_kv_cache_draws_what_the_dynamic_one_draws(tiny_model_dir: str) -> None:
+    """The static cache (the default: written in place, no copy of the cache per step) is an
+    implementation choice only: the same tokens and log-probs as the growing dynamic one, and a
+    long call does not size the next, shorter call's cache."""
+    prompts = [[5 + (i * 11 + j) % 300 for j in range(3 + 5 * i)] for i in range(4)]
+    sampling = SamplingConfig(n=2, max_new_tokens=10, temperature=1.0, top_p=1.0)
+    out = {}
+    for cache in ("static", "dynamic"):
+        engine = HFGenerator(
+            tiny_model_dir, EngineConfig(backend="hf", hf_batch_prompts=True, hf_cache=cache)
+        )
+        out[cache] = engine.generate(prompts, sampling, [1, 2, 3, 4], logprobs=True)
+    static, dynamic = ([s for r in out[c] for s in r] for c in ("static", "dynamic"))
+    assert [s.token_ids for s in static] == [s.token_ids for s in dynamic]
+    for a, b in zip(static, dynamic):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    long_then_short = HFGenerator(tiny_model_dir, EngineConfig(backend="hf", hf_batch_prompts=True))
+    long_then_short.generate([list(range(5, 200))], sampling, [9])
+    seen = []
+    original = long_then_short.model.forward
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["past_key_values"].get_max_length())
+        return original(*args, **kwargs)
+
+    long_then_short.model.forward = record
+    long_then_short.generate([[5, 6, 7]], sampling, [9])
+    # Sized for this call (its prompt + max_new_tokens - 1 positions are ever cached), not for
+    # the long call's 195 + 10.
+    assert set(seen) == {3 + 10 - 1}

@@ -219,3 +219,24 @@ def test_retrying_client_pays_once_per_distinct_request() -> None:
     assert pstats.faults_injected > 0
     # Truncated answers were paid upstream without being delivered.
     assert sstats.succeeded == pstats.upstream_ok == 10 + pstats.faults["truncate"]
+
+
+def test_a_started_server_counts_as_up_only_when_it_serves_its_own_model() -> None:
+    """``vllm_server`` picks a free port, which another process may take before vLLM binds it:
+    the readiness check must not take that process for the server it started (another server
+    on the port, or not HTTP at all), and only then does it start again on another port."""
+    import socket
+
+    from huatuo_ray.inference.openai_server import _serves
+
+    with ScriptedOpenAIServer(models=["tiny-teacher"]) as other:
+        assert _serves(other.base_url, "tiny-teacher")
+        assert not _serves(other.base_url, "dpo")  # another server holds the port
+    with socket.socket() as raw:  # a listener that never speaks HTTP
+        raw.bind(("127.0.0.1", 0))
+        raw.listen()
+        assert not _serves(f"http://127.0.0.1:{raw.getsockname()[1]}/v1", "dpo")
+    with socket.socket() as s:  # nobody there
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert not _serves(f"http://127.0.0.1:{closed}/v1", "dpo")

@@ -8,7 +8,6 @@ their edges; padding that cannot make a loss NaN."""
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,6 +35,7 @@ from huatuo_ray.rlmf.ppo_math import (
     policy_token_losses,
     truncated_is_weights,
 )
+from huatuo_ray.runtime import free_port
 
 T = torch.tensor
 LENGTHS = [1, 3, 2, 4]  # four answers of unequal lengths (width 4)
@@ -69,12 +69,6 @@ EXPECTED = {
     # rows' token sums 1, 6, 6, 16 over 4 rows; every token weighs 1/4
     "seq_mean_token_sum": (29 / 4, [1 / 4] * 4),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_of_a_step(rank: int, port: int, mode: str, out: str) -> None:
@@ -116,7 +110,7 @@ def test_two_micro_batches_on_two_ranks_give_the_one_batch_loss_and_gradient(
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_rank_of_a_step, args=(_free_port(), mode, out), nprocs=2, join=True)
+    mp.spawn(_rank_of_a_step, args=(free_port(), mode, out), nprocs=2, join=True)
     got = torch.load(out)
     loss, weights = EXPECTED[mode]
     losses, mask = _rows()

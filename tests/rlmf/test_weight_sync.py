@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from huatuo_ray.rlmf import weight_sync as ws
-from huatuo_ray.rlmf.actors.base import free_port
+from huatuo_ray.runtime import free_port
 
 
 def _specs(named: list[tuple[str, torch.Tensor]]) -> list[ws.ParamSpec]:

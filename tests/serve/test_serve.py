@@ -20,7 +20,7 @@ import pytest
 from huatuo_ray.config import ModelConfig
 from huatuo_ray.inference.generation import EngineConfig
 from huatuo_ray.inference.openai_api import ChatLimits
-from huatuo_ray.inference.openai_server import free_port
+from huatuo_ray.runtime import free_port
 from huatuo_ray.serve import chat_client, endpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from huatuo_ray.config import ModelConfig
-    from huatuo_ray.inference.openai_server import free_port
+    from huatuo_ray.runtime import free_port
     from huatuo_ray.train import core
     from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 

@@ -9,7 +9,6 @@ share a process group; what they exchange goes through the driver as an
 from __future__ import annotations
 
 import functools
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,13 +16,8 @@ from typing import Any
 import torch
 
 from huatuo_ray.config import ModelConfig
+from huatuo_ray.runtime import free_port
 from huatuo_ray.train import core as train_core
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def timed(method: Callable) -> Callable:
@@ -56,7 +50,7 @@ class ModelWorker:
         """(node IP, a free port) for rank 0 to host the group's rendezvous."""
         import ray
 
-        return ray.util.get_node_ip_address(), free_port()
+        return ray.util.get_node_ip_address(), free_port("")  # every interface
 
     def node_id(self) -> str:
         import ray
