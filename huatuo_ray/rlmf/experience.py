@@ -17,7 +17,9 @@ see alone. Every actor reads the same :class:`Experience`; each adds the fields 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -78,10 +80,59 @@ class Experience:
         bounds = torch.linspace(0, len(self), n + 1).round().long().tolist()
         return [self.select(slice(a, b)) for a, b in zip(bounds, bounds[1:])]
 
+    def trimmed(self) -> Experience:
+        """The same rows without the columns that are padding in every one of them: prompt
+        columns on the left, response columns on the right (at least one response column
+        stays). A batch of rows of similar lengths then computes no padding at all."""
+        real = self.attention_mask[:, : self.prompt_width].bool().any(0)
+        first = int(real.long().argmax()) if bool(real.any()) else self.prompt_width
+        acting = self.action_mask.bool().any(0).nonzero()
+        length = int(acting.max()) + 1 if len(acting) else 1
+        end = self.prompt_width + length
+        fields = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, torch.Tensor) or value.dim() < 2:
+                continue
+            whole_row = f.name in ("sequences", "attention_mask")
+            fields[f.name] = value[:, first:end] if whole_row else value[:, :length]
+        return dataclasses.replace(self, prompt_width=self.prompt_width - first, **fields)
+
+    def length_groups(self, size: int) -> list[tuple[torch.Tensor, Experience]]:
+        """Parts of ``size`` rows (the last may be smaller), the rows ordered by their real
+        tokens so that each part holds rows of similar lengths, each part :meth:`trimmed`;
+        with each part its row indices into ``self``. Run part by part, a batch whose prompts
+        or responses differ in length computes a fraction of its padding."""
+        order = torch.argsort(self.attention_mask.sum(-1), stable=True)
+        return [
+            (order[i : i + size], self.select(order[i : i + size]).trimmed())
+            for i in range(0, len(self), size)
+        ]
+
     def minibatches(self, size: int, generator: torch.Generator) -> list[Experience]:
         """A shuffled split into parts of ``size`` rows (the last may be smaller)."""
         order = torch.randperm(len(self), generator=generator)
         return [self.select(order[i : i + size]) for i in range(0, len(self), size)]
+
+
+def per_length_group(exp: Experience, size: int, forward: Callable[[Experience], Any]) -> Any:
+    """``forward`` (a response-level (rows, R') tensor, or a tuple of them and Nones) run on
+    each of :meth:`Experience.length_groups`, put back in ``exp``'s row order at its response
+    width: what ``forward(exp)`` gives on the response tokens, without computing its padding
+    (0 under padding, which every reader masks)."""
+    rows, width = len(exp), exp.action_mask.shape[1]
+    merged: list[torch.Tensor | None] = []
+    single = False
+    for index, part in exp.length_groups(size):
+        out = forward(part)
+        single = isinstance(out, torch.Tensor)
+        outs = (out,) if single else tuple(out)
+        if not merged:
+            merged = [None if o is None else o.new_zeros((rows, width)) for o in outs]
+        for whole, o in zip(merged, outs):
+            if whole is not None:
+                whole[index.to(o.device), : o.shape[1]] = o * part.action_mask.to(o)
+    return merged[0] if single else tuple(merged)
 
 
 def make_experience(

@@ -10,7 +10,10 @@ Batch sizes, in rows (one row = one prompt with one sampled answer):
   scored (``streamed``); a multiple of the policy workers, and it divides ``rows``;
 * ``minibatch_size``: rows per optimizer step over all workers (it divides ``rows``);
 * ``micro_batch_size``: rows per forward/backward of one worker (``micro_batch_size`` x workers
-  divides ``minibatch_size``).
+  divides ``minibatch_size``), and per forward of the experience passes (reference, critic,
+  old log-probs); a worker takes its rows in groups of similar lengths, padding trimmed
+  (:meth:`~huatuo_ray.rlmf.experience.Experience.length_groups`): the same gradient, less
+  padding computed.
 
 The recipe that runs it: :mod:`~huatuo_ray.rlmf.ppo`.
 """
@@ -228,7 +231,9 @@ class PPOConfig:
         64, help="prompts per iteration (paper: 64); rows = rollout_size x sampling.n"
     )
     minibatch_size: int = option(8, help="rows per optimizer step over all workers")
-    micro_batch_size: int = option(4, help="rows per forward/backward per worker")
+    micro_batch_size: int = option(
+        4, help="rows per forward/backward per worker (rows of similar lengths together)"
+    )
     ppo_epochs: int = option(4, help="passes over each rollout (paper: 4)")
     clip_ratio: float = option(0.2, help="PPO policy ratio clip")
     value_clip: float = option(0.2, help="value clip around the old values")

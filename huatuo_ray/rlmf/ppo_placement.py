@@ -111,7 +111,12 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
             groups[name] = group(name, RewardWorker, source.model, source.normalise)
     if not config.reference.frozen_trunk:
         groups["reference"] = group(
-            "reference", ReferenceWorker, config.model, config.sampling.temperature, config.pack
+            "reference",
+            ReferenceWorker,
+            config.model,
+            config.sampling.temperature,
+            config.pack,
+            config.micro_batch_size,
         )
     groups["rollout"] = group(
         "rollout",

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from huatuo_ray.rlmf.experience import concat, make_experience
+from huatuo_ray.rlmf.experience import concat, make_experience, per_length_group
 from huatuo_ray.rlmf.model_ops import (
     FrozenTrunkReference,
     ValueModel,
@@ -59,6 +59,52 @@ def test_concat_repads_chunks_and_shards_split_rows() -> None:
     ]
     parts = both.minibatches(1, torch.Generator().manual_seed(0))
     assert sorted(p.scores.item() for p in parts) == [1.0, 2.0]
+
+
+def test_length_groups_put_similar_rows_together_and_trim_their_padding() -> None:
+    # Prompt lengths 1, 4, 2, 3 (width 4); responses 3, 1, 2, 1 (width 3).
+    exp = make_experience(
+        [[5], [5, 6, 7, 8], [5, 6], [5, 6, 7]],
+        [[9, 10, 11], [9], [9, 10], [9]],
+        [True, True, False, True],
+        PAD,
+        [[-1.0, -2.0, -3.0], [-4.0], [-5.0, -6.0], [-7.0]],
+    )
+    exp.scores = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    groups = exp.length_groups(2)
+    # Real tokens 4, 5, 4, 4: rows 0, 2 | 3, 1 (stable order among equals).
+    assert [index.tolist() for index, _ in groups] == [[0, 2], [3, 1]]
+    short, long = (part for _, part in groups)
+    # Rows 0 and 2: prompts of 1 and 2 tokens (two left columns dropped), responses 3 and 2.
+    assert short.prompt_width == 2
+    assert short.sequences.tolist() == [[PAD, 5, 9, 10, 11], [5, 6, 9, 10, PAD]]
+    assert short.attention_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert short.position_ids.tolist() == [[0, 0, 1, 2, 3], [0, 1, 2, 3, 3]]
+    assert short.action_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert short.rollout_logprobs.tolist() == [[-1.0, -2.0, -3.0], [-5.0, -6.0, 0.0]]
+    assert short.scores.tolist() == [0.0, 2.0] and short.finished.tolist() == [True, False]
+    # Rows 3 and 1: prompts of 3 and 4 tokens, one response token each: two right columns go.
+    assert long.prompt_width == 4 and long.action_mask.tolist() == [[1], [1]]
+    assert long.sequences.tolist() == [[PAD, 5, 6, 7, 9], [5, 6, 7, 8, 9]]
+    # 20 of the 28 cells of the whole batch are computed: 10 + 10.
+    assert sum(p.sequences.numel() for _, p in groups) == 20 < exp.sequences.numel() == 28
+
+
+def test_a_forward_by_length_groups_equals_the_whole_batchs(policy) -> None:
+    prompts = [[5 + (7 * i + j) % 200 for j in range(2 + 5 * i)] for i in range(5)]
+    responses = [[9 + (3 * i + j) % 100 for j in range(1 + 4 * (4 - i))] for i in range(5)]
+    exp = make_experience(prompts, responses, [True] * 5, PAD)
+
+    def forward(part):
+        with torch.no_grad():
+            return token_logprobs(forward_logits(policy, part), part.responses, 1.0)
+
+    whole = forward(exp) * exp.action_mask
+    grouped = per_length_group(exp, 2, forward)
+    assert grouped.shape == whole.shape
+    assert torch.allclose(grouped, whole, atol=1e-5)
+    both = per_length_group(exp, 2, lambda part: (forward(part), None))
+    assert torch.equal(both[0], grouped) and both[1] is None
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from huatuo_ray.rlmf.actors.base import timed
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
-from huatuo_ray.rlmf.experience import Experience
+from huatuo_ray.rlmf.experience import Experience, per_length_group
 from huatuo_ray.rlmf.model_ops import ValueModel, forward_values
 from huatuo_ray.rlmf.ppo_math import masked_mean, value_token_losses
 from huatuo_ray.train.core import freeze_bottom, load_model
@@ -27,10 +27,14 @@ class CriticWorker(TrainableWorker):
 
     @timed
     def values(self, exp: Experience) -> torch.Tensor:
-        exp = exp.to(self.device)
+        """Values at sampling time, ``micro_batch_size`` rows of similar lengths at a time."""
         self.engine.eval()
+
+        def forward(part: Experience) -> torch.Tensor:
+            return forward_values(self.engine, part.to(self.device), self.config.pack).cpu()
+
         with torch.no_grad():
-            return forward_values(self.engine, exp, self.config.pack).cpu()
+            return per_length_group(exp, self.config.micro_batch_size, forward)
 
     def micro_loss(self, micro: Experience) -> tuple[torch.Tensor, dict[str, float]]:
         values = forward_values(self.engine, micro, self.config.pack)

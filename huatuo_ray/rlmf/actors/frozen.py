@@ -14,7 +14,7 @@ import torch
 
 from huatuo_ray.config import ModelConfig
 from huatuo_ray.rlmf.actors.base import ModelWorker, timed
-from huatuo_ray.rlmf.experience import Experience
+from huatuo_ray.rlmf.experience import Experience, per_length_group
 from huatuo_ray.rlmf.model_ops import ValueModel, forward_logits, last_token_scores, token_logprobs
 from huatuo_ray.train.core import load_model
 
@@ -23,17 +23,24 @@ class ReferenceWorker(ModelWorker):
     """The frozen SFT model, for full fine-tuning (with top layers only, the policy's frozen
     trunk serves the reference and this group is not created)."""
 
-    def __init__(self, model: ModelConfig, temperature: float, pack: bool = False):
-        self.temperature, self.pack = temperature, pack
+    def __init__(
+        self, model: ModelConfig, temperature: float, pack: bool = False, batch_rows: int = 8
+    ):
+        self.temperature, self.pack, self.batch_rows = temperature, pack, batch_rows
         self.model = load_model(model, "causal", self.dtype(model))
         self.model.to(self.device).eval().requires_grad_(False)
 
     @timed
     @torch.no_grad()
     def log_probs(self, exp: Experience) -> torch.Tensor:
-        exp = exp.to(self.device)
-        logits = forward_logits(self.model, exp, self.pack)
-        return token_logprobs(logits, exp.responses, self.temperature).cpu()
+        """Log-probs of the sampled tokens, ``batch_rows`` rows of similar lengths at a time."""
+
+        def forward(part: Experience) -> torch.Tensor:
+            part = part.to(self.device)
+            logits = forward_logits(self.model, part, self.pack)
+            return token_logprobs(logits, part.responses, self.temperature).cpu()
+
+        return per_length_group(exp, self.batch_rows, forward)
 
 
 def reward_normalisation(model_path: str) -> dict[str, float]:

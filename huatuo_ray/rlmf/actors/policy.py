@@ -12,7 +12,7 @@ import torch
 from huatuo_ray.rlmf import weight_sync
 from huatuo_ray.rlmf.actors.base import timed
 from huatuo_ray.rlmf.actors.trainable import TrainableWorker
-from huatuo_ray.rlmf.experience import Experience
+from huatuo_ray.rlmf.experience import Experience, per_length_group
 from huatuo_ray.rlmf.model_ops import (
     FrozenTrunkReference,
     forward_logits,
@@ -57,29 +57,33 @@ class PolicyWorker(TrainableWorker):
 
     @timed
     def log_probs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Policy log-probs of the sampled tokens, and the reference's from the frozen trunk."""
+        """Policy log-probs of the sampled tokens, and the reference's from the frozen trunk;
+        ``micro_batch_size`` rows of similar lengths at a time."""
+        self.engine.eval()
+        with torch.no_grad():
+            return per_length_group(exp, self.config.micro_batch_size, self._log_probs)
+
+    def _log_probs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
         exp = exp.to(self.device)
         temperature = self.config.sampling.temperature
         pack = self.config.pack
-        self.engine.eval()
-        with torch.no_grad():
-            if self.reference is None:
-                logits = forward_logits(self.engine, exp, pack)
-                return token_logprobs(logits, exp.responses, temperature).cpu(), None
-            with self.reference.capture():
-                logits = forward_logits(self.engine, exp, pack)
-            if pack:
-                packed = pack_rows(exp)
-                valid = exp.action_mask.bool()
-                ref = self.reference.logits(positions=packed.response_index[valid])
-                ref_logits = unpack_responses(ref, packed, exp)
-            else:
-                width = exp.action_mask.shape[1]
-                ref_logits = self.reference.logits(keep=width + 1)[:, :-1]
-            return (
-                token_logprobs(logits, exp.responses, temperature).cpu(),
-                token_logprobs(ref_logits, exp.responses, temperature).cpu(),
-            )
+        if self.reference is None:
+            logits = forward_logits(self.engine, exp, pack)
+            return token_logprobs(logits, exp.responses, temperature).cpu(), None
+        with self.reference.capture():
+            logits = forward_logits(self.engine, exp, pack)
+        if pack:
+            packed = pack_rows(exp)
+            valid = exp.action_mask.bool()
+            ref = self.reference.logits(positions=packed.response_index[valid])
+            ref_logits = unpack_responses(ref, packed, exp)
+        else:
+            width = exp.action_mask.shape[1]
+            ref_logits = self.reference.logits(keep=width + 1)[:, :-1]
+        return (
+            token_logprobs(logits, exp.responses, temperature).cpu(),
+            token_logprobs(ref_logits, exp.responses, temperature).cpu(),
+        )
 
     def micro_loss(self, micro: Experience) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config

@@ -74,8 +74,9 @@ class TrainableWorker(ModelWorker):
         for _ in range(c.ppo_epochs):
             for minibatch in exp.minibatches(per_worker, generator):
                 self.step_totals(minibatch)
-                for start in range(0, len(minibatch), c.micro_batch_size):
-                    micro = minibatch.select(slice(start, start + c.micro_batch_size))
+                # Rows of similar lengths together, padding trimmed: the step's gradient is
+                # the same (each micro-batch's loss is its share of the step's; step_totals).
+                for _, micro in minibatch.length_groups(c.micro_batch_size):
                     loss, stats = self.micro_loss(micro.to(self.device))
                     self.core.backward_step(loss)
                     for k, v in stats.items():
