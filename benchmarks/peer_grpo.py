@@ -14,7 +14,9 @@ minibatch of all answers); AdamW at lr 1e-6. Ours: the ``grpo`` stage on a local
 machine's CPUs: policy (``--policy-workers``, 1), reference, reward-function and ``--engines``
 (2) HF rollout engines, an equal share of the CPUs each (0.4 on 2 cores), so the two engines
 decode half the answers each in one batch at the same time (one torch thread each: the stage's
-thread rule), then the reference and the policy take both cores in turn; ``--gpu``: one engine
+thread rule), then the reference and the policy take both cores in turn, ``--micro`` (16) rows of
+similar lengths per forward (the prompts' lengths differ: their padding is trimmed), the one
+optimizer step accumulated over them; ``--gpu``: one engine
 and every group on the one GPU (the hybrid engine). TRL:
 ``GRPOTrainer`` (``use_vllm=False``: HF ``generate`` of all answers in one batch; on CPUs
 ``use_cpu``, torch's default threads).
@@ -129,7 +131,7 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
         iterations=args.iterations,
         rollout_size=args.prompts,
         minibatch_size=rows,
-        micro_batch_size=rows // args.policy_workers,
+        micro_batch_size=min(args.micro, rows // args.policy_workers),
         ppo_epochs=1,
         max_prompt_tokens=1024,
         checkpoint=ppo_config.CheckpointEvery(every_iterations=10**6),
@@ -259,7 +261,7 @@ def side(name: str, root: str, args: argparse.Namespace) -> dict[str, Any]:
     import subprocess
 
     keys = ("hidden", "layers", "heads", "vocab", "prompts", "tokens", "iterations", "engines",
-            "policy_workers")  # fmt: skip
+            "policy_workers", "micro")  # fmt: skip
     argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keys]
     argv += ["--gpu"] if args.gpu else []
     # The ours side's reward function lives in this script: its Ray workers import it by module
@@ -290,6 +292,8 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="one GPU (HF rollouts on both sides)")
     parser.add_argument("--engines", type=int, default=2, help="our rollout engines (CPU)")
     parser.add_argument("--policy-workers", type=int, default=1, help="our policy ranks (CPU)")
+    parser.add_argument("--micro", type=int, default=16,
+                        help="our rows per forward (rows of similar lengths together)")  # fmt: skip
     parser.add_argument("--only", choices=("ours", "trl"), help="run one side only")
     parser.add_argument("--smoke", action="store_true", help="the smallest run")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)

@@ -20,16 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On pytest-xdist workers (``make test`` runs two), the ``slow`` tests first: the longest
-    jobs start early and the quick ones fill in behind them, so both workers end together
-    (collected order, they came last and one worker ran on alone). Every worker sorts the same
-    collection the same way, as xdist requires."""
-    if getattr(config, "workerinput", None) is None:
-        return
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
-
-
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
