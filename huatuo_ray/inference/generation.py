@@ -128,8 +128,9 @@ class EngineConfig:
     hf_cache: Literal["static", "dynamic"] = option(
         "static",
         help="HF: the KV cache of a batch; static: allocated once for its longest prompt + "
-        "max_new_tokens and written in place; dynamic: grown by concatenation, which copies "
-        "the whole cache at every step (a third of a tiny model's decoding time on CPUs)",
+        "max_new_tokens and written in place, each prompt prefilled once for its n answers; "
+        "dynamic: grown by concatenation, which copies the whole cache at every step (a third "
+        "of a tiny model's decoding time on CPUs), every answer's prompt prefilled",
     )
 
 
@@ -351,21 +352,28 @@ class HFGenerator:
     def _generate(
         self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], logprobs: bool
     ) -> list[list[Sample]]:
-        """``n`` samples of each prompt in one left-padded batch; row k of a prompt draws with
-        seed ``row_seed(seed, k)``."""
+        """``n`` samples of each prompt in one left-padded batch (with the static cache, each
+        prompt prefilled once: :meth:`_shared_prefix_cache`); row k of a prompt draws with seed
+        ``row_seed(seed, k)``."""
         import torch
         from transformers import LogitsProcessorList
 
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         n = sampling.n
-        rows = [p for p in prompts for _ in range(n)]
-        width = max(len(p) for p in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(rows):
+        for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache: dict[str, Any] = {"cache_implementation": self.cache}
+        if self.cache == "static":
+            shared = self._shared_prefix_cache(ids, mask, n, width + sampling.max_new_tokens)
+            if shared is not None:
+                cache = {"past_key_values": shared}
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # a prompt's n rows
         sampler = []
         if sampling.temperature > 0:  # else greedy
             row_seeds = [row_seed(seed, k) for seed in seeds for k in range(n)]
@@ -376,8 +384,8 @@ class HFGenerator:
         self.model._previous_max_cache_length = -1
         with torch.no_grad():
             out = self.model.generate(
-                ids.to(self.device),
-                attention_mask=mask.to(self.device),
+                ids,
+                attention_mask=mask,
                 # The sampler draws the token and leaves only it possible: greedy then takes it.
                 do_sample=False,
                 temperature=None,
@@ -389,7 +397,7 @@ class HFGenerator:
                 pad_token_id=pad,
                 eos_token_id=eos,
                 return_dict_in_generate=True,
-                cache_implementation=self.cache,
+                **cache,
                 output_logits=logprobs and not sampler,  # greedy: the raw distribution
             )
         new = out.sequences[:, width:]
@@ -407,6 +415,34 @@ class HFGenerator:
             lps = token_logprobs[i, : len(tokens)].tolist() if logprobs else None
             samples.append(Sample(tokens, text, finished, lps))
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _shared_prefix_cache(self, ids: Any, mask: Any, n: int, length: int) -> Any:
+        """A static KV cache holding each prompt once, prefilled, then copied for its ``n``
+        rows: the prompt is computed once, not ``n`` times (the ``n`` answers of a group estimator,
+        as vLLM's prefix caching does); ``generate`` then starts from its last token. None when
+        there is nothing to share (one row per prompt, one-token prompts) or the model's cache
+        has layers other than plain static ones (sliding windows, state-space layers)."""
+        import torch
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        if n < 2 or ids.shape[1] < 2:
+            return None
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        if any(type(layer) is not StaticLayer for layer in cache.layers):
+            return None
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            self.model(
+                input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1], past_key_values=cache, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat_interleave(n, 0)
+            layer.values = layer.values.repeat_interleave(n, 0)
+            layer.batch_size *= n
+        return cache
 
 
 def row_seed(seed: int, k: int) -> int:

@@ -4,6 +4,7 @@ hand, and a streamed share is decoded in batches bounded by ``hf_max_batch``."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -101,32 +102,54 @@ def test_a_streamed_share_is_decoded_in_batches_bounded_by_hf_max_batch(
 
 
 def test_the_static_kv_cache_draws_what_the_dynamic_one_draws(tiny_model_dir: str) -> None:
-    """The static cache (the default: written in place, no copy of the cache per step) is an
-    implementation choice only: the same tokens and log-probs as the growing dynamic one, and a
-    long call does not size the next, shorter call's cache."""
+    """The static cache (the default: written in place, no copy of the cache per step, each
+    prompt prefilled once for its n rows) is an implementation choice only: the same tokens and
+    log-probs as the growing dynamic one with every row prefilled; and a long call does not size
+    the next, shorter call's cache."""
     prompts = [[5 + (i * 11 + j) % 300 for j in range(3 + 5 * i)] for i in range(4)]
-    sampling = SamplingConfig(n=2, max_new_tokens=10, temperature=1.0, top_p=1.0)
-    out = {}
+    sampling = SamplingConfig(n=3, max_new_tokens=10, temperature=1.0, top_p=1.0)
+    out, calls = {}, {}
     for cache in ("static", "dynamic"):
         engine = HFGenerator(
             tiny_model_dir, EngineConfig(backend="hf", hf_batch_prompts=True, hf_cache=cache)
         )
+        calls[cache] = _record_forwards(engine)
         out[cache] = engine.generate(prompts, sampling, [1, 2, 3, 4], logprobs=True)
     static, dynamic = ([s for r in out[c] for s in r] for c in ("static", "dynamic"))
     assert [s.token_ids for s in static] == [s.token_ids for s in dynamic]
     for a, b in zip(static, dynamic):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    # Prompt tokens through the model: static, the 4 prompts once (width 18, less the last
+    # token, which starts decoding); dynamic, each of the 12 rows (4 prompts x 3).
+    assert calls["static"][0] == (4, 17) and calls["static"][1] == (12, 1)
+    assert calls["dynamic"][0] == (12, 18)
+    assert len(calls["static"]) == 1 + 10 and len(calls["dynamic"]) == 10
+
     long_then_short = HFGenerator(tiny_model_dir, EngineConfig(backend="hf", hf_batch_prompts=True))
     long_then_short.generate([list(range(5, 200))], sampling, [9])
-    seen = []
+    lengths = []
     original = long_then_short.model.forward
 
+    @functools.wraps(original)  # generate reads the forward's signature
     def record(*args, **kwargs):
-        seen.append(kwargs["past_key_values"].get_max_length())
+        lengths.append(kwargs["past_key_values"].get_max_length())
         return original(*args, **kwargs)
 
     long_then_short.model.forward = record
     long_then_short.generate([[5, 6, 7]], sampling, [9])
-    # Sized for this call (its prompt + max_new_tokens - 1 positions are ever cached), not for
-    # the long call's 195 + 10.
-    assert set(seen) == {3 + 10 - 1}
+    # Sized for this call (its prompt + max_new_tokens), not for the long call's 195 + 10.
+    assert set(lengths) == {3 + 10}
+
+
+def _record_forwards(engine: HFGenerator) -> list[tuple[int, int]]:
+    """The (rows, tokens) of every forward of ``engine``'s model from now on."""
+    shapes: list[tuple[int, int]] = []
+    original = engine.model.forward
+
+    @functools.wraps(original)  # generate reads the forward's signature
+    def record(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    engine.model.forward = record
+    return shapes
