@@ -156,7 +156,8 @@ def _segments(turns: list[dict[str, str]]) -> Iterable[tuple[str, bool]]:
             yield t["content"], True
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """One segment's token ids, no special tokens (segments are encoded one by one)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -195,7 +196,7 @@ def tokenize_dialogue(tokenizer: Any, turns: list[dict[str, str]], max_length: i
     input_ids = _bos(tokenizer)
     labels = [IGNORE_INDEX] * len(input_ids)
     for text, supervised in _segments(turns):
-        ids = _encode(tokenizer, text)
+        ids = encode_text(tokenizer, text)
         if supervised:
             ids.append(tokenizer.eos_token_id)
         input_ids += ids
@@ -217,7 +218,7 @@ def encode_prompt(tokenizer: Any, turns: list[dict[str, str]]) -> list[int]:
         raise RecordError("a prompt must end with a user turn")
     ids = _bos(tokenizer)
     for text, supervised in _segments(turns):
-        ids += _encode(tokenizer, text)
+        ids += encode_text(tokenizer, text)
         if supervised:
             ids.append(tokenizer.eos_token_id)
-    return ids + _encode(tokenizer, ASSISTANT_TAG)
+    return ids + encode_text(tokenizer, ASSISTANT_TAG)

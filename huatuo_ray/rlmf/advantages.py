@@ -76,12 +76,15 @@ def per_token(advantage: torch.Tensor, mask: torch.Tensor, length_normalise: boo
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma G_{t+1} over each row's real tokens (padding gives and gets nothing)."""
+    """G_t = r_t + gamma G_{t'} over each row's action tokens, t' the next one (padding, and a
+    gap such as a patient's turn in a consultation, gives and gets nothing: the return passes
+    it unchanged)."""
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        returns[:, t] = running
+        acting = mask[:, t] > 0
+        running = torch.where(acting, rewards[:, t] + gamma * running, running)
+        returns[:, t] = running * mask[:, t]
     return returns
 
 

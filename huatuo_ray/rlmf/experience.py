@@ -8,6 +8,9 @@ response right-padded to the longest response, so every response starts at colum
     attention_mask    0     0   1  1  1  |  1  1  1   1    0
     action_mask                          |  1  1  1   1    0
 
+In a consultation the response holds every turn after the opening, and the action mask is 1 on
+the doctor's (the policy's) tokens only: the patient's turns in between are context.
+
 ``position_ids`` count real tokens only, so a left-padded prompt sees the positions it would
 see alone. Every actor reads the same :class:`Experience`; each adds the fields it owns
 (log-probs, values, scores), and the driver adds rewards and advantages with
@@ -86,8 +89,8 @@ class Experience:
         stays). A batch of rows of similar lengths then computes no padding at all."""
         real = self.attention_mask[:, : self.prompt_width].bool().any(0)
         first = int(real.long().argmax()) if bool(real.any()) else self.prompt_width
-        acting = self.action_mask.bool().any(0).nonzero()
-        length = int(acting.max()) + 1 if len(acting) else 1
+        used = self.attention_mask[:, self.prompt_width :].bool().any(0).nonzero()
+        length = int(used.max()) + 1 if len(used) else 1
         end = self.prompt_width + length
         fields = {}
         for f in dataclasses.fields(self):
@@ -141,8 +144,13 @@ def make_experience(
     finished: list[bool],
     pad_id: int,
     rollout_logprobs: list[list[float]] | None = None,
+    action_masks: list[list[int]] | None = None,
 ) -> Experience:
-    """Lay prompts and sampled responses (token ids, EOS included when sampled) out as above."""
+    """Lay prompts and sampled responses (token ids, EOS included when sampled) out as above.
+    ``action_masks`` (one 0/1 per response token): which response tokens the policy chose,
+    when not all did (a consultation's patient turns are context:
+    :class:`~huatuo_ray.rlmf.consultation.Transcript`); losses, KL and advantages cover those
+    only."""
     if not prompts or len(prompts) != len(responses):
         raise ValueError("need one response per prompt, and at least one")
     width = max(len(p) for p in prompts)
@@ -161,10 +169,15 @@ def make_experience(
         engine_logprobs = torch.zeros((rows, length))
         for i, lps in enumerate(rollout_logprobs):
             engine_logprobs[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    action = attention[:, width:].clone()
+    for i, chosen in enumerate(action_masks or []):
+        if len(chosen) != len(responses[i]):
+            raise ValueError(f"row {i}: {len(chosen)} action flags for {len(responses[i])} tokens")
+        action[i, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
     return Experience(
         sequences=sequences,
         attention_mask=attention,
-        action_mask=attention[:, width:].clone(),
+        action_mask=action,
         prompt_width=width,
         finished=torch.tensor(finished, dtype=torch.bool),
         rollout_logprobs=engine_logprobs,

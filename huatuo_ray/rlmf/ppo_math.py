@@ -100,9 +100,11 @@ def kl_estimate(
 def token_rewards(
     score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """r_t = -beta * KL_t on real tokens, plus the sequence score on each row's last real token."""
+    """r_t = -beta * KL_t on the action tokens, plus the sequence score on each row's last one
+    (the mask may have gaps: a consultation's patient turns between the doctor's)."""
     rewards = -beta * kl * mask
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    # (a row without actions: its last column, which every reader masks)
+    last = mask.shape[1] - 1 - (mask.flip(-1) > 0).float().argmax(dim=-1)
     rewards[torch.arange(rewards.shape[0]), last] += score
     return rewards
 
@@ -110,23 +112,25 @@ def token_rewards(
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation backwards over each row; (advantages, returns).
+    """Generalised advantage estimation backwards over each row's action tokens; (advantages,
+    returns).
 
-    delta_t = r_t + gamma * V_{t+1} - V_t (V after the last real token is 0);
-    A_t = delta_t + gamma * lam * A_{t+1}; returns = A + V.
+    delta_t = r_t + gamma * V_{t'} - V_t, with t' the row's next action token (V after the last
+    is 0); A_t = delta_t + gamma * lam * A_{t'}; returns = A + V. Tokens outside the mask are
+    not steps: trailing padding gives nothing, and a gap (a patient's turn inside a
+    consultation) passes the next doctor turn's value and advantage through unchanged.
     """
     length = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
     next_advantage = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(length)):
-        m = mask[:, t]
+        acting = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         advantage = delta + gamma * lam * next_advantage
-        advantages[:, t] = advantage * m
-        # Padding after EOS must not leak into earlier tokens.
-        next_value = values[:, t] * m
-        next_advantage = advantage * m
+        advantages[:, t] = torch.where(acting, advantage, torch.zeros_like(advantage))
+        next_value = torch.where(acting, values[:, t], next_value)
+        next_advantage = torch.where(acting, advantage, next_advantage)
     return advantages, (advantages + values) * mask
 
 
