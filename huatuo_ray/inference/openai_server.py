@@ -64,7 +64,7 @@ def _one_server(model_dir: str, name: str, timeout: float, port: int) -> Iterato
     ]  # fmt: skip
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            tied_to_this_process(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
         )  # fmt: skip
         base_url = f"http://127.0.0.1:{port}/v1"
@@ -88,6 +88,27 @@ def _one_server(model_dir: str, name: str, timeout: float, port: int) -> Iterato
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+# Run in the child before it becomes the server: the kernel sends it SIGTERM when the process
+# that started it dies (Linux's PR_SET_PDEATHSIG), so a server outlives neither a killed demo nor
+# a killed test run (its own session keeps it from the terminal's signals, and a SIGKILLed parent
+# never reaches the `finally` that stops it; vLLM's engine processes stay with it then).
+_TIED = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):  # not Linux: the caller's own clean-up still stops it
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the process that started this one has already ended")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def tied_to_this_process(cmd: list[str]) -> list[str]:
+    """``cmd`` started so that it receives SIGTERM when this process ends, however it ends."""
+    return [sys.executable, "-c", _TIED, str(os.getpid()), *cmd]
 
 
 def _serves(base_url: str, name: str) -> bool:

@@ -240,3 +240,45 @@ def test_a_started_server_counts_as_up_only_when_it_serves_its_own_model() -> No
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     assert not _serves(f"http://127.0.0.1:{closed}/v1", "dpo")
+
+
+def test_a_server_process_ends_with_the_process_that_started_it(tmp_path) -> None:
+    """``vllm_server`` starts vLLM in a session of its own; a parent killed with SIGKILL never
+    stops it, so the child is tied to the parent's life: here a parent that starts a sleeper
+    the same way and is then killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+from huatuo_ray.inference.openai_server import tied_to_this_process
+child = subprocess.Popen(tied_to_this_process([sys.executable, "-c", "import time; time.sleep(60)"]),
+                         start_new_session=True)
+open({str(pid_file)!r}, "w").write(str(child.pid))
+time.sleep(60)
+"""], cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    deadline = time.time() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.time() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+        return "\nState:\tZ" not in state  # a zombie has ended (init reaps it, or not)
+
+    time.sleep(0.5)  # the child has exec'd its command by now
+    assert alive(child)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(child)
