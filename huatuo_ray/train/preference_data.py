@@ -20,7 +20,7 @@ import numpy as np
 
 from huatuo_ray import artifacts
 from huatuo_ray.config import option
-from huatuo_ray.dialogue import Dialogue, encode_prompt
+from huatuo_ray.dialogue import Dialogue, encode_prompt, encode_text
 from huatuo_ray.train.data import cached_tokenizer
 from huatuo_ray.train.loop import TrainStageConfig
 from huatuo_ray.train.metrics import timing_summary
@@ -56,10 +56,9 @@ def is_validation(prompt_id: str, fraction: float, seed: int = 0) -> bool:
 
 
 def encode_response(tokenizer: Any, turns: list[dict[str, str]], response: str) -> list[int]:
-    ids = encode_prompt(tokenizer, turns)
     return (
-        ids
-        + list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        encode_prompt(tokenizer, turns)
+        + encode_text(tokenizer, response)
         + [tokenizer.eos_token_id]
     )
 
