@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,46 @@ def local_ray():
         ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+# A node's metrics reach its endpoint every second instead of every 10 s (Ray's default).
+FAST_METRICS = {"RAY_metrics_report_interval_ms": "1000"}
+
+
+@dataclass
+class ClusterHead:
+    """The tests' shared `ray start` head (see :func:`cluster_head`)."""
+
+    address: str  # GCS address: a stage run next to the head joins with RAY_ADDRESS=this
+    dashboard_url: str  # job API: `ray job submit --address`, JobSubmissionClient
+    env: dict[str, str]  # what a client needs on top of its environment (token auth)
+    temp_dir: str  # the head's session files
+    tmpdir: str  # RAY_TMPDIR under which a bare ray.init() finds the head
+    metrics_url: str  # the node's Prometheus endpoint
+    root: Path  # the nodes' HUATUO_ROOT: where submitted presets' relative outputs land
+
+    def stage_env(self) -> dict[str, str]:
+        """The environment of a stage run directly next to the head: it joins the head."""
+        return {**os.environ, **self.env, **FAST_METRICS, "RAY_ADDRESS": self.address,
+                "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cluster_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHead]:
+    """One real `ray start` head (4 logical CPUs) shared by the tests that submit jobs to a
+    cluster or run stages against one, instead of a head each (~8 s to start, and as many Ray
+    processes for every job as on any cluster). Its nodes' environment holds what a cluster's
+    would: the teacher key (as a Kubernetes Secret would put it there), HUATUO_ROOT, and a
+    metrics endpoint reporting every second. Each test finds its own jobs by submission id or
+    output path; jobs and session logs of the others stay on it, as on a real cluster."""
+    from tests.ray_head import free_port, local_head
+
+    root = tmp_path_factory.mktemp("huatuo-root")
+    port = free_port()
+    node_env = {TEACHER_KEY_ENV: TEACHER_KEY, "HUATUO_ROOT": str(root), **FAST_METRICS}
+    with local_head(num_cpus=4, node_env=node_env, metrics_port=port) as head:
+        yield ClusterHead(head.address, head.dashboard_url, head.env, head.temp_dir, head.tmpdir,
+                          f"http://127.0.0.1:{port}/metrics", root)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

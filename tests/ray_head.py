@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from huatuo_ray.runtime import free_port
 
-__all__ = ["Head", "free_port", "local_head"]
+__all__ = ["Head", "MetricsScraper", "free_port", "local_head"]
 
 
 @dataclass
@@ -147,9 +150,59 @@ def _head(
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            # Mostly 2 s; after a Ray Train job `ray start --block` took 30 s and more to stop
+            # its children. What is left when this wait ends is killed: the head is discarded.
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         _kill_leftovers(temp_dir)
         log.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class MetricsScraper:
+    """Reads a node's metrics endpoint (``ray start --metrics-export-port``), as Prometheus does,
+    every second in a thread for as long as the ``with`` block runs, and keeps every label set
+    seen for each ``ray_huatuo_*`` series: a job's series leave the endpoint soon after the job
+    ends, so they are caught while it runs."""
+
+    SERIES = re.compile(r"^(ray_huatuo_\w+)\{([^}]*)\}", re.M)
+
+    def __init__(self, url: str, every_s: float = 1.0) -> None:
+        self.url, self.every_s = url, every_s
+        self.seen: dict[str, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MetricsScraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._scrape()  # the last reports of the drivers and workers still running
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._scrape()
+            self._stop.wait(self.every_s)
+
+    def _scrape(self) -> None:
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return
+        for name, labels in self.SERIES.findall(text):
+            self.seen.setdefault(name, set()).add(labels)
+
+    def missing(self, stage: str, names: list[str]) -> list[str]:
+        """Those of ``names`` (without ``huatuo_``) never seen tagged with ``stage`` and a job."""
+        return [
+            name for name in names
+            if not any(f'stage="{stage}"' in labels and re.search(r'job="\w+"', labels)
+                       for labels in self.seen.get(f"ray_huatuo_{name}", set()))
+        ]  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_head import local_head
+from tests.conftest import ClusterHead
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -32,45 +32,47 @@ def _wait(client, job_id: str, timeout: float = 180) -> str:
 
 
 def test_submitted_relative_outputs_land_under_the_root_and_a_direct_run_joins(
-    tmp_path: Path,
+    tmp_path: Path, cluster_head: ClusterHead
 ) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    root = tmp_path / "shared"
-    with local_head(node_env={"HUATUO_ROOT": str(root)}) as head:
-        env = {**os.environ, **head.env, "RAY_ADDRESS": head.dashboard_url}
-        env.pop("HUATUO_ROOT", None)  # the client's own environment holds no root
-        # README's command, as written (the address comes from RAY_ADDRESS).
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--working-dir", ".", "--",
-             "python", "-m", "huatuo_ray", "data", "--config", "jobs/tiny/data.yaml"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    from tests.test_job_submit import submission_id
+
+    head = cluster_head
+    root = head.root  # the nodes' HUATUO_ROOT
+    env = {**os.environ, **head.env, "RAY_ADDRESS": head.dashboard_url}
+    env.pop("HUATUO_ROOT", None)  # the client's own environment holds no root
+    # README's command, as written (the address comes from RAY_ADDRESS).
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--working-dir", ".", "--",
+         "python", "-m", "huatuo_ray", "data", "--config", "jobs/tiny/data.yaml"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    os.environ.update(head.env)
+    try:
+        client = JobSubmissionClient(head.dashboard_url)
+        job = client.get_job_info(submission_id(submit.stdout + submit.stderr))
+        # Without a root (the nodes' variable emptied for this job): one line, no work.
+        refused = client.submit_job(
+            entrypoint="python -m huatuo_ray data --config jobs/tiny/data.yaml",
+            runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "outputs"],
+                         "env_vars": {"HUATUO_ROOT": ""}},
         )  # fmt: skip
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        os.environ.update(head.env)
-        try:
-            client = JobSubmissionClient(head.dashboard_url)
-            (job,) = client.list_jobs()
-            # Without a root (the nodes' variable emptied for this job): one line, no work.
-            refused = client.submit_job(
-                entrypoint="python -m huatuo_ray data --config jobs/tiny/data.yaml",
-                runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "outputs"],
-                             "env_vars": {"HUATUO_ROOT": ""}},
-            )  # fmt: skip
-            refusal = _wait(client, refused)
-            refused_status = client.get_job_status(refused)
-        finally:
-            for key in head.env:
-                os.environ.pop(key, None)
-        # A direct run on the node, next to the head: ray.init() finds it and joins it.
-        direct_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-        direct_env["RAY_TMPDIR"] = head.tmpdir
-        direct = subprocess.run(
-            [sys.executable, "-m", "huatuo_ray", "data", "--config", "jobs/tiny/data.yaml",
-             f"output={tmp_path / 'direct'}"],
-            cwd=REPO, env=direct_env, capture_output=True, text=True, timeout=240,
-        )  # fmt: skip
-        copies = list(Path(head.temp_dir).rglob("working_dir_files/*/outputs"))
+        refusal = _wait(client, refused)
+        refused_status = client.get_job_status(refused)
+    finally:
+        for key in head.env:
+            os.environ.pop(key, None)
+    # A direct run on the node, next to the head: ray.init() finds it and joins it.
+    direct_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    direct_env["RAY_TMPDIR"] = head.tmpdir
+    direct = subprocess.run(
+        [sys.executable, "-m", "huatuo_ray", "data", "--config", "jobs/tiny/data.yaml",
+         f"output={tmp_path / 'direct'}"],
+        cwd=REPO, env=direct_env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    copies = list(Path(head.temp_dir).rglob("working_dir_files/*/outputs"))
     artifact = root / "outputs/tiny/data/consultations"
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["rows"] == 8 and manifest["config"]["output"] == str(artifact)

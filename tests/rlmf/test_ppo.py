@@ -30,6 +30,8 @@ from huatuo_ray.rlmf.ppo_config import (
     RolloutConfig,
 )
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+from tests.conftest import ClusterHead
+from tests.ray_head import MetricsScraper
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -206,36 +208,48 @@ def test_ppo_with_rollout_engines_on_the_policy_bundles_raises_the_reward(
     assert all(h["overlap_fraction"] >= 0 and h["engine_batch"] > 0 for h in history)
 
 
+# What the Grafana dashboard plots of an RL stage (tests/test_cluster_metrics.py checks that
+# each plotted series is exported by some stage).
+RL_SERIES = ["ppo_reward_mean", "ppo_kl", "ppo_response_length", "ppo_clip_fraction",
+             "ppo_rollout_tokens_per_s", "ppo_generate_s", "ppo_experience_s", "ppo_train_s",
+             "ppo_sync_s"]  # fmt: skip
+
+
 def test_killed_ppo_job_resumes_from_its_checkpoint(
-    ppo_inputs, tiny_model_dir: str, tmp_path: Path
+    ppo_inputs, tiny_model_dir: str, tmp_path: Path, cluster_head: ClusterHead
 ) -> None:
+    """jobs/tiny/ppo.yaml run next to the tests' `ray start` head (it joins it), killed after a
+    checkpoint and rerun; its series reach the node's metrics endpoint, tagged by stage and job."""
     prompts, reward = ppo_inputs
     out = tmp_path / "ppo-killed"
     cmd = [
         sys.executable, "-m", "huatuo_ray", "ppo", "--config", str(REPO / "jobs/tiny/ppo.yaml"),
         f"inputs=[{prompts}]", f"output={out}", f"model.path={tiny_model_dir}",
         f"reward.model.path={reward}", "iterations=8", "checkpoint.every_iterations=2",
-        "sampling.max_new_tokens=12", "cluster.address=local",
+        "sampling.max_new_tokens=12",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    latest, metrics = out / "checkpoints" / "latest", out / "metrics.jsonl"
-    deadline = time.time() + 300
-    # Kill after the iteration-2 checkpoint and at least one more iteration.
-    while not (latest.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, "ppo ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert not (out / "manifest.json").exists()
-
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    env = cluster_head.stage_env()
+    with MetricsScraper(cluster_head.metrics_url) as scraper:  # while both runs run
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        latest, metrics = out / "checkpoints" / "latest", out / "metrics.jsonl"
+        deadline = time.time() + 300
+        # Kill after the iteration-2 checkpoint and at least one more iteration.
+        while not (latest.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, "ppo ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert not (out / "manifest.json").exists()
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
+    assert cluster_head.address.split(":")[1] in res.stderr  # it joined the head
+    missing = scraper.missing("ppo", RL_SERIES)
+    assert not missing, (missing, sorted(scraper.seen))
     manifest = json.loads((out / "manifest.json").read_text())
     restarts = manifest["training"]["restarts"]
     assert len(restarts) == 1 and restarts[0] >= 2 and restarts[0] % 2 == 0

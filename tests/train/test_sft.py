@@ -1,5 +1,6 @@
-"""Stage `sft` on real samples: 2 CPU workers with DeepSpeed ZeRO-2 and ZeRO-3, best-on-validation,
-the saved folder loads and generates, and a killed job resumes from its last checkpoint."""
+"""Stage `sft` on real samples: 2 CPU workers with DeepSpeed ZeRO-3 (in-process) and ZeRO-2 (a
+job next to a `ray start` head, killed and resumed from its last checkpoint), best-on-validation,
+the saved folder loads and generates (and vLLM serves it), the series reach the node's metrics."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from huatuo_ray.distill import mixture
 from huatuo_ray.train import sft
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.packing import block_causal_mask, pack
+from tests.conftest import ClusterHead
+from tests.ray_head import MetricsScraper
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -101,29 +104,46 @@ def validation_loss(model_dir: str, validation: str, max_length: int) -> float:
     return total / tokens
 
 
-@pytest.mark.parametrize(("zero", "packing"), [(2, True), (3, False)])
-def test_sft_trains_keeps_best_and_saves_a_loadable_model(
-    local_ray, sft_data: Path, tiny_model_dir: str, tmp_path: Path, zero: int, packing: bool
+def test_sft_zero3_trains_keeps_best_and_saves_a_model_vllm_serves(
+    local_ray, sft_data: Path, tiny_model_dir: str, tmp_path: Path
 ) -> None:
-    """ZeRO-2 with packing, ZeRO-3 with length-grouped padding."""
+    """ZeRO-3 with length-grouped padding, in this process's Ray (ZeRO-2 with packing: the
+    killed-job test below, which checks the same of its resumed run)."""
+    cfg = config(sft_data, tiny_model_dir, tmp_path, 3, packing=False)
+    manifest = sft.main(cfg)
+    check_trained_model(manifest, cfg.output, cfg.validation, cfg.max_length, tiny_model_dir)
+    assert manifest["config"]["deepspeed"]["zero_stage"] == 3
+    # Weights gathered from ZeRO-3 shards: vLLM serves the folder too.
+    import openai
+
+    from huatuo_ray.inference.openai_server import vllm_server
+
+    with vllm_server(cfg.output, name="sft") as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="local")
+        reply = client.chat.completions.create(
+            model="sft", messages=[{"role": "user", "content": "头痛怎么办？"}], max_tokens=8
+        )
+        assert reply.usage.completion_tokens > 0
+
+
+def check_trained_model(
+    manifest: dict, out: str, validation: str, max_length: int, initial: str
+) -> None:
+    """What a finished sft run must be: losses fall, the best validation loss kept (the folder's
+    own, recomputed here), a folder that loads and generates, weights moved from ``initial``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = config(sft_data, tiny_model_dir, tmp_path, zero, packing=packing)
-    manifest = sft.main(cfg)
     training = manifest["training"]
     losses = [loss for _, loss in training["train_loss"]]
     assert training["steps"] == len(losses) >= 10
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05  # training loss falls
     history = [h["val_loss"] for h in training["validation_history"]]
     assert len(history) >= 3 and training["best_val_loss"] == min(history)
-    assert manifest["kind"] == "model" and manifest["config"]["deepspeed"]["zero_stage"] == zero
-    assert list((Path(cfg.output) / "tensorboard").glob("events.out.tfevents.*"))
+    assert manifest["kind"] == "model"
+    assert list((Path(out) / "tensorboard").glob("events.out.tfevents.*"))
 
     # The folder holds the best weights: their validation loss is the best one seen in training.
-    out = cfg.output
-    assert validation_loss(out, cfg.validation, cfg.max_length) == pytest.approx(
-        min(history), abs=2e-3
-    )
+    assert validation_loss(out, validation, max_length) == pytest.approx(min(history), abs=2e-3)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert tokenizer.chat_template and (Path(out) / "model.safetensors").exists()
@@ -131,56 +151,61 @@ def test_sft_trains_keeps_best_and_saves_a_loadable_model(
     generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
     assert generated.shape[1] > len(prompt)
     # A parameter really changed from the initial model.
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(initial)
     assert not torch.equal(base.lm_head.weight, model.lm_head.weight)
-    if zero == 3:  # weights gathered from ZeRO-3 shards: vLLM serves the folder too
-        import openai
 
-        from huatuo_ray.inference.openai_server import vllm_server
 
-        with vllm_server(out, name="sft") as base_url:
-            client = openai.OpenAI(base_url=base_url, api_key="local")
-            reply = client.chat.completions.create(
-                model="sft", messages=[{"role": "user", "content": "头痛怎么办？"}], max_tokens=8
-            )
-            assert reply.usage.completion_tokens > 0
+# What the Grafana dashboard plots of a training stage (tests/test_cluster_metrics.py checks
+# that each plotted series is exported by some stage).
+SFT_SERIES = ["train_loss", "train_tokens_per_s", "train_lr", "train_grad_norm",
+              "validation_loss", "progress_fraction"]  # fmt: skip
 
 
 def test_killed_sft_job_resumes_from_its_last_checkpoint(
-    sft_data: Path, tiny_model_dir: str, tmp_path: Path
+    sft_data: Path, tiny_model_dir: str, tmp_path: Path, cluster_head: ClusterHead
 ) -> None:
+    """ZeRO-2 with packing, run next to the tests' `ray start` head as a user's driver joins a
+    cluster: killed after its second checkpoint and rerun, it goes on from there, and the
+    finished run is all an uninterrupted one must be (check_trained_model); its series reach the
+    node's metrics endpoint tagged by stage and job, where Prometheus scrapes them."""
     out = tmp_path / "model"
     storage = tmp_path / "ray_train"
     cmd = [
         sys.executable, "-m", "huatuo_ray", "sft",
         "--train", str(sft_data / "train"), "--validation", str(sft_data / "validation"),
         "--output", str(out), f"model.path={tiny_model_dir}", "max_length=192",
-        "micro_batch_size=2", "global_batch_size=8", "epochs=1", "optim.lr=3e-3",
+        "micro_batch_size=2", "global_batch_size=8", "epochs=2", "eval_every_steps=4",
+        "optim.lr=3e-3", "optim.warmup_ratio=0.1", "packing=true",
         "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "checkpoint.every_steps=2",
-        f"storage_path={storage}", "run_name=sft-killed", "cluster.address=local", "cluster.num_cpus=2",
-        "allow_untrained=true",
+        f"storage_path={storage}", "run_name=sft-killed", "allow_untrained=true",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 300
-    # Wait for the second checkpoint (step 4), then kill the job mid-run.
-    while len(list((storage / "sft-killed").glob("checkpoint_*"))) < 2:
-        assert proc.poll() is None, "sft ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists()
-
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    env = cluster_head.stage_env()
+    with MetricsScraper(cluster_head.metrics_url) as scraper:  # while both runs run
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.time() + 300
+        # Wait for the second checkpoint (step 4), then kill the job mid-run.
+        while len(list((storage / "sft-killed").glob("checkpoint_*"))) < 2:
+            assert proc.poll() is None, "sft ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (out / "manifest.json").exists()
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
-    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert cluster_head.address.split(":")[1] in res.stderr  # it joined the head
+    manifest = json.loads((out / "manifest.json").read_text())
+    training = manifest["training"]
     restart = training["restarts"]
     assert len(restart) == 1 and restart[0] >= 2
     steps = [step for step, _ in training["train_loss"]]
     # The step count continued from the checkpoint instead of starting again at 1.
     assert steps == list(range(1, training["steps"] + 1))
     assert training["steps"] > restart[0]
+    check_trained_model(manifest, str(out), str(sft_data / "validation"), 192, tiny_model_dir)
+    assert manifest["config"]["deepspeed"]["zero_stage"] == 2 and manifest["config"]["packing"]
+    assert not scraper.missing("sft", SFT_SERIES), (scraper.missing("sft", SFT_SERIES),
+                                                     sorted(scraper.seen))  # fmt: skip
