@@ -10,9 +10,9 @@ around one :class:`~huatuo_ray.train.core.TrainingCore`:
   TensorBoard, the terminal and the dashboard (:class:`~huatuo_ray.train.metrics.TrainMetrics`),
   not to Ray Train, whose ``report`` waits for its controller's next poll (2 s): a report per step
   would cap every run at one step per 2 s;
-* validation every ``eval_every_steps`` (if the config has it) and at each epoch's end; when it is
-  the best so far, the weights are saved as a Hugging Face folder to ``OUTPUT/best`` (the paper
-  kept the weights that did best on validation);
+* validation every ``eval_every_steps`` (if the config has it) and at each epoch's end (unless that
+  step's was just validated); when it is the best so far, the weights are saved as a Hugging Face
+  folder to ``OUTPUT/best`` (the paper kept the weights that did best on validation);
 * checkpoints every ``checkpoint.every_steps`` optimizer steps and at each epoch's end: every rank
   writes its DeepSpeed shards plus the loop state into a fresh folder reported with
   ``ray.train.report`` (the only reports). Ray Train keeps the newest ``checkpoint.keep`` and hands the latest back
@@ -205,7 +205,7 @@ class _Epochs:
                     self.after_step(timing)
             state["epoch"] += 1
             state["micro_in_epoch"] = 0
-            self.checkpoint(self.validate())
+            self.checkpoint(self.validate_unless_done())
 
     def after_step(self, timing: dict[str, float]) -> None:
         """Log the step; validate and checkpoint when due. Only a checkpoint goes through
@@ -237,6 +237,14 @@ class _Epochs:
             run.core.save_hf_model(run.tokenizer, storage.join(run.config.output, "best"))
         self.metrics.log_validation(state["step"], values["val_loss"], improved)
         return values
+
+    def validate_unless_done(self) -> dict[str, Any]:
+        """An epoch's closing validation, unless the weights are those validated last (the
+        last step's was due by ``eval_every_steps``): the same pass twice gives the same values."""
+        history = self.state["history"]
+        if history and history[-1]["step"] == self.state["step"]:
+            return {k: v for k, v in history[-1].items() if k != "step"}
+        return self.validate()
 
     def checkpoint(self, values: dict[str, Any]) -> None:
         """Every rank writes its shards and reports them with ``values`` to Ray Train."""
