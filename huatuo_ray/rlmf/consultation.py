@@ -11,16 +11,27 @@ the sequence as context: :func:`~huatuo_ray.rlmf.experience.make_experience`,
 :func:`~huatuo_ray.rlmf.ppo_math.gae` across the gaps).
 
 Consultation rollouts (the policy as the doctor, the teacher as the patient) build one
-:class:`Transcript` per consultation, turn by turn; :meth:`Transcript.from_turns` builds one
-from a finished dialogue.
+:class:`Transcript` per consultation, turn by turn (:func:`run_consultations`: every open
+consultation's next doctor turn in one engine call, the patients' replies asked together,
+finished consultations leaving the batch); :meth:`Transcript.from_turns` builds one from a
+finished dialogue.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from huatuo_ray.dialogue import ASSISTANT_TAG, USER_TAG, RecordError, encode_prompt, encode_text
+from huatuo_ray.dialogue import (
+    ASSISTANT_TAG,
+    USER_TAG,
+    RecordError,
+    encode_prompt,
+    encode_text,
+    turn,
+)
 
 
 @dataclass
@@ -31,6 +42,7 @@ class Transcript:
     prompt: list[int]
     response: list[int] = field(default_factory=list)
     actions: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # the engine's; 0 on patient tokens
     doctor_turns: int = 0
 
     @classmethod
@@ -38,10 +50,12 @@ class Transcript:
         """The opening turns (a system turn, then the patient's first words)."""
         return cls(encode_prompt(tokenizer, opening))
 
-    def add_doctor(self, token_ids: list[int]) -> None:
-        """The doctor's turn as the policy sampled it (EOS included when it ended)."""
+    def add_doctor(self, token_ids: list[int], logprobs: list[float] | None = None) -> None:
+        """The doctor's turn as the policy sampled it (EOS included when it ended), with the
+        engine's log-prob of each token when it gave them."""
         self.response += token_ids
         self.actions += [1] * len(token_ids)
+        self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(token_ids)
         self.doctor_turns += 1
 
     def add_patient(self, tokenizer: Any, text: str) -> None:
@@ -49,6 +63,7 @@ class Transcript:
         ids = encode_text(tokenizer, f"{USER_TAG}{text} ") + encode_text(tokenizer, ASSISTANT_TAG)
         self.response += ids
         self.actions += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
 
     def next_prompt(self) -> list[int]:
         """What the engine continues for the doctor's next turn: the whole consultation."""
@@ -76,3 +91,117 @@ class Transcript:
             else:
                 raise RecordError(f"unexpected {t['role']!r} turn inside a consultation")
         return transcript
+
+
+# ---------------------------------------------------------------- rollouts
+
+#: How a consultation can end. Kept: the patient said goodbye, or ``max_turns`` were done.
+#: Dropped, counted by reason: the next doctor turn would pass the length limit, or the patient's
+#: reply failed (unparseable after the retries, or its request failed for good).
+KEPT_ENDINGS = ("goodbye", "turn_limit")
+DROPPED_ENDINGS = ("too_long", "patient_error")
+
+# The next doctor turn of every open consultation (prompt token ids, seeds): one sample each.
+DoctorCall = Callable[[list[list[int]], list[int]], list[Any]]
+# The next patient line of each (patient brief, turns so far in the doctor's view, the
+# consultation's seed): its text, or an Exception when it failed for good
+# (:class:`~huatuo_ray.rlmf.actors.patient.PatientWorker`).
+PatientCall = Callable[[list[tuple[str, list[dict[str, str]], int]]], list[Any]]
+
+
+@dataclass
+class Consultation:
+    """One consultation of a rollout: its case (``brief``: the patient's system prompt, which
+    holds the case), what was said in the doctor's view (user = patient), the transcript the
+    policy trains on, and how it ended (None while open)."""
+
+    case_id: str
+    brief: str
+    seed: int
+    turns: list[dict[str, str]] = field(default_factory=list)
+    transcript: Transcript | None = None
+    ended: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class ConsultationRollout:
+    """What :func:`run_consultations` did: the consultations kept (in their input order), those
+    dropped by reason, and the engine's batch at each doctor turn (the open consultations)."""
+
+    kept: list[Consultation]
+    dropped: Counter
+    engine_batches: list[int]
+    patient_requests: int
+
+
+def turn_seed(seed: int, doctor_turn: int) -> int:
+    """A consultation's seed for its ``doctor_turn``-th turn (each turn draws fresh noise)."""
+    return (seed * 1_000_003 + doctor_turn) % 2**31
+
+
+def run_consultations(
+    consultations: list[Consultation],
+    tokenizer: Any,
+    doctor: DoctorCall,
+    patient: PatientCall,
+    max_turns: int,
+    max_tokens: int,
+    max_new_tokens: int,
+    system: str | None = None,
+) -> ConsultationRollout:
+    """Play every consultation out, all together: the patients open (each from its brief), then
+    each round sends the next doctor turn of every open consultation to ``doctor`` in one call
+    (the engine's batch is the open consultations) and asks the patients of those still open
+    for their replies in one call (concurrent requests), until each patient says goodbye or
+    ``max_turns`` doctor turns are done. A consultation whose next doctor turn could pass
+    ``max_tokens`` (prompt, turns so far and ``max_new_tokens``) or whose patient failed is
+    dropped, counted by reason. ``system``: the doctor's system turn, when training had one."""
+    from huatuo_ray.teacher.parsers import is_goodbye
+
+    requests = 0
+
+    def ask_patients(open_now: list[Consultation]) -> list[Any]:
+        nonlocal requests
+        requests += len(open_now)
+        return patient([(c.brief, list(c.turns), c.seed) for c in open_now])
+
+    for c, said in zip(consultations, ask_patients(consultations)):
+        if isinstance(said, Exception):
+            c.ended, c.error = "patient_error", str(said)
+            continue
+        c.turns.append(turn("user", said))
+        opening = ([turn("system", system)] if system else []) + c.turns
+        c.transcript = Transcript.open(tokenizer, opening)
+    batches = []
+    for doctor_turn in range(max_turns):
+        open_now = []
+        for c in consultations:
+            if c.ended is None:
+                if len(c.transcript.next_prompt()) + max_new_tokens > max_tokens:
+                    c.ended = "too_long"
+                else:
+                    open_now.append(c)
+        if not open_now:
+            break
+        batches.append(len(open_now))
+        prompts = [c.transcript.next_prompt() for c in open_now]
+        samples = doctor(prompts, [turn_seed(c.seed, doctor_turn) for c in open_now])
+        for c, sample in zip(open_now, samples):
+            c.transcript.add_doctor(sample.token_ids, sample.logprobs)
+            c.turns.append(turn("assistant", sample.text.strip()))
+        if doctor_turn == max_turns - 1:
+            for c in open_now:
+                c.ended = "turn_limit"
+            break
+        for c, said in zip(open_now, ask_patients(open_now)):
+            if isinstance(said, Exception):
+                c.ended, c.error = "patient_error", str(said)
+            elif is_goodbye(said):
+                c.ended = "goodbye"
+            else:
+                c.turns.append(turn("user", said))
+                c.transcript.add_patient(tokenizer, said)
+    kept = [c for c in consultations if c.ended in KEPT_ENDINGS]
+    dropped = Counter(c.ended for c in consultations if c.ended in DROPPED_ENDINGS)
+    return ConsultationRollout(kept, dropped, batches, requests)

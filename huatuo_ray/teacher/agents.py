@@ -24,10 +24,17 @@ def case_and_diagnosis(meta: dict[str, Any]) -> tuple[str, str]:
     return str(case).strip(), str(diagnosis).strip()
 
 
-async def patient_turn(teacher: TeacherClient, system: str, turns: Turns, retries: int) -> str:
-    """What the teacher, as the patient with ``system`` as its brief, says next."""
+async def patient_turn(
+    teacher: TeacherClient, system: str, turns: Turns, retries: int, seed: int | None = None
+) -> str:
+    """What the teacher, as the patient with ``system`` as its brief, says next. ``seed``: the
+    request's sampling seed (several consultations of one case: each its own patient, and each
+    answer cached apart)."""
     view = prompts.patient_messages(system, turns)
-    return await ask_parsed(teacher, view, parsers.parse_answer, retries, grammars.answer())
+    sampling = {"seed": seed} if seed is not None else {}
+    return await ask_parsed(
+        teacher, view, parsers.parse_answer, retries, grammars.answer(), **sampling
+    )
 
 
 async def consultation(

@@ -104,3 +104,129 @@ def test_rewards_returns_and_gae_skip_the_patients_turns_by_hand() -> None:
     assert value_targets.tolist()[0] == pytest.approx(
         [a0 + 0.5, a1 + 0.25, 0.0, 0.0, a4 + 1.0, 0.0]
     )
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def scripted_patient(body: dict) -> str:
+    """A patient whose brief says when it leaves: ``leaves_after=K`` says goodbye once the doctor
+    has spoken K times (0: never), ``silent`` answers nothing (unparseable: a failed patient)."""
+    import re
+
+    system = body["messages"][0]["content"]
+    doctor_lines = sum(m["role"] == "user" for m in body["messages"]) - 1  # less the greeting
+    if "silent" in system:
+        return ""
+    leaves = int(re.search(r"leaves_after=(\d+)", system)[1])
+    if leaves and doctor_lines >= leaves:
+        return "好的，谢谢医生，再见。"
+    return f"我头痛，疼了{doctor_lines + 2}天了。"
+
+
+def rollout_parts(tiny_model_dir: str, server_url: str, cache: str):
+    """(doctor call recording its batch sizes, the batches, a PatientWorker actor's call)."""
+    import ray
+
+    from huatuo_ray.inference.generation import EngineConfig, SamplingConfig, make_generator
+    from huatuo_ray.rlmf.actors.patient import PatientWorker
+    from tests.conftest import teacher_config
+
+    engine = make_generator(tiny_model_dir, EngineConfig(backend="hf"))
+    sampling = SamplingConfig(n=1, max_new_tokens=8, temperature=1.0, top_p=1.0)
+    batches: list[int] = []
+
+    def doctor(prompts: list[list[int]], seeds: list[int]) -> list:
+        batches.append(len(prompts))  # what the engine decodes at once
+        return [s[0] for s in engine.generate(prompts, sampling, seeds, logprobs=True)]
+
+    worker = (
+        ray.remote(PatientWorker)
+        .options(num_cpus=0.1)
+        .remote(teacher_config(server_url, max_retries=1), cache, retries=1)
+    )
+    return doctor, batches, lambda requests: ray.get(worker.replies.remote(requests)), worker
+
+
+def consultations_of(cases: dict[str, str], n: int) -> list:
+    from huatuo_ray.rlmf.consultation import Consultation
+    from huatuo_ray.teacher.prompts import patient_system_prompt
+
+    return [
+        Consultation(case, patient_system_prompt(f"病例{case}：头痛。{brief}"), seed=100 * i + k)
+        for i, (case, brief) in enumerate(cases.items())
+        for k in range(n)
+    ]
+
+
+CASES = {"A": "leaves_after=1", "B": "leaves_after=2", "C": "leaves_after=0", "D": "silent"}
+
+
+@pytest.mark.slow
+def test_open_consultations_decode_together_and_finished_ones_leave_the_batch(
+    local_ray, tiny_model_dir: str, tokenizer, tmp_path
+) -> None:
+    """4 cases x 2 consultations, up to 3 doctor turns: D's patient fails at once (dropped), A's
+    leaves after one doctor turn, B's after two, C's stays to the turn limit. Every round is one
+    engine call over exactly the consultations still open; a rerun on the same cache replays
+    every patient line (nothing paid twice) and, with the same seeds, the same consultations."""
+    import ray
+
+    from huatuo_ray.rlmf.consultation import run_consultations
+    from tests.conftest import TEACHER_KEY
+    from tests.support.openai_servers import ScriptedOpenAIServer
+
+    cache = str(tmp_path / "patients")
+    with ScriptedOpenAIServer(scripted_patient, require_api_key=TEACHER_KEY) as server:
+        doctor, batches, patient, worker = rollout_parts(tiny_model_dir, server.base_url, cache)
+        rollout = run_consultations(consultations_of(CASES, 2), tokenizer, doctor, patient,
+                                    max_turns=3, max_tokens=1024, max_new_tokens=8)  # fmt: skip
+        assert batches == rollout.engine_batches == [6, 4, 2]  # A's 2 leave, then B's 2
+        assert {c.case_id: c.ended for c in rollout.kept} == {
+            "A": "goodbye", "B": "goodbye", "C": "turn_limit"}  # fmt: skip
+        assert len(rollout.kept) == 6 and rollout.dropped == {"patient_error": 2}
+        # Patients asked: 8 openings, then after each doctor turn those not at the turn limit.
+        assert rollout.patient_requests == 8 + 6 + 4 == 18
+        for c in rollout.kept:
+            t = c.transcript
+            doctors = [m for m in c.turns if m["role"] == "assistant"]
+            assert t.doctor_turns == len(doctors) == {"A": 1, "B": 2, "C": 3}[c.case_id]
+            assert len(t.actions) == len(t.response) == len(t.logprobs)
+            # Every doctor token is an action with the engine's log-prob; no patient token is.
+            assert all((lp < 0) == bool(a) for lp, a in zip(t.logprobs, t.actions))
+        paid = ray.get(worker.usage.remote())["paid"]
+        answered = server.stats.succeeded
+        assert paid == answered >= 18  # D's patients were asked again once
+
+        doctor, batches, patient, worker = rollout_parts(tiny_model_dir, server.base_url, cache)
+        again = run_consultations(consultations_of(CASES, 2), tokenizer, doctor, patient,
+                                  max_turns=3, max_tokens=1024, max_new_tokens=8)  # fmt: skip
+        usage = ray.get(worker.usage.remote())
+        assert server.stats.succeeded == answered  # the rerun sent the teacher nothing
+    assert usage["paid"] == 0 and usage["cached"] == paid
+    assert again.dropped == rollout.dropped and batches == [6, 4, 2]
+    assert [c.transcript.response for c in again.kept] == [
+        c.transcript.response for c in rollout.kept]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_consultation_that_would_pass_the_length_limit_is_dropped_with_its_reason(
+    local_ray, tiny_model_dir: str, tokenizer, tmp_path
+) -> None:
+    from huatuo_ray.rlmf.consultation import run_consultations
+    from tests.conftest import TEACHER_KEY
+    from tests.support.openai_servers import ScriptedOpenAIServer
+
+    with ScriptedOpenAIServer(scripted_patient, require_api_key=TEACHER_KEY) as server:
+        doctor, batches, patient, _ = rollout_parts(tiny_model_dir, server.base_url,
+                                                    str(tmp_path / "patients"))  # fmt: skip
+        cases = consultations_of({"C": "leaves_after=0"}, 2)
+        opening = run_consultations(cases, tokenizer, doctor, patient, max_turns=1,
+                                    max_tokens=1024, max_new_tokens=8)  # fmt: skip
+        first_turn = len(opening.kept[0].transcript.prompt) + 8
+        # Room for the first doctor turn only: the second would pass the limit.
+        rollout = run_consultations(consultations_of({"C": "leaves_after=0"}, 2), tokenizer,
+                                    doctor, patient, max_turns=3, max_tokens=first_turn + 4,
+                                    max_new_tokens=8)  # fmt: skip
+    assert rollout.kept == [] and rollout.dropped == {"too_long": 2}
+    assert rollout.engine_batches == [2]
