@@ -92,4 +92,5 @@ def test_data_stage_on_real_sample(tmp_path: Path, shared_datasets: Path) -> Non
     mtime = (out_dir / "manifest.json").stat().st_mtime
     res = run_cli(*args, "cluster.num_cpus=1")
     assert res.returncode == 0 and "already complete" in res.stderr
+    assert "connected to Ray" not in res.stderr  # nothing to do: no Ray started for it
     assert (out_dir / "manifest.json").stat().st_mtime == mtime

@@ -48,7 +48,7 @@ class DataConfig:
 
 def convert(config: DataConfig) -> dict:
     """The conversion itself, without Ray: returns the manifest."""
-    if storage.exists(storage.join(config.output, artifacts.MANIFEST)) and not config.overwrite:
+    if _complete(config):
         log.info("%s is already complete; overwrite=true redoes it", config.output)
         return artifacts.read_manifest(config.output)
     if storage.exists(config.output):
@@ -103,5 +103,11 @@ def convert(config: DataConfig) -> dict:
 def main(config: DataConfig) -> dict:
     from huatuo_ray.runtime import connect
 
+    if _complete(config):  # a rerun of a finished step starts no Ray
+        return convert(config)
     connect(config.cluster, "data")
     return convert(config)
+
+
+def _complete(config: DataConfig) -> bool:
+    return not config.overwrite and storage.exists(storage.join(config.output, artifacts.MANIFEST))

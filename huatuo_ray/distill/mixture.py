@@ -168,10 +168,10 @@ def mix(config: MixtureConfig) -> dict:
 def main(config: MixtureConfig) -> dict:
     from huatuo_ray.runtime import connect
 
-    connect(config.cluster, "mixture")
     if storage.exists(storage.join(config.output, artifacts.MANIFEST)) and not config.overwrite:
         log.info("%s is already complete; overwrite=true redoes it", config.output)
-        return artifacts.read_manifest(config.output)
+        return artifacts.read_manifest(config.output)  # no Ray started for it
+    connect(config.cluster, "mixture")
     if storage.exists(config.output):
         storage.delete(config.output)
     return mix(config)

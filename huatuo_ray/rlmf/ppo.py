@@ -90,9 +90,9 @@ def main(config: PPOConfig) -> dict[str, Any]:
     from huatuo_ray.runtime import connect
 
     started = time.time()  # start-up (the manifest's startup_s) counts from here
-    connect(config.cluster, "ppo")
     if storage.exists(os.path.join(config.output, artifacts.MANIFEST)):
-        return artifacts.read_manifest(config.output)
+        return artifacts.read_manifest(config.output)  # done is done: no Ray started for it
+    connect(config.cluster, "ppo")
     _absolute_paths(config)
     os.makedirs(config.output, exist_ok=True)
     local = local_model_path(config.model.path)  # each actor fetches on its own node

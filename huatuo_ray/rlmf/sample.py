@@ -60,9 +60,9 @@ def main(config: SampleConfig) -> dict:
     from huatuo_ray.models.fetch import local_model_path
     from huatuo_ray.runtime import connect
 
-    connect(config.cluster, "sample")
     if storage.exists(storage.join(config.output, artifacts.MANIFEST)) and not config.overwrite:
-        return artifacts.read_manifest(config.output)
+        return artifacts.read_manifest(config.output)  # no Ray started for it
+    connect(config.cluster, "sample")
     if storage.exists(config.output):
         storage.delete(config.output)
     model_path = (

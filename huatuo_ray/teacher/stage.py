@@ -1,4 +1,4 @@
-"""The frame every teacher stage runs in: connect -> already complete? -> read -> map -> write.
+"""The frame every teacher stage runs in: already complete? -> connect -> read -> map -> write.
 
 A teacher stage (``self-instruct``, ``dialogues``, ``polish``, ``score``, ``judge``, ``consult``)
 supplies only what is its own:
@@ -461,15 +461,15 @@ def run_teacher_stage(
     finish: Callable[[MapResult, StageInput], StageOutput] | None = None,
     agents: Callable[[], contextlib.AbstractContextManager[dict[str, TeacherConfig]]] = _no_agents,
 ) -> dict[str, Any]:
-    """Connect to Ray; return the manifest if the output is complete; else read, map the record
-    function over the rows (``retries`` from ``config.workers`` is passed to it), finish, and
-    write the artifact and its manifest. ``agents`` opens the other endpoints the record
+    """Return the manifest if the output is complete (no Ray started for it); else connect to
+    Ray, read, map the record function over the rows (``retries`` from ``config.workers`` is
+    passed to it), finish, and write the artifact and its manifest. ``agents`` opens the other endpoints the record
     function talks to (e.g. the doctor model in ``consult``) for the map's duration only."""
     from huatuo_ray.runtime import connect
 
-    connect(config.cluster, stage)
     if (done := already_complete(config.output, config.overwrite)) is not None:
         return done
+    connect(config.cluster, stage)
     given = read()
     kwargs = {"retries": config.workers.max_parse_retries, **(fn_kwargs or {})}
     batched = None

@@ -14,14 +14,15 @@ from huatuo_ray import artifacts, storage
 
 
 def begin(config: Any, stage: str) -> dict[str, Any] | None:
-    """Connect to Ray for ``stage``; the finished manifest when ``config.output`` is complete, else
-    None after making every path the workers use absolute (they may run on other nodes and in
-    other folders). A model URI stays a URI: every node fetches it once (train/core.py)."""
+    """The finished manifest when ``config.output`` is complete (no Ray started for it), else
+    None after connecting to Ray for ``stage`` and making every path the workers use absolute
+    (they may run on other nodes and in other folders). A model URI stays a URI: every node
+    fetches it once (train/core.py)."""
     from huatuo_ray.runtime import connect
 
-    connect(config.cluster, stage)
     if storage.exists(storage.join(config.output, artifacts.MANIFEST)):
         return artifacts.read_manifest(config.output)
+    connect(config.cluster, stage)
     config.output, config.storage_path = _absolute(config.output), _absolute(config.storage_path)
     if os.path.exists(config.model.path):
         config.model.path = _absolute(config.model.path)
