@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from huatuo_ray.runtime import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+from tests.ray_head import Head
 
 # Ray 2.60 turns token authentication on for new clusters; a client sends the token only when
 # RAY_AUTH_MODE=token is set, and Ray reads it once per process, so it is set before Ray loads.
@@ -73,16 +74,12 @@ FAST_METRICS = {"RAY_metrics_report_interval_ms": "1000"}
 
 
 @dataclass
-class ClusterHead:
-    """The tests' shared `ray start` head (see :func:`cluster_head`)."""
+class ClusterHead(Head):
+    """The tests' shared `ray start` head (see :func:`cluster_head`): a :class:`Head` with its
+    node's metrics endpoint and its nodes' HUATUO_ROOT."""
 
-    address: str  # GCS address: a stage run next to the head joins with RAY_ADDRESS=this
-    dashboard_url: str  # job API: `ray job submit --address`, JobSubmissionClient
-    env: dict[str, str]  # what a client needs on top of its environment (token auth)
-    temp_dir: str  # the head's session files
-    tmpdir: str  # RAY_TMPDIR under which a bare ray.init() finds the head
-    metrics_url: str  # the node's Prometheus endpoint
-    root: Path  # the nodes' HUATUO_ROOT: where submitted presets' relative outputs land
+    metrics_url: str = ""  # the node's Prometheus endpoint
+    root: Path = Path()  # where submitted presets' relative outputs land
 
     def stage_env(self) -> dict[str, str]:
         """The environment of a stage run directly next to the head: it joins the head."""
@@ -104,8 +101,7 @@ def cluster_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHe
     port = free_port()
     node_env = {TEACHER_KEY_ENV: TEACHER_KEY, "HUATUO_ROOT": str(root), **FAST_METRICS}
     with local_head(num_cpus=4, node_env=node_env, metrics_port=port) as head:
-        yield ClusterHead(head.address, head.dashboard_url, head.env, head.temp_dir, head.tmpdir,
-                          f"http://127.0.0.1:{port}/metrics", root)  # fmt: skip
+        yield ClusterHead(**vars(head), metrics_url=f"http://127.0.0.1:{port}/metrics", root=root)
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from huatuo_ray.runtime import free_port
 
-__all__ = ["Head", "MetricsScraper", "free_port", "local_head"]
+__all__ = ["Head", "MetricsScraper", "environment", "free_port", "local_head"]
 
 
 @dataclass
@@ -50,7 +50,7 @@ def _wait_for_dashboard(
         if proc.poll() is not None:
             raise HeadExited(f"`ray start` exited with code {proc.returncode}")
         try:
-            with _env(env):
+            with environment(env):
                 JobSubmissionClient(url).list_jobs()
             return
         except Exception as e:  # noqa: BLE001 - the dashboard is still starting
@@ -60,7 +60,8 @@ def _wait_for_dashboard(
 
 
 @contextlib.contextmanager
-def _env(env: dict[str, str]) -> Iterator[None]:
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` set in this process's environment for the block, the previous values restored."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

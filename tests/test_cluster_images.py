@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ray_head import _kill_leftovers, free_port
+from tests.ray_head import _kill_leftovers, environment, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))
@@ -166,13 +166,9 @@ def test_readme_commands_on_a_fresh_home_start_a_head_with_token_auth(
     finally:
         _kill_leftovers(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    os.environ.update(other.env)
-    try:
+    with environment(other.env):
         others_jobs = [j for j in JobSubmissionClient(other.dashboard_url).list_jobs()
                        if "plan" in j.entrypoint]  # fmt: skip
-    finally:
-        for key in other.env:
-            os.environ.pop(key, None)
     print(f"README cluster commands: {time.time() - started:.0f} s")
     out = run.stdout + run.stderr
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

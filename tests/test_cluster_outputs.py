@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ClusterHead
+from tests.ray_head import environment
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -49,8 +50,7 @@ def test_submitted_relative_outputs_land_under_the_root_and_a_direct_run_joins(
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    os.environ.update(head.env)
-    try:
+    with environment(head.env):
         client = JobSubmissionClient(head.dashboard_url)
         job = client.get_job_info(submission_id(submit.stdout + submit.stderr))
         # Without a root (the nodes' variable emptied for this job): one line, no work.
@@ -61,9 +61,6 @@ def test_submitted_relative_outputs_land_under_the_root_and_a_direct_run_joins(
         )  # fmt: skip
         refusal = _wait(client, refused)
         refused_status = client.get_job_status(refused)
-    finally:
-        for key in head.env:
-            os.environ.pop(key, None)
     # A direct run on the node, next to the head: ray.init() finds it and joins it.
     direct_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     direct_env["RAY_TMPDIR"] = head.tmpdir

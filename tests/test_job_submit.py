@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ClusterHead
+from tests.ray_head import environment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,7 @@ def test_submit_data_stage_to_real_head(
     sample = shared_datasets / "kuake_qic" / "KUAKE-QIC_dev.json"
     out_dir = tmp_path / "kuake"
     head = cluster_head
-    os.environ.update(head.env)  # token auth: the client sends ~/.ray/auth_token
-    try:
+    with environment(head.env):  # token auth: the client sends ~/.ray/auth_token
         # The same command as README: `ray job submit --working-dir . -- python -m ...`
         submit = subprocess.run(
             [
@@ -73,9 +73,6 @@ def test_submit_data_stage_to_real_head(
             time.sleep(1)
         logs = client.get_job_logs(job_id)
         assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
-    finally:
-        for key in head.env:
-            os.environ.pop(key, None)
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["rows"] == 300 and manifest["rejects"]["count"] == 0
     assert "wrote" in logs and str(out_dir) in logs

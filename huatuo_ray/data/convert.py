@@ -103,9 +103,8 @@ def convert(config: DataConfig) -> dict:
 def main(config: DataConfig) -> dict:
     from huatuo_ray.runtime import connect
 
-    if _complete(config):  # a rerun of a finished step starts no Ray
-        return convert(config)
-    connect(config.cluster, "data")
+    if not _complete(config):  # a rerun of a finished step starts no Ray
+        connect(config.cluster, "data")
     return convert(config)
 
 

@@ -463,8 +463,9 @@ def run_teacher_stage(
 ) -> dict[str, Any]:
     """Return the manifest if the output is complete (no Ray started for it); else connect to
     Ray, read, map the record function over the rows (``retries`` from ``config.workers`` is
-    passed to it), finish, and write the artifact and its manifest. ``agents`` opens the other endpoints the record
-    function talks to (e.g. the doctor model in ``consult``) for the map's duration only."""
+    passed to it), finish, and write the artifact and its manifest. ``agents`` opens the other
+    endpoints the record function talks to (e.g. the doctor model in ``consult``) for the map's
+    duration only."""
     from huatuo_ray.runtime import connect
 
     if (done := already_complete(config.output, config.overwrite)) is not None:

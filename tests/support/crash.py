@@ -3,6 +3,7 @@ with SIGKILL (the driver and everything it started) once the test's condition ho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,5 +29,6 @@ def kill_when(
             assert time.time() < deadline, f"{cmd[3]}: not ready to be killed in {timeout} s"
             time.sleep(poll_s)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the group may be gone: say why above
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
