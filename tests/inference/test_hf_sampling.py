@@ -102,7 +102,7 @@ def test_a_streamed_share_is_decoded_in_batches_bounded_by_hf_max_batch(
 
 
 def test_the_static_kv_cache_draws_what_the_dynamic_one_draws(tiny_model_dir: str) -> None:
-    """The static cache (the default: written in place, no copy of the cache per step, each
+    """``generate``'s static cache (the default: written in place, no copy of the cache per step, each
     prompt prefilled once for its n rows) is an implementation choice only: the same tokens and
     log-probs as the growing dynamic one with every row prefilled; and a long call does not size
     the next, shorter call's cache."""
@@ -110,9 +110,9 @@ def test_the_static_kv_cache_draws_what_the_dynamic_one_draws(tiny_model_dir: st
     sampling = SamplingConfig(n=3, max_new_tokens=10, temperature=1.0, top_p=1.0)
     out, calls = {}, {}
     for cache in ("static", "dynamic"):
-        engine = HFGenerator(
-            tiny_model_dir, EngineConfig(backend="hf", hf_batch_prompts=True, hf_cache=cache)
-        )
+        engine = HFGenerator(tiny_model_dir, EngineConfig(
+            backend="hf", hf_batch_prompts=True, hf_cache=cache, hf_decoder="generate"
+        ))  # fmt: skip
         calls[cache] = _record_forwards(engine)
         out[cache] = engine.generate(prompts, sampling, [1, 2, 3, 4], logprobs=True)
     static, dynamic = ([s for r in out[c] for s in r] for c in ("static", "dynamic"))
@@ -125,7 +125,9 @@ def test_the_static_kv_cache_draws_what_the_dynamic_one_draws(tiny_model_dir: st
     assert calls["dynamic"][0] == (12, 18)
     assert len(calls["static"]) == 1 + 10 and len(calls["dynamic"]) == 10
 
-    long_then_short = HFGenerator(tiny_model_dir, EngineConfig(backend="hf", hf_batch_prompts=True))
+    long_then_short = HFGenerator(
+        tiny_model_dir, EngineConfig(backend="hf", hf_batch_prompts=True, hf_decoder="generate")
+    )
     long_then_short.generate([list(range(5, 200))], sampling, [9])
     lengths = []
     original = long_then_short.model.forward
