@@ -14,7 +14,7 @@ from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.rlmf import sample, score
 from huatuo_ray.teacher.stage import WorkersConfig
-from tests.conftest import teacher_config
+from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, teacher_config
 
 pytestmark = pytest.mark.slow
 
@@ -117,23 +117,23 @@ def test_sample_with_vllm_cpu_engine(
 
 
 def test_score_killed_and_resumed_pays_no_judgement_twice(
-    real_data, tiny_model_dir: str, tmp_path: Path
+    real_data, tiny_model_dir: str, tmp_path: Path, cluster_head
 ) -> None:
-    import os
-    import signal
+    """The driver killed on a cluster (run next to the tests' `ray start` head), as a user's
+    laptop or a job's driver dies: the rerun pays for no judgement it had stored."""
     import subprocess
     import sys
     import time
 
     from huatuo_ray.teacher.cache import ResponseCache
-    from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
+    from tests.support.crash import kill_when
     from tests.support.openai_servers import FaultyProxy, ScriptedOpenAIServer
     from tests.support.scripted_teacher import medical_responder
 
     run_sample(real_data[:1], tiny_model_dir, tmp_path / "samples", "hf")
     out = tmp_path / "prefs"
     repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, TEACHER_KEY_ENV: TEACHER_KEY}
+    env = {**cluster_head.stage_env(), TEACHER_KEY_ENV: TEACHER_KEY}
     with ScriptedOpenAIServer(medical_responder, latency_s=0.3, max_concurrency=2) as server:
         with FaultyProxy(server.base_url, seed=2, fault_rate=0.2, hang_s=6.0) as proxy:
             cmd = [
@@ -143,25 +143,20 @@ def test_score_killed_and_resumed_pays_no_judgement_twice(
                 f"teacher.api_key_env={TEACHER_KEY_ENV}", "teacher.timeout_s=4.0",
                 "teacher.backoff_base_s=0.02", "teacher.backoff_max_s=0.1", "teacher.max_retries=20",
                 "workers.num_workers=1", "workers.batch_size=2",
-                "cluster.address=local", "cluster.num_cpus=2",
             ]  # fmt: skip
-            proc = subprocess.Popen(
-                cmd, cwd=repo, env=env, start_new_session=True,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            deadline = time.time() + 120
+
+            def cached() -> int:  # a cache reads its folder once: a new one each time
+                return len(ResponseCache(str(out / "_teacher_cache")))
+
             # answers reach the cache at its flushes (every second): kill once 8 have
-            while len(ResponseCache(str(out / "_teacher_cache"))) < 8:
-                assert proc.poll() is None and time.time() < deadline
-                time.sleep(0.1)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            time.sleep(2)
-            cached_at_kill = len(ResponseCache(str(out / "_teacher_cache")))
+            kill_when(cmd, repo, env, ready=lambda: cached() >= 8, timeout=120, poll_s=0.1)
+            time.sleep(2)  # the killed driver's workers end with it; what they flushed stays
+            cached_at_kill = cached()
             res = subprocess.run(
                 cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300
             )
             assert res.returncode == 0, res.stderr[-3000:]
+            assert cluster_head.address.split(":")[1] in res.stderr  # it joined the head
             stats = proxy.stats
     manifest = json.loads((out / "manifest.json").read_text())
     fb = manifest["feedback"]
