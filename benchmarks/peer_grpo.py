@@ -7,7 +7,8 @@ after the other in one run, as a user choosing between the two would try them.
 
 The work of one step, on both sides: a tiny Llama built from a config (hidden 256 x 4 layers,
 vocab 2,000, random weights; the ``tiny-model`` stage's tokenizer), ``--prompts`` prompts x 4
-answers of exactly ``--tokens`` tokens (EOS ignored), sampled by HF ``generate``; every layer
+answers of exactly ``--tokens`` tokens (EOS ignored), sampled on the Hugging Face model (ours:
+the HF engine's own decoding loop, ``inference/decode_loop.py``; TRL: ``generate``); every layer
 trained; GRPO advantages; KL to the frozen starting model (k3) in the loss with beta 0.04; a
 Python reward function (:func:`target_word`); one optimizer step per rollout (one epoch, one
 minibatch of all answers); AdamW at lr 1e-6. Ours: the ``grpo`` stage on a local Ray of the
@@ -169,7 +170,7 @@ def run_ours(args: argparse.Namespace, root: str, model: str, prompts: str) -> d
         "first_iteration_s": manifest["first_iteration_s"],
         "passes": manifest["passes"],
         "torch_threads": manifest["torch_threads"],
-        "engine": "hf",
+        "engine": "hf (the project's decoding loop)",  # engine.hf_decoder's default, a Llama
         **parts,
     }
 
@@ -250,7 +251,7 @@ def run_trl(
         "iteration_s": round(steady, 3),
         "first_step_at": clock.begins[0],
         "first_iteration_s": round(ends[0] - clock.begins[0], 3),
-        "engine": "hf",
+        "engine": "hf (generate)",
         "version": trl.__version__,
     }
 
