@@ -93,6 +93,9 @@ def test_the_device_script_is_valid_and_calls_what_exists() -> None:
     for script in (BENCHMARKS / "device").glob("*.sh"):
         subprocess.run(["bash", "-n", str(script)], check=True)
         text = script.read_text()
+        # Its inline Python parts (here-documents) compile.
+        for i, code in enumerate(re.findall(r"<<'PY'\n(.*?)\nPY\n", text, re.S)):
+            compile(code, f"{script.name}: python part {i}", "exec")
         for called in set(re.findall(r"benchmarks/([a-z_]+\.py)", text)):
             assert (BENCHMARKS / called).is_file(), (script.name, called)
         for flag in set(re.findall(r"benchmarks/ppo_step\.py([^\n|]*)", text)):

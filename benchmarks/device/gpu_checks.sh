@@ -7,6 +7,7 @@
 #      data_wait_fraction;
 #   2. benchmarks/ppo_step.py --gpu: every group colocated on the one GPU (the hybrid engine),
 #      weights handed over by CUDA IPC, HF rollouts: chunked, streamed and GRPO (Llama 2048 x 8);
+#   3. the HF engine's decoding loop against generate (bf16, 64 answers of 128 tokens);
 # and prints one JSON line with the figures (also $OUT/figures.json). A part that fails or runs
 # out of time is recorded as such and the next one still runs.
 #
@@ -60,6 +61,29 @@ sync=auto
 grep -q "^ipc ok" "$out/ipc.log" || sync=object_store
 echo "weight sync for the RL runs: $sync"
 
+# The HF engine's own decoding loop against transformers' generate on the GPU (bf16): the share of
+# answers drawn alike (bf16 sums in another order may flip a near tie) and the time of each.
+part decode 90 python3 - <<'PY'
+import json, time, torch
+from huatuo_ray.inference.generation import EngineConfig, HFGenerator, SamplingConfig
+from huatuo_ray.models.tiny import TinyConfig, build_tiny_causal_lm
+path = build_tiny_causal_lm("/tmp/decode-model", TinyConfig(hidden_size=2048, num_layers=8, num_heads=16, vocab_size=32000))
+prompts = [[1] + [(7 * i + 13 * j) % 31000 + 3 for j in range(40 + 5 * i)] for i in range(16)]
+rows, seeds = [p for p in prompts for _ in range(4)], list(range(64))
+sampling = SamplingConfig(n=1, max_new_tokens=128, ignore_eos=True, temperature=1.0, top_p=1.0)
+out, times = {}, {}
+for decoder in ("loop", "generate"):
+    engine = HFGenerator(path, EngineConfig(backend="hf", hf_batch_prompts=True, hf_decoder=decoder))
+    engine.generate(rows[:4], sampling, seeds[:4])  # warm-up
+    torch.cuda.synchronize(); t = time.perf_counter()
+    out[decoder] = [r[0].token_ids for r in engine.generate(rows, sampling, seeds)]
+    torch.cuda.synchronize(); times[decoder] = time.perf_counter() - t
+same = sum(a == b for a, b in zip(out["loop"], out["generate"])) / len(rows)
+print(json.dumps({"decode_same_answers": same, "decode_loop_s": round(times["loop"], 3),
+                  "decode_generate_s": round(times["generate"], 3),
+                  "decode_loop_vs_generate": round(times["generate"] / times["loop"], 3)}))
+PY
+
 part sft 200 python3 benchmarks/sft_throughput.py --cuda --hidden 2048 --layers 12 --vocab 32000 --max-length 2048 --micro-batch 4 --global-batch 16 --samples 2600 --warmup 3
 part ppo 280 python3 benchmarks/ppo_step.py --gpu --backend hf --hidden 2048 --layers 8 --heads 16 --vocab 32000 --response-tokens 128 --rollout 64 --iterations 3 --weight-sync $sync
 
@@ -74,7 +98,7 @@ def last_json(name):
     except Exception as e:  # a part that failed: say so, keep the others
         return {"failed": f"{type(e).__name__}: {e}"[:200]}
 
-sft, ppo = last_json("sft"), last_json("ppo")
+sft, ppo, decode = last_json("sft"), last_json("ppo"), last_json("decode")
 figures = {
     "gpu": open(os.path.join(out, "gpu.txt")).read().strip(),
     "sft_stage_vs_plain_loop": sft.get("ratio_vs_plain_loop"),
@@ -91,6 +115,7 @@ figures = {
     "streamed_vs_chunked": ppo.get("streamed_vs_chunked"),
     "grpo_vs_ppo_iteration": ppo.get("grpo_vs_ppo_iteration"),
     "grpo_vs_ppo_train": ppo.get("grpo_vs_ppo_train"),
+    **{k: decode.get(k) for k in ("decode_same_answers", "decode_loop_vs_generate")},
     "wall_s": int(time.time()) - started,
     "sft": sft,
     "ppo": ppo,
