@@ -2,7 +2,9 @@
 
 The driver builds one Ray Dataset per split: read the artifact's Parquet shards, tokenise with
 the chat template and the assistant-only loss mask (:func:`~huatuo_ray.dialogue.tokenize_dialogue`),
-then pack or length-sort each block of samples (:mod:`~huatuo_ray.train.packing`). It is
+then pack or length-sort each block of samples (:mod:`~huatuo_ray.train.packing`); a split of
+fewer than ``tokenize_in_driver_below`` records by the same functions in the driver itself
+(:func:`tokenise`). It is
 materialised once, so every sample's outcome can be counted (a sample left without a supervised
 token after truncation is a reject with its reason), and then streamed to the training workers
 with ``ray.train.get_dataset_shard``: no worker loads the whole set.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,27 +100,68 @@ def prepare_split(
     packing: bool,
     workers: int = 1,
     block_samples: int = 512,
+    in_driver_below: int = 0,
 ) -> PreparedSplit:
-    """Tokenise (and pack) one dialogue artifact into a materialised Ray Dataset."""
-    import ray
-
+    """Tokenise (and pack) one dialogue artifact into a materialised Ray Dataset (in the driver
+    when it holds fewer than ``in_driver_below`` records: :func:`tokenise`)."""
     manifest = artifacts.read_manifest(uri)
     files = [storage.join(uri, s["file"]) for s in manifest["shards"]]
     if not files:
         raise ValueError(f"{uri} holds no records")
-    ds = ray.data.read_parquet(files).map_batches(
-        tokenize_block,
-        fn_args=(tokenizer_path, max_length, packing),
-        batch_size=block_samples,
+    tokens, rejects = tokenise(
+        files, tokenize_block, (tokenizer_path, max_length, packing), TOKEN_COLUMNS,
+        block_samples, workers, in_driver=0 < manifest["rows"] < in_driver_below,
+    )  # fmt: skip
+    return PreparedSplit(tokens, tokens.count(), manifest["rows"] - len(rejects), rejects)
+
+
+def tokenise(
+    source: list[str] | Any,
+    fn: Callable[..., Any],
+    fn_args: tuple,
+    columns: list[str],
+    batch_size: int,
+    workers: int,
+    in_driver: bool,
+) -> tuple[Any, list[dict[str, str]]]:
+    """``fn`` (pyarrow rows -> token rows and a ``reject`` column) over ``source`` (Parquet files
+    or a pyarrow table), ``batch_size`` rows at a time: ``(materialised Ray Dataset of
+    columns, rejects)``. On Ray Data tasks (``workers`` at once), or, ``in_driver``, here, for a
+    small dataset: the same function on the same batches in milliseconds, where Ray Data's
+    first tasks take seconds (a worker process importing transformers and loading the
+    tokenizer); the training workers read both alike."""
+    import pyarrow as pa
+    import ray
+
+    if in_driver:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        if isinstance(source, list):
+            source = pa.concat_tables(
+                [pq.read_table(storage.open_input(f)) for f in source], promote_options="permissive"
+            )
+        out = pa.concat_tables(
+            [fn(source.slice(i, batch_size), *fn_args) for i in range(0, source.num_rows, batch_size)],
+            promote_options="permissive",
+        )  # fmt: skip
+        rejected = pc.not_equal(out["reject"], "")
+        rejects = [json.loads(r) for r in out.filter(rejected)["reject"].to_pylist()]
+        return ray.data.from_arrow(out.filter(pc.invert(rejected)).select(columns)), rejects
+    data = (
+        ray.data.read_parquet(source) if isinstance(source, list) else ray.data.from_arrow(source)
+    )
+    ds = data.map_batches(
+        fn,
+        fn_args=fn_args,
+        batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=workers,
         # Half a CPU each: on a small cluster the read tasks still find a CPU beside them.
         num_cpus=0.5,
-    )
-    ds = ds.materialize()
+    ).materialize()
     rejects = [json.loads(r["reject"]) for r in ds.filter(lambda r: r["reject"] != "").iter_rows()]
-    tokens = ds.filter(lambda r: r["reject"] == "").select_columns(TOKEN_COLUMNS).materialize()
-    return PreparedSplit(tokens, tokens.count(), manifest["rows"] - len(rejects), rejects)
+    return ds.filter(lambda r: r["reject"] == "").select_columns(columns).materialize(), rejects
 
 
 def collate(batch: dict[str, np.ndarray], packing: bool, pad_id: int) -> dict[str, Any]:

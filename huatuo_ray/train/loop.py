@@ -72,6 +72,11 @@ class TrainStageConfig:
     run_name: str = option("train", help="run name under storage_path: the same name resumes")
     tensorboard_dir: str | None = option(None, help="TensorBoard logs (default OUTPUT/tensorboard)")
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tokenize_in_driver_below: int = option(
+        1000,
+        help="a dataset (split) of fewer records is tokenised in the driver, in milliseconds, "
+        "where Ray Data's first tasks take seconds to start; 0: always on Ray Data",
+    )
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.epochs < 1:

@@ -21,7 +21,7 @@ import numpy as np
 from huatuo_ray import artifacts
 from huatuo_ray.config import option
 from huatuo_ray.dialogue import Dialogue, encode_prompt, encode_text
-from huatuo_ray.train.data import cached_tokenizer
+from huatuo_ray.train.data import cached_tokenizer, tokenise
 from huatuo_ray.train.loop import TrainStageConfig
 from huatuo_ray.train.metrics import timing_summary
 from huatuo_ray.train.ray_trainer import promote_best
@@ -126,24 +126,16 @@ def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
 
 
 def prepare_pairs(
-    rows: list[dict[str, Any]], tokenizer_path: str, max_length: int
+    rows: list[dict[str, Any]], tokenizer_path: str, max_length: int, in_driver_below: int = 0
 ) -> tuple[Any, list[dict]]:
-    """Tokenise preference rows; (materialised dataset of pairs, rejects)."""
+    """Tokenise preference rows; (materialised dataset of pairs, rejects); in the driver when
+    there are fewer than ``in_driver_below`` (:func:`~huatuo_ray.train.data.tokenise`)."""
     import pyarrow as pa
-    import ray
 
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).map_batches(
-        tokenize_pairs,
-        fn_args=(tokenizer_path, max_length),
-        batch_size=256,
-        batch_format="pyarrow",
-        concurrency=1,
-        num_cpus=0.5,
-    )
-    ds = ds.materialize()
-    rejects = [json.loads(r["reject"]) for r in ds.filter(lambda r: r["reject"] != "").iter_rows()]
-    pairs = ds.filter(lambda r: r["reject"] == "").select_columns(PAIR_COLUMNS).materialize()
-    return pairs, rejects
+    return tokenise(
+        pa.Table.from_pylist(rows), tokenize_pairs, (tokenizer_path, max_length), PAIR_COLUMNS,
+        256, 1, in_driver=0 < len(rows) < in_driver_below,
+    )  # fmt: skip
 
 
 def prepare_preferences(config: Any) -> dict[str, tuple[Any, list[dict]]]:
@@ -151,7 +143,10 @@ def prepare_preferences(config: Any) -> dict[str, tuple[Any, list[dict]]]:
     ``{"train": (dataset, rejects), "validation": (dataset, rejects)}``."""
     rows = list(artifacts.iter_rows(config.preferences))
     split = split_preferences(rows, config.validation_fraction, config.seed, config.preferences)
-    return {k: prepare_pairs(v, config.model.path, config.max_length) for k, v in split.items()}
+    return {
+        k: prepare_pairs(v, config.model.path, config.max_length, config.tokenize_in_driver_below)
+        for k, v in split.items()
+    }
 
 
 def promote_pair_model(

@@ -67,15 +67,18 @@ def main(config: SFTConfig) -> dict[str, Any]:
     base = local_model_path(config.model.path)
     check_base_model(base, config.allow_untrained, config.model.trust_remote_code)
 
+    small = config.tokenize_in_driver_below
     train = prepare_split(
-        config.train, config.model.path, config.max_length, config.packing, config.tokenize_workers
-    )
+        config.train, config.model.path, config.max_length, config.packing,
+        config.tokenize_workers, in_driver_below=small,
+    )  # fmt: skip
     datasets = {"train": train.dataset}
     validation = None
     if config.validation:
         validation = prepare_split(
-            config.validation, config.model.path, config.max_length, config.packing
-        )
+            config.validation, config.model.path, config.max_length, config.packing,
+            in_driver_below=small,
+        )  # fmt: skip
         datasets["validation"] = validation.dataset
     log.info(
         "sft: %d training rows from %d samples (%d rejected)",

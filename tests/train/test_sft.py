@@ -198,3 +198,41 @@ def test_killed_sft_job_resumes_from_its_last_checkpoint(
     assert manifest["config"]["deepspeed"]["zero_stage"] == 2 and manifest["config"]["packing"]
     assert not scraper.missing("sft", SFT_SERIES), (scraper.missing("sft", SFT_SERIES),
                                                      sorted(scraper.seen))  # fmt: skip
+
+
+def _rows(dataset) -> list[dict]:
+    return [{k: [int(x) for x in v] for k, v in row.items()} for row in dataset.iter_rows()]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_small_split_tokenised_in_the_driver_is_what_ray_data_makes(
+    sft_data: Path, tiny_model_dir: str, packing: bool
+) -> None:
+    """``tokenize_in_driver_below``: a small split skips Ray Data's start-up, not its result: the
+    same rows in the same order and the same rejects (48 tokens leave some answers with none)."""
+    from huatuo_ray.train.data import prepare_split
+
+    args = (str(sft_data / "train"), tiny_model_dir, 48, packing)
+    on_ray_data = prepare_split(*args, in_driver_below=0)
+    in_driver = prepare_split(*args, in_driver_below=1000)
+    assert (in_driver.rows, in_driver.samples) == (on_ray_data.rows, on_ray_data.samples)
+    assert in_driver.rejects == on_ray_data.rejects and len(on_ray_data.rejects) > 0
+    assert _rows(in_driver.dataset) == _rows(on_ray_data.dataset)
+
+
+def test_small_preference_pairs_tokenised_in_the_driver_are_what_ray_data_makes(
+    local_ray, tiny_model_dir: str
+) -> None:
+    from huatuo_ray.train.preference_data import prepare_pairs
+    from tests.train.test_reward_model import learnable_preferences
+
+    rows = [r.to_row() for r in learnable_preferences(40)]
+    on_ray_data, rejects_ray_data = prepare_pairs(rows, tiny_model_dir, 40, in_driver_below=0)
+    in_driver, rejects = prepare_pairs(rows, tiny_model_dir, 40, in_driver_below=1000)
+    assert rejects == rejects_ray_data and len(rejects) > 0  # 40 tokens: some pairs too long
+    got, expected = list(in_driver.iter_rows()), list(on_ray_data.iter_rows())
+    assert len(got) == len(expected) == 40 - len(rejects)
+    for a, b in zip(got, expected):
+        assert list(a["chosen_ids"]) == list(b["chosen_ids"]) and a["margin"] == b["margin"]
+        assert list(a["rejected_ids"]) == list(b["rejected_ids"])
+        assert a["prompt_len"] == b["prompt_len"]
