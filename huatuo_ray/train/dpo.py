@@ -67,27 +67,50 @@ def main(config: DPOConfig) -> dict[str, Any]:
     if (done := begin(config, "dpo")) is not None:
         return done
     prepared = prepare_preferences(config)
-    datasets = {k: with_reference(config, pairs) for k, (pairs, _) in prepared.items()}
+    datasets = with_reference(config, {k: pairs for k, (pairs, _) in prepared.items()})
     train_pairs = datasets["train"].count()
     fit(train_loop, config, datasets, train_pairs)
     return finish(config, prepared, train_pairs)
 
 
-def with_reference(config: DPOConfig, pairs: Any) -> Any:
-    """The pairs with the frozen initial model's log-probs of each side (one pass, materialised)."""
+def with_reference(config: DPOConfig, splits: dict[str, Any]) -> dict[str, Any]:
+    """Each split's pairs with the frozen initial model's log-probs of each side: one pass over
+    every split, so the model is loaded once (one actor, not one per split), then the splits
+    apart again, each materialised."""
+    import pyarrow as pa
+
     from huatuo_ray.train.core import load_tokenizer
     from huatuo_ray.train.dpo_loop import ReferenceLogProbs
 
     _, pad_id = load_tokenizer(config.model)
-    return pairs.map_batches(
-        ReferenceLogProbs,
-        fn_constructor_args=(config.model.path, pad_id, config.reference_batch_size),
-        batch_size=64,
-        batch_format="pyarrow",
-        concurrency=1,
-        num_cpus=1,
-        num_gpus=config.reference_gpus,
-    ).materialize()
+    names = list(splits)
+    tagged = [
+        splits[name].map_batches(
+            lambda t, i=i: t.append_column(SPLIT, pa.array([i] * t.num_rows, pa.int32())),
+            batch_format="pyarrow",
+        )
+        for i, name in enumerate(names)
+    ]
+    scored = (
+        (tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0])
+        .map_batches(
+            ReferenceLogProbs,
+            fn_constructor_args=(config.model.path, pad_id, config.reference_batch_size),
+            batch_size=64,
+            batch_format="pyarrow",
+            concurrency=1,
+            num_cpus=1,
+            num_gpus=config.reference_gpus,
+        )
+        .materialize()
+    )
+    return {
+        name: scored.filter(lambda r, i=i: r[SPLIT] == i).drop_columns([SPLIT]).materialize()
+        for i, name in enumerate(names)
+    }
+
+
+SPLIT = "_split"  # which split a pair came from, while they pass the reference together
 
 
 def finish(config: DPOConfig, prepared: dict, train_pairs: int) -> dict[str, Any]:

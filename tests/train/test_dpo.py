@@ -113,3 +113,26 @@ def test_dpo_learns_a_learnable_preference_and_vllm_serves_it(
             model="dpo", messages=[{"role": "user", "content": "头痛怎么办？"}], max_tokens=8
         )
         assert reply.usage.completion_tokens > 0
+
+
+def test_one_reference_pass_scores_every_split_and_keeps_them_apart(
+    local_ray, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    """The frozen model is loaded once for all splits; each split comes back with exactly its
+    own pairs, each with its reference log-probs, and without the pass's split tag."""
+    from huatuo_ray.train.preference_data import prepare_pairs
+
+    rows = [r.to_row() for r in learnable_preferences(12)]
+    splits = {
+        name: prepare_pairs(part, tiny_model_dir, 128, in_driver_below=1000)[0]
+        for name, part in (("train", rows[:8]), ("validation", rows[8:]))
+    }
+    cfg = dpo_config(str(tmp_path / "prefs"), tiny_model_dir, tmp_path)
+    scored = dpo.with_reference(cfg, splits)
+    for name, pairs in splits.items():
+        got = list(scored[name].iter_rows())
+        assert sorted(tuple(r["chosen_ids"]) for r in got) == sorted(
+            tuple(r["chosen_ids"]) for r in pairs.iter_rows()
+        )
+        assert set(got[0]) == {*pairs.columns(), "ref_chosen", "ref_rejected"}
+        assert all(r["ref_chosen"] < 0 and r["ref_rejected"] < 0 for r in got)
