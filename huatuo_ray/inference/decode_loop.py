@@ -171,7 +171,7 @@ class DecodeLoop:
             real[i, width - len(p) :] = True
         ids, real = ids.to(device), real.to(device)
         prompt_len = real.sum(-1)
-        cos, sin = self._rope_tables(int(prompt_len.max()) + max_new_tokens, device, dtype)
+        cos, sin = self._rope_tables(length, device, dtype)  # the longest prompt is ``width``
         layers = self._layers()
 
         # Prefill the distinct prompts: causal attention over their real tokens (each position
