@@ -13,6 +13,9 @@ log = logging.getLogger(__name__)
 
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller poll (default 2 s)
 LOCAL_TRAIN_POLL_S = "0.25"
+# Ray Train's preemption watcher: one actor per run watching for nodes being drained (spot
+# instances reclaimed). A Ray that a stage starts for itself is this one machine, never drained.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,6 +57,7 @@ def connect(cluster: ClusterConfig, stage: str) -> Any:
         # much of a small run on one machine. A new local Ray polls every 0.25 s (the raylet
         # and every worker inherit this process's environment); a cluster keeps its own setting.
         os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     try:
         try:
             ctx = ray.init(**kwargs)

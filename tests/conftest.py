@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from huatuo_ray.runtime import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+from huatuo_ray.runtime import LOCAL_TRAIN_POLL_S, PREEMPTION_WATCHER_ENV, TRAIN_POLL_ENV
 from tests.ray_head import Head
 
 # Ray 2.60 turns token authentication on for new clusters; a client sends the token only when
@@ -18,6 +18,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # Every Ray the tests start (local ones, `ray start` heads, subprocess stages) polls its Ray Train
 # workers as a stage's own local Ray does (huatuo_ray.runtime), not every 2 s.
 os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
+# No node of the tests' Rays is ever drained: no preemption-watcher actor per Ray Train run (Ray
+# Train passes the setting from the driver to its controller).
+os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -46,6 +49,21 @@ def vllm_tiny(tiny_model_dir: str):
 
     with vllm_server(tiny_model_dir) as base_url:
         yield base_url
+
+
+@pytest.fixture(scope="session")
+def vllm_check(local_ray):
+    """A Ray actor that imports vLLM once for the session and builds a real ``vllm.LLM`` on each
+    folder a test asks it to check (tests/support/vllm_check.py)."""
+    import ray
+
+    from tests.support.vllm_check import VLLMCheck
+
+    # vLLM's model worker in the actor's own process (as vllm_worker_in_engine_process does).
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    actor = ray.remote(VLLMCheck).options(num_cpus=0, runtime_env={"env_vars": env}).remote()
+    yield actor
+    ray.kill(actor)
 
 
 TEACHER_KEY = "sk-test-teacher-secret-42"

@@ -153,7 +153,7 @@ def test_ppo_with_hf_rollouts_raises_the_reward(
 
 @pytest.mark.vllm
 def test_ppo_with_vllm_rollouts_raises_the_reward_and_vllm_loads_the_result(
-    ppo_inputs, tiny_model_dir: str, tmp_path: Path, local_ray
+    ppo_inputs, tiny_model_dir: str, tmp_path: Path, local_ray, vllm_check
 ) -> None:
     import ray
 
@@ -161,18 +161,11 @@ def test_ppo_with_vllm_rollouts_raises_the_reward_and_vllm_loads_the_result(
     ppo.main(ppo_config(ppo_inputs, tiny_model_dir, out, "vllm", weight_sync="broadcast"))
     check_learning(out, 20)
 
-    @ray.remote(num_cpus=0.5, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
-    def sample_with_vllm(path: str) -> list:
-        from huatuo_ray.inference.generation import VLLMGenerator
-
-        engine = VLLMGenerator(path, EngineConfig(backend="vllm", max_model_len=256))
-        one = SamplingConfig(n=1, max_new_tokens=8, temperature=1.0, top_p=1.0)
-        return engine.generate([[0, 50, 60, 70]], one, [1], logprobs=True)[0]
-
     import torch
     from transformers import AutoModelForCausalLM
 
-    sample = ray.get(sample_with_vllm.remote(str(out)))[0]
+    one = SamplingConfig(n=1, max_new_tokens=8, temperature=1.0, top_p=1.0)
+    sample = ray.get(vllm_check.generate.remote(str(out), [[0, 50, 60, 70]], [one], [1]))[0][0][0]
     model = AutoModelForCausalLM.from_pretrained(str(out))
     ids = torch.tensor([[0, 50, 60, 70, *sample.token_ids]])
     with torch.no_grad():

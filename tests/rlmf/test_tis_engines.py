@@ -82,24 +82,16 @@ def test_tis_weights_of_an_unchanged_policy_are_one_on_the_hf_engine(
         check_not_raw(exp, logits)
 
 
-def _vllm_samples(model_dir: str) -> list[list[list[Sample]]]:
-    from huatuo_ray.inference.generation import VLLMGenerator
-
-    engine = VLLMGenerator(model_dir, EngineConfig(backend="vllm", max_model_len=256))
-    return [engine.generate(PROMPTS, s, [1, 2], logprobs=True) for s in (SAMPLING, TOP_K)]
-
-
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_tis_weights_of_an_unchanged_policy_are_one_on_the_vllm_engine(
-    tiny_model_dir: str, local_ray: Any
+    tiny_model_dir: str, vllm_check: Any
 ) -> None:
     import ray
 
-    remote = ray.remote(num_cpus=0.5)(_vllm_samples).options(
-        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    results = ray.get(
+        vllm_check.generate.remote(tiny_model_dir, PROMPTS, [SAMPLING, TOP_K], [1, 2])
     )
-    results = ray.get(remote.remote(tiny_model_dir))
     for sampling, samples in zip((SAMPLING, TOP_K), results):
         exp, logits = scored_by_the_trainer(tiny_model_dir, samples, sampling)
         assert int(exp.action_mask.sum()) > 8
