@@ -22,7 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # One pytest worker: two stage tests at once on two cores each run torch on both cores, and
-# OpenMP's barriers then stall (tested 2026-12-05: slower than one worker, and flaky).
+# OpenMP's barriers then stall (tested 2026-12-05: slower than one worker, and flaky; again at
+# 10:30 with the torch-heavy modules kept on one worker, the rest on the other, and OpenMP's
+# waiting threads sleeping: 14 min 13 s against ~16, but at load 13-21 and the training tests
+# 2-3x slower, too close to their time limits to trust).
 test: install
 	$(BIN)/ruff check huatuo_ray tests benchmarks
 	$(BIN)/python -m pytest -q tests -m "not system" --durations=10
