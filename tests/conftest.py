@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,13 +43,64 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_tiny_causal_lm(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
-@pytest.fixture(scope="session")
-def vllm_tiny(tiny_model_dir: str):
-    """vLLM's OpenAI-compatible server on the tiny model (model name ``tiny-teacher``), started
-    at first use and shared by the tests that need a real vLLM teacher (idle, it uses ~1% CPU)."""
+class InBackground:
+    """A context manager entered in a thread of its own, so that what it starts (a server
+    taking seconds to come up) starts while other tests run; :meth:`value` waits for it."""
+
+    def __init__(self, manager: Any) -> None:
+        self._ready, self._stop = threading.Event(), threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(manager,), daemon=True)
+        self._thread.start()
+
+    def _run(self, manager: Any) -> None:
+        try:
+            with manager as value:
+                self._value = value
+                self._ready.set()
+                self._stop.wait()
+        except BaseException as e:  # noqa: BLE001 - raised again in the test that waits
+            self._error = e
+            self._ready.set()
+
+    def value(self, timeout: float = 600) -> Any:
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"not started in {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_vllm_tiny_early(request: pytest.FixtureRequest) -> Iterator[InBackground | None]:
+    """When the session has tests that use ``vllm_tiny``, its server starts with the session
+    (vLLM's start is ~14 s of two imports on 2 cores), beside the tests that come before them."""
+    if not any("vllm_tiny" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
     from huatuo_ray.inference.openai_server import vllm_server
 
-    with vllm_server(tiny_model_dir) as base_url:
+    server = InBackground(vllm_server(request.getfixturevalue("tiny_model_dir")))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny(_start_vllm_tiny_early: InBackground | None, tiny_model_dir: str):
+    """vLLM's OpenAI-compatible server on the tiny model (model name ``tiny-teacher``), started
+    with the session (``_start_vllm_tiny_early``) and shared by the tests that need a real vLLM
+    teacher (idle, it uses ~1% CPU)."""
+    if _start_vllm_tiny_early is not None:
+        yield _start_vllm_tiny_early.value()
+        return
+    from huatuo_ray.inference.openai_server import vllm_server
+
+    with vllm_server(tiny_model_dir) as base_url:  # a test asked for it by name
         yield base_url
 
 
