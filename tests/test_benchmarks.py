@@ -79,10 +79,8 @@ def test_benchmark_runs_at_its_smallest_size(
 ) -> None:
     proc, cwd = started_beside[script] if script in started_beside else _start(script, tmp_path)
     proc.wait(timeout=420)
-    stdout, stderr = (cwd / "stdout").read_text(), (cwd / "stderr").read_text()
-    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    assert res.returncode == 0, res.stderr[-4000:]
-    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, (cwd / "stderr").read_text()[-4000:]
+    last = json.loads((cwd / "stdout").read_text().strip().splitlines()[-1])
     assert FIGURES[script] <= set(last), FIGURES[script] - set(last)
     if script == "sft_throughput.py":
         assert 0 <= last["data_wait_fraction"] < 1 and last["ratio_vs_plain_loop"] > 0
