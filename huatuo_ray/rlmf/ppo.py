@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from huatuo_ray import artifacts, storage
@@ -171,8 +172,9 @@ def run(
             config, groups, prompts, pad_id, iteration, beta, times, counts, figures
         )
         if counts.get("budget_spent"):  # stop cleanly: no training on a partly judged rollout
-            state["stopped"] = "teacher budget spent"
-            log.warning("ppo: teacher budget spent at iteration %d: stopping", iteration + 1)
+            by = "patient" if counts.get("patient_budget_spent") else "teacher"
+            state["stopped"] = f"{by} budget spent"
+            log.warning("ppo: %s budget spent at iteration %d: stopping", by, iteration + 1)
             if iteration > 0:
                 save_checkpoint(config, groups, state)
             break
@@ -251,9 +253,11 @@ def collect_experience(
 
     def sample() -> Any:  # final scores, so that filtering judges what will train
         exp = sample_and_score(config, groups, prompts, pad_id, iteration, times, counts, figures)
-        return final_scores(exp, config)
+        return None if exp is None else final_scores(exp, config)
 
     exp = informative_rollout(config, sample, counts, pad_id)
+    if exp is None:  # a teacher budget is spent (counts["budget_spent"])
+        return None
     started = time.perf_counter()
     add_rewards_and_advantages(exp, beta, config)
     times["experience_s"] += time.perf_counter() - started
@@ -271,44 +275,49 @@ def sample_and_score(
     figures: dict[str, float] | None = None,
 ) -> Any:
     """One rollout of ``rollout_size`` prompts x ``sampling.n`` answers on the schedule
-    ``rollout.schedule``, with the models' log-probs, values (with a critic) and summed reward
-    scores, each piece's calls started as it arrives; rows back in prompt order (a group's answers
-    consecutive)."""
+    ``rollout.schedule`` (or, with ``rollout.mode: consultation``, ``sampling.n`` whole
+    consultations per case: :func:`~huatuo_ray.rlmf.consultation.sample_consultations`), with
+    the models' log-probs, values (with a critic) and summed reward scores, each piece's calls
+    started as it arrives; rows back in prompt order (a group's answers consecutive). None when
+    a consultation rollout kept no whole group or its patients' budget is spent."""
     import ray
     import torch
 
-    from huatuo_ray.rlmf import rewards, rollout_schedule
-    from huatuo_ray.rlmf.experience import concat, make_experience
+    from huatuo_ray.rlmf import consultation, rewards, rollout_schedule
+    from huatuo_ray.rlmf.experience import concat
 
     started = time.time()
     n = config.sampling.n
+    drawn_at = prompts.position  # (epoch, index): unique per draw, and checkpointed
     batch = [p.answer(k) for p in prompts.next_batch(config.rollout_size) for k in range(n)]
-    ids = [p.ids for p in batch]
-    seeds = [p.seed(config.sampling.seed, iteration) for p in batch]
-    engines = groups["rollout"].workers
-    generation: list[tuple[float, float]] = []
-    if config.rollout.schedule == "streamed":
-        pieces = rollout_schedule.streamed(
-            engines, ids, seeds, config.rollout.chunk_size, config.rollout.balance, generation
-        )
+    if config.rollout.mode == "consultation":  # a case drawn twice in an iteration (a refill,
+        # or an epoch's end) must not replay the same consultations: seeds per draw and row
+        seeds = [
+            p.seed(config.sampling.seed, iteration, f"{drawn_at[0]}.{drawn_at[1]}.{row}")
+            for row, p in enumerate(batch)
+        ]
     else:
-        pieces = rollout_schedule.chunked(
-            engines, ids, seeds, config.rollout.chunk_size, generation
-        )
+        seeds = [p.seed(config.sampling.seed, iteration) for p in batch]
     names = reward_group_names(config)
+    figures = {} if figures is None else figures
+    generation: list[tuple[float, float]] = []  # the engines' spans (answer mode)
     parts, order = [], []
-    for indices, samples in pieces:
-        exp = make_experience(
-            [ids[i] for i in indices],
-            [o.token_ids for o in samples],
-            [o.finished for o in samples],
-            pad_id,
-            [o.logprobs for o in samples],
+    if config.rollout.mode == "consultation":
+        sampled = consultation.sample_consultations(
+            config, groups, batch, seeds, prompts.tokenizer, pad_id, counts, figures
         )
+        if sampled is None:  # no whole group kept, or the patients' budget is spent
+            times["generate_s"] = times.get("generate_s", 0.0) + time.time() - started
+            return None
+        exp, infos = sampled
+        pieces: Any = [(list(range(len(exp))), exp, infos)]
+    else:
+        pieces = answer_pieces(config, groups, batch, seeds, pad_id, generation)
+    for indices, exp, infos in pieces:
         calls = experience_calls(
             groups, exp, config.reference.frozen_trunk, old_logprobs_pass(config)
         )
-        calls |= rewards.reward_calls(groups, names, exp, [batch[i].info for i in indices])
+        calls |= rewards.reward_calls(groups, names, exp, infos)
         parts.append((exp, calls))
         order += indices
     generated = time.time()
@@ -325,9 +334,44 @@ def sample_and_score(
         filled.append(exp)
     exp = concat(filled, pad_id).select(torch.argsort(torch.tensor(order)))
     times["experience_s"] = times.get("experience_s", 0.0) + time.time() - generated
-    if figures is not None:
+    if config.rollout.mode == "answer":  # after scoring: the scorers' timelines are complete
         figures.update(rollout_schedule.figures(groups, generation))
     return exp
+
+
+def answer_pieces(
+    config: PPOConfig,
+    groups: dict[str, Any],
+    batch: list[Any],
+    seeds: list[int],
+    pad_id: int,
+    generation: list[tuple[float, float]],
+) -> Iterator[tuple[list[int], Any, list[dict[str, Any]]]]:
+    """``rollout.mode: answer``: one answer per row of ``batch`` on the schedule
+    ``rollout.schedule``, as pieces (row indices, their Experience, their reward infos) in the
+    order the engines finish them; ``generation`` gets the engines' spans."""
+    from huatuo_ray.rlmf import rollout_schedule
+    from huatuo_ray.rlmf.experience import make_experience
+
+    ids = [p.ids for p in batch]
+    engines = groups["rollout"].workers
+    if config.rollout.schedule == "streamed":
+        pieces = rollout_schedule.streamed(
+            engines, ids, seeds, config.rollout.chunk_size, config.rollout.balance, generation
+        )
+    else:
+        pieces = rollout_schedule.chunked(
+            engines, ids, seeds, config.rollout.chunk_size, generation
+        )
+    for indices, samples in pieces:
+        exp = make_experience(
+            [ids[i] for i in indices],
+            [o.token_ids for o in samples],
+            [o.finished for o in samples],
+            pad_id,
+            [o.logprobs for o in samples],
+        )
+        yield indices, exp, [batch[i].info for i in indices]
 
 
 def final_scores(exp: Any, config: PPOConfig) -> Any:

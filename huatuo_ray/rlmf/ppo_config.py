@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from huatuo_ray.config import ClusterConfig, ModelConfig, option
+from huatuo_ray.config import ClusterConfig, ModelConfig, TeacherConfig, option
 from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.rlmf.actors.group import Resources
-from huatuo_ray.rlmf.teacher_reward import TeacherRewardConfig
+from huatuo_ray.rlmf.teacher_reward import TeacherBudget, TeacherRewardConfig
 from huatuo_ray.rlmf.weight_sync import resolve_method
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
@@ -111,6 +111,32 @@ class RewardConfig:
 
 
 @dataclass
+class ConsultationConfig:
+    """``rollout.mode: consultation``: the policy plays the doctor of whole consultations, the
+    teacher plays the patient of each real case (:mod:`~huatuo_ray.rlmf.consultation`)."""
+
+    patient: TeacherConfig = field(
+        default_factory=lambda: TeacherConfig(max_tokens=256)
+    )  # the endpoint playing the patients (its key from the environment, like every teacher)
+    patient_prompt: Literal["consult", "dialogues"] = option(
+        "consult",
+        help="the patient's brief: consult (the evaluation's patient, who keeps asking: what is "
+        "rewarded is what `consult` evaluates) or dialogues (A.2's, who says goodbye when done)",
+    )
+    max_turns: int = option(4, help="doctor turns at most per consultation")
+    max_tokens: int = option(
+        2048, help="a consultation whose next doctor turn could pass this many tokens is dropped"
+    )
+    max_parse_retries: int = option(2, help="asks a patient again when its reply does not parse")
+    budget: TeacherBudget = option(TeacherBudget(), help="the patients' spending limits")
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.1))
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ValueError("rollout.consultation.max_turns must be at least 1")
+
+
+@dataclass
 class RolloutConfig:
     """The rollout engines."""
 
@@ -132,6 +158,13 @@ class RolloutConfig:
     balance: Literal["count", "length"] = option(
         "count", help="streamed: share chunks among engines by count or by prompt tokens"
     )
+    mode: Literal["answer", "consultation"] = option(
+        "answer",
+        help="answer: one answer to each prompt cut from a dialogue (the paper's RLMF); "
+        "consultation: whole consultations on real cases (inputs: `data --source "
+        "meddialog_cases`), the policy as the doctor, the teacher as the patient",
+    )
+    consultation: ConsultationConfig = field(default_factory=ConsultationConfig)
 
 
 @dataclass
@@ -410,9 +443,11 @@ def experience_passes(config: PPOConfig) -> dict[str, Any]:
 
 
 def teacher_groups(config: PPOConfig) -> list[str]:
-    """The reward groups whose source is the teacher (budgets, usage in the manifest)."""
+    """The groups that pay the teacher (budgets, usage in the manifest): reward groups whose
+    source is the teacher, and the patients of consultation rollouts."""
     names = zip(reward_group_names(config), config.reward_sources)
-    return [name for name, source in names if source.kind == "teacher"]
+    raters = [name for name, source in names if source.kind == "teacher"]
+    return raters + (["patient"] if config.rollout.mode == "consultation" else [])
 
 
 def _frozen_trunk_possible(config: PPOConfig) -> bool:

@@ -71,7 +71,7 @@ class PPOMetrics:
             **(figures or {}),
         }
         for name, value in record.items():
-            if name != "iteration":
+            if name != "iteration" and isinstance(value, (int, float)):  # not per-round lists
                 self.writer.add_scalar(f"ppo/{name}", value, iteration)
         stage = stage_name(self.config)
         for name in ("reward_mean", "kl", "entropy", "samples_per_s", "response_length",

@@ -28,6 +28,9 @@ def group_resources(config: PPOConfig) -> tuple[dict[str, Resources], dict[str, 
         resources["reference"] = config.reference.resources
         keys["reference"] = "reference.resources"
     resources["rollout"], keys["rollout"] = config.rollout.resources, "rollout.resources"
+    if config.rollout.mode == "consultation":
+        resources["patient"] = config.rollout.consultation.resources
+        keys["patient"] = "rollout.consultation.resources"
     return resources, keys
 
 
@@ -60,6 +63,7 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
     from huatuo_ray.rlmf.actors import group as actor_group
     from huatuo_ray.rlmf.actors.critic import CriticWorker
     from huatuo_ray.rlmf.actors.frozen import ReferenceWorker, RewardWorker
+    from huatuo_ray.rlmf.actors.patient import PatientWorker
     from huatuo_ray.rlmf.actors.policy import PolicyWorker
     from huatuo_ray.rlmf.actors.rollout import RolloutWorker
     from huatuo_ray.rlmf.rewards import FunctionRewardWorker
@@ -128,3 +132,9 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         # weights in place on CPUs, and one process per engine is simpler to place).
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
+    if config.rollout.mode == "consultation":
+        ask = config.rollout.consultation
+        cache = os.path.join(config.output, "_teacher_cache", "patient")
+        groups["patient"] = group(
+            "patient", PatientWorker, ask.patient, cache, ask.max_parse_retries, ask.budget
+        )

@@ -9,7 +9,9 @@ A reward source is one actor group of the ``ppo`` stage; ``reward`` is the first
   (:mod:`~huatuo_ray.rlmf.teacher_reward`), with budgets that stop the run cleanly;
 * ``function``: a Python callable named ``module:function`` taking ``(prompt, response,
   reference, meta)`` and returning a number (a rule, or a verifier such as an exam answer checked
-  against its key), run in :class:`FunctionRewardWorker` actors. An exception or a value that
+  against its key), run in :class:`FunctionRewardWorker` actors. For a consultation the
+  response is the doctor's turns, one per line, and ``meta["turns"]`` the whole consultation
+  (:mod:`~huatuo_ray.rlmf.consultation_rewards` has rules on it). An exception or a value that
   is not a finite number becomes the configured ``fallback`` and is counted
   (``reward_errors`` in the metrics), never a crash of the run.
 
@@ -80,8 +82,12 @@ class FunctionRewardWorker(ModelWorker):
 
         values, errors = [], 0
         for row, info in enumerate(infos):
-            tokens = exp.responses[row][exp.action_mask[row].bool()].tolist()
-            response = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if info["meta"].get("consultation"):  # the doctor's turns, one per line
+                turns = info["meta"]["turns"]
+                response = "\n".join(t["content"] for t in turns if t["role"] == "assistant")
+            else:
+                tokens = exp.responses[row][exp.action_mask[row].bool()].tolist()
+                response = self.tokenizer.decode(tokens, skip_special_tokens=True)
             value, ok = call_safely(
                 self.fn, self.fallback, info["prompt"], response, info["reference"], info["meta"]
             )

@@ -6,7 +6,9 @@ gives a prompt: the turns before it (ending with the patient's turn) and, as the
 the real doctor said there. Prompts are deduplicated on their normalised text.
 
 :class:`PromptStream` serves them to the ``ppo`` recipe: tokenised, too-long ones rejected, in a
-seeded order per epoch, with a position to resume from.
+seeded order per epoch, with a position to resume from. With ``rollout.mode: consultation`` it
+serves real cases instead (:func:`case_prompts`): each the brief of a patient, for whole
+consultations (:mod:`~huatuo_ray.rlmf.consultation`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,44 @@ def rl_prompts(records: Iterable[Dialogue], last_turn_only: bool = False) -> Ite
             yield Dialogue(prompt_id, "rl_prompt", history, meta)
 
 
+def case_prompts(
+    records: Iterable[Dialogue], patient_prompt: str = "consult"
+) -> Iterator[Dialogue | dict[str, str]]:
+    """One consultation prompt per real case (``data --source meddialog_cases``, or MedDialog
+    records with a description): ``meta.brief`` = the patient's system prompt with the case
+    (``consult``: the evaluation's; ``dialogues``: A.2's), ``meta.reference`` = the real
+    doctor's consultation as text (or, without one, the doctor's diagnosis and advice). A
+    record with no case text comes out as a reject ``{"id", "reason"}``."""
+    from huatuo_ray.teacher import prompts
+    from huatuo_ray.teacher.agents import case_and_diagnosis
+
+    brief = (
+        prompts.eval_patient_system_prompt
+        if patient_prompt == "consult"
+        else prompts.patient_system_prompt
+    )
+    seen: set[str] = set()
+    for record in records:
+        case, diagnosis = case_and_diagnosis(record.meta)
+        if not case:
+            yield {"id": record.id, "reason": "no case description for the patient"}
+            continue
+        if record.id in seen:
+            continue
+        seen.add(record.id)
+        real = record.meta.get("real_dialogue")
+        reference = prompts.render_conversation(real, "Patient", "Doctor") if real else diagnosis
+        meta: dict[str, Any] = {
+            "reference": reference,
+            "brief": brief(case),
+            "case": case,
+            "from_id": record.id,
+            "department": record.meta.get("department"),
+            "consultation": True,
+        }
+        yield Dialogue(record.id, "rl_case", [{"role": "user", "content": case}], meta)
+
+
 @dataclass
 class Prompt:
     """One RL prompt, tokenised; a group's k-th answer asks it as ``id#k``."""
@@ -77,10 +117,12 @@ class Prompt:
         """The prompt as asked for its k-th answer of a group (its own sampling seed)."""
         return self if k == 0 else Prompt(f"{self.id}#{k}", self.ids, self.info)
 
-    def seed(self, base: int, iteration: int) -> int:
+    def seed(self, base: int, iteration: int, draw: str = "") -> int:
+        """The sampling seed of this prompt in ``iteration``; ``draw`` (where in the stream it
+        was drawn) makes it differ between draws of the same prompt in one iteration."""
         from huatuo_ray.inference.generation import prompt_seed
 
-        return prompt_seed(base, f"{iteration}:{self.id}")
+        return prompt_seed(base, f"{iteration}:{self.id}" + (f"@{draw}" if draw else ""))
 
 
 class PromptStream:
@@ -88,9 +130,20 @@ class PromptStream:
 
     def __init__(self, config: PPOConfig, tokenizer: Any):
         self.seed = config.seed
+        self.tokenizer = tokenizer  # consultations tokenise their turns as they come
         self.prompts: list[Prompt] = []
         self.rejects: list[dict[str, str]] = []
         records = (d for uri in config.inputs for d in artifacts.read_dialogues(uri))
+        if config.rollout.mode == "consultation":
+            self._read_cases(records, config.rollout.consultation.patient_prompt)
+        else:
+            self._read_prompts(records, config, tokenizer)
+        if not self.prompts:
+            raise ValueError(f"ppo: no usable prompts in {config.inputs}")
+        log.warning("ppo: %d prompts (%d rejected)", len(self.prompts), len(self.rejects))
+        self.position = [0, 0]
+
+    def _read_prompts(self, records: Iterable[Dialogue], config: PPOConfig, tokenizer: Any) -> None:
         for prompt in rl_prompts(records, config.last_turn_only):
             ids = encode_prompt(tokenizer, prompt.turns)
             if len(ids) > config.max_prompt_tokens:
@@ -104,10 +157,16 @@ class PromptStream:
                 "meta": {**prompt.meta, "id": prompt.id, "turns": prompt.turns},
             }
             self.prompts.append(Prompt(prompt.id, ids, info))
-        if not self.prompts:
-            raise ValueError(f"ppo: no usable prompts in {config.inputs}")
-        log.warning("ppo: %d prompts (%d rejected)", len(self.prompts), len(self.rejects))
-        self.position = [0, 0]
+
+    def _read_cases(self, records: Iterable[Dialogue], patient_prompt: str) -> None:
+        """Cases for consultations: no token ids (the patient opens each consultation)."""
+        for case in case_prompts(records, patient_prompt):
+            if isinstance(case, dict):
+                self.rejects.append(case)
+                continue
+            info = {"prompt": case.turns[0]["content"], "reference": case.meta["reference"],
+                    "meta": {**case.meta, "id": case.id}}  # fmt: skip
+            self.prompts.append(Prompt(case.id, [], info))
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.prompts)))

@@ -49,6 +49,21 @@ class TeacherRewardConfig:
     budget: TeacherBudget = option(TeacherBudget(), help="spending limits that stop the run")
 
 
+def would_pass_budget(b: TeacherBudget, used: Any, iteration_paid: int, requests: int) -> bool:
+    """Whether ``requests`` more paid requests (at the mean cost so far) pass a limit of ``b``,
+    given a client's ``usage`` and the requests paid this iteration. Shared by the teacher's two
+    roles in a run: the rater and the consultations' patient."""
+    cost_each = used.cost_usd / used.paid if used.paid else 0.0
+    return (
+        (b.max_requests is not None and used.paid + requests > b.max_requests)
+        or (
+            b.max_requests_per_iteration is not None
+            and iteration_paid + requests > b.max_requests_per_iteration
+        )
+        or (b.max_cost_usd is not None and used.cost_usd + requests * cost_each > b.max_cost_usd)
+    )
+
+
 def pairs_of_group(n: int) -> list[tuple[int, int]]:
     """Pairs (i, j) covering every answer of a group of ``n``, each to be rated in both orders."""
     pairs = [(i, i + 1) for i in range(0, n - 1, 2)]
@@ -91,19 +106,7 @@ class TeacherRewardWorker(ModelWorker):  # its timeline stays empty: it waits on
         self.iteration_paid = 0
 
     def _would_pass_budget(self, requests: int) -> bool:
-        """Whether ``requests`` more paid requests (at the mean cost so far) pass a limit."""
-        b, used = self.spec.budget, self.client.usage
-        cost_each = used.cost_usd / used.paid if used.paid else 0.0
-        return (
-            (b.max_requests is not None and used.paid + requests > b.max_requests)
-            or (
-                b.max_requests_per_iteration is not None
-                and self.iteration_paid + requests > b.max_requests_per_iteration
-            )
-            or (
-                b.max_cost_usd is not None and used.cost_usd + requests * cost_each > b.max_cost_usd
-            )
-        )
+        return would_pass_budget(self.spec.budget, self.client.usage, self.iteration_paid, requests)
 
     async def scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, Any, int, bool]:
         """(scores, raw ratings, answers left unrated, budget spent) for the rows of ``exp``."""
@@ -134,34 +137,42 @@ class TeacherRewardWorker(ModelWorker):  # its timeline stays empty: it waits on
 
     def _jobs(self, responses: list[str], infos: list[dict]) -> list[tuple[tuple, list]]:
         """((row of A, row of B or None), messages) per request."""
-        from huatuo_ray.teacher.prompts import rating_messages
+        from huatuo_ray.teacher.prompts import consultation_rating_messages, rating_messages
 
-        def ask(info: dict, a: str, b: str) -> list:
-            turns = info["meta"]["turns"]
-            return rating_messages(turns[:-1], info["prompt"], info["reference"], a, b)
+        def ask(a: int, b: int | None) -> list:
+            info = infos[a]
+            meta = info["meta"]
+            if meta.get("consultation"):  # whole consultations on one case
+                # Against the doctor's: the real consultation stands as B (its text as given).
+                other = infos[b]["meta"]["turns"] if b is not None else info["reference"]
+                return consultation_rating_messages(
+                    meta["case"], info["reference"], meta["turns"], other
+                )
+            text_b = responses[b] if b is not None else info["reference"]
+            return rating_messages(
+                meta["turns"][:-1], info["prompt"], info["reference"], responses[a], text_b
+            )
 
         jobs = []
         if self.spec.mode == "versus_doctor":
-            for row, (text, info) in enumerate(zip(responses, infos)):
-                jobs.append(((row, None), ask(info, text, info["reference"])))
-            return jobs
+            return [((row, None), ask(row, None)) for row in range(len(responses))]
         for start in range(0, len(responses), self.n):
             for i, j in pairs_of_group(min(self.n, len(responses) - start)):
                 a, b = start + i, start + j
-                info = infos[a]
-                jobs.append(((a, b), ask(info, responses[a], responses[b])))
-                jobs.append(((b, a), ask(info, responses[b], responses[a])))  # swapped
+                jobs.append(((a, b), ask(a, b)))
+                jobs.append(((b, a), ask(b, a)))  # swapped
         return jobs
 
     async def _rate(self, rows: tuple, messages: list) -> tuple[float, float] | None:
         from huatuo_ray.dialogue import RecordError
         from huatuo_ray.teacher.client import TeacherError
+        from huatuo_ray.teacher import grammars
         from huatuo_ray.teacher.parsers import parse_rating
         from huatuo_ray.teacher.stage import ask_parsed
 
-        try:
+        try:  # the rating's shape goes with the request when teacher.structured_outputs is on
             return await ask_parsed(
-                self.client, messages, parse_rating, self.spec.max_parse_retries
+                self.client, messages, parse_rating, self.spec.max_parse_retries, grammars.rating()
             )
         except (TeacherError, RecordError):
             return None

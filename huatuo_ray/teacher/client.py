@@ -243,13 +243,16 @@ class TeacherClient:
         self, messages: list[dict[str, str]], variant: int = 0, **sampling: Any
     ) -> TeacherAnswer:
         """Answer ``messages``. ``variant`` > 0 asks the same thing again as a new request with
-        sampling seed ``variant`` (used when an answer did not parse)."""
+        sampling seed from ``variant`` (used when an answer did not parse)."""
         if self.fatal is not None:
             raise self.fatal
         params = self.sampling(**sampling)
         if variant:
-            # Asking again must be a new request on the wire too: a new sampling seed.
-            params["seed"] = variant
+            # Asking again must be a new request on the wire too: a new sampling seed (derived
+            # from the caller's own, when it gave one, so that retries of requests that differ
+            # only by their seed stay apart).
+            given = params.get("seed")
+            params["seed"] = variant if given is None else (given * 1_000_003 + variant) % 2**31
         extra_body = params.pop("extra_body", None) or self.config.extra_body or None
         key = request_key(self.config.model, messages, {**params, "extra_body": extra_body})
         if self.cache is not None and (hit := await self.cache.aget(key)) is not None:

@@ -119,6 +119,21 @@ RATING = Template(
     "[Assistant A]\n${Response_A}\n[End of Assistant A]\n\n"
     "[Assistant B]\n${Response_B}\n[End of Assistant B]"
 )
+# Our own (not the paper's): RLMF's rating (B) applied to whole consultations on one case, with
+# the judge's consultation criteria (D), so that consultation RL rewards what `judge` compares.
+CONSULTATION_RATING = Template(
+    "Here is a patient's case and how a real doctor handled the consultation:\n"
+    "[Case]\n${Case}\n[End of case]\n"
+    "[Standard consultation]\n${Doctor_consultation}\n[End of standard consultation]\n\n"
+    "Below are two consultations of AI doctors with this patient. Rate the AI doctor of each on "
+    "a scale of 1 to 10: it asks for the information it needs before advising, its diagnosis is "
+    "the most reasonable inference and never stated as more certain than the information allows, "
+    "its advice is correct, safe and effective, and it speaks clearly and warmly, like the real "
+    "doctor. Please provide the ratings in the following format: "
+    '"Rating A: [score]; Rating B: [score]".\n\n'
+    "[Assistant A]\n${Response_A}\n[End of Assistant A]\n\n"
+    "[Assistant B]\n${Response_B}\n[End of Assistant B]"
+)
 JUDGE = Template(
     "[Assistant 1]\n${Response_A}\n[End of Assistant 1]\n\n"
     "[Assistant 2]\n${Response_B}\n[End of Assistant 2]\n\n"
@@ -254,6 +269,31 @@ def rating_messages(
         Response_B=response_b,
     )
     return _user(text)
+
+
+def consultation_rating_messages(
+    case: str,
+    reference: str,
+    consultation_a: Sequence[Message] | str,
+    consultation_b: Sequence[Message] | str,
+) -> list[Message]:
+    """Rate two whole consultations on ``case`` (turn lists in the doctor's view, user =
+    patient, or already rendered text) against the real doctor's (``reference``, as text); the
+    answer reads like :data:`RATING`'s."""
+
+    def text(turns: Sequence[Message] | str) -> str:
+        return (
+            turns if isinstance(turns, str) else render_conversation(turns, "Patient", "AI doctor")
+        )
+
+    return _user(
+        CONSULTATION_RATING.substitute(
+            Case=case.strip(),
+            Doctor_consultation=reference.strip() or HISTORY_NONE,
+            Response_A=text(consultation_a),
+            Response_B=text(consultation_b),
+        )
+    )
 
 
 def judge_messages(

@@ -6,7 +6,9 @@ together on the actor's event loop.
 A reply that fails for good (unparseable after the retries, or its request failed) comes back
 as :class:`PatientFailed` and drops that consultation only; an error every request would meet
 (a wrong key, an unknown model) stops the run. The cache under the run's output makes a rerun
-after a kill replay the patients' answers instead of paying for them again.
+after a kill replay the patients' answers instead of paying for them again. A round of replies
+that could pass the patients' budget (:class:`~huatuo_ray.rlmf.teacher_reward.TeacherBudget`,
+counted as if none were cached) is not sent: ``replies`` answers None and the run stops cleanly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from huatuo_ray.config import TeacherConfig
 from huatuo_ray.rlmf.actors.base import ModelWorker
+from huatuo_ray.rlmf.teacher_reward import TeacherBudget, would_pass_budget
 
 
 class PatientFailed(RuntimeError):
@@ -23,7 +26,13 @@ class PatientFailed(RuntimeError):
 
 
 class PatientWorker(ModelWorker):  # its timeline stays empty: it waits on the teacher
-    def __init__(self, teacher: TeacherConfig, cache_uri: str, retries: int = 2):
+    def __init__(
+        self,
+        teacher: TeacherConfig,
+        cache_uri: str,
+        retries: int = 2,
+        budget: TeacherBudget | None = None,
+    ):
         from huatuo_ray.teacher.cache import ResponseCache
         from huatuo_ray.teacher.client import TeacherClient
         from huatuo_ray.teacher.limiter import LocalLimiter
@@ -31,12 +40,18 @@ class PatientWorker(ModelWorker):  # its timeline stays empty: it waits on the t
         limiter = LocalLimiter(teacher.requests_per_minute, teacher.tokens_per_minute)
         self.client = TeacherClient(teacher, ResponseCache(cache_uri), limiter)
         self.retries = retries
+        self.budget = budget or TeacherBudget()
+        self.iteration_paid = 0
+
+    def begin_iteration(self) -> None:
+        self.iteration_paid = 0
 
     async def replies(
         self, requests: list[tuple[str, list[dict[str, str]], int]]
-    ) -> list[str | PatientFailed]:
+    ) -> list[str | PatientFailed] | None:
         """The next line of each patient: (brief, the turns so far in the doctor's view, the
-        consultation's seed) in, its text or :class:`PatientFailed` out, in order."""
+        consultation's seed) in, its text or :class:`PatientFailed` out, in order; None when
+        the round could pass the budget (nothing was sent)."""
         from huatuo_ray.dialogue import RecordError
         from huatuo_ray.teacher.agents import patient_turn
         from huatuo_ray.teacher.client import TeacherError
@@ -47,7 +62,12 @@ class PatientWorker(ModelWorker):  # its timeline stays empty: it waits on the t
             except (RecordError, TeacherError) as e:  # a fatal error stops the run instead
                 return PatientFailed(str(e))
 
+        used = self.client.usage
+        if would_pass_budget(self.budget, used, self.iteration_paid, len(requests)):
+            return None
+        paid_before = used.paid
         answers = await asyncio.gather(*(one(*r) for r in requests))
+        self.iteration_paid += self.client.usage.paid - paid_before
         await self.client.flush()  # answers in the cache before the driver goes on
         return list(answers)
 

@@ -33,6 +33,7 @@ class RolloutWorker(ModelWorker):
         self.tensor_parallel_size = engine.tensor_parallel_size
         self.sampling = sampling
         self.sync_group: Any = None
+        self.calls: list[int] = []  # prompts per generate call since the last engine_stats
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -52,6 +53,7 @@ class RolloutWorker(ModelWorker):
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Sample]:
         """One response per prompt, with the engine's log-prob of each sampled token (the driver
         compares them with the policy's: a check that weight sync worked). Seeded."""
+        self.calls.append(len(prompts))
         pieces = list(self.generate_stream(prompts, seeds, len(prompts)))
         samples: list[Any] = [None] * len(prompts)
         for piece in pieces:
@@ -75,10 +77,12 @@ class RolloutWorker(ModelWorker):
                 "finished": time.time(),
             }
 
-    def engine_stats(self) -> dict[str, float]:
-        """Engine steps since the last call and the mean sequences in flight per step."""
+    def engine_stats(self) -> dict[str, Any]:
+        """Engine steps since the last call, the mean sequences in flight per step and the
+        prompts of each ``generate`` call."""
         stats, self.generator.stats = self.generator.stats, StreamStats()
-        return {"steps": stats.steps, "mean_batch": stats.mean_batch}
+        calls, self.calls = self.calls, []
+        return {"steps": stats.steps, "mean_batch": stats.mean_batch, "calls": calls}
 
     # ---------------------------------------------------------------- hybrid engine
 

@@ -1,0 +1,123 @@
+"""RL on whole consultations (issue 24) end to end on a local Ray: real cases (HuatuoGPT-II's
+evaluation cases, with their real dialogues) read by ``data``, the tiny policy as the doctor on
+HF rollouts, a loopback teacher (real HTTP) as the patients, a function reward on the transcript.
+One GRPO run shows the reward for asking a question in the first doctor turn rising, the
+engine's batch following the open consultations, a broken case's group dropped and refilled,
+and the patients' budget stopping the run cleanly with a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from huatuo_ray.data.convert import DataConfig, convert
+from huatuo_ray.rlmf import ppo
+from huatuo_ray.rlmf.ppo_config import ConsultationConfig, RewardConfig, RolloutConfig
+from huatuo_ray.rlmf.teacher_reward import TeacherBudget
+from tests.conftest import TEACHER_KEY, teacher_config
+from tests.rlmf.test_critic_free import SMALL, assert_reward_rose, critic_free, history
+from tests.support.openai_servers import ScriptedOpenAIServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path) -> str:
+    out = tmp_path_factory.mktemp("cases") / "cases"
+    convert(DataConfig(
+        source="meddialog_cases",
+        input=str(shared_datasets / "huatuogpt2_eval" / "huatuo100_conv" / "GPT4.json"),
+        output=str(out), limit=6,
+    ))  # fmt: skip
+    return str(out)
+
+
+def first_case_text(cases: str) -> str:
+    from huatuo_ray import artifacts
+
+    return next(iter(artifacts.read_dialogues(cases))).meta["medical_case"]
+
+
+class Patients:
+    """The scripted patients: one line per request; a patient whose seed is even leaves after
+    the doctor's first turn, an odd one stays; the case holding ``silent`` never answers
+    (unparseable: its consultations break). Every request body is remembered."""
+
+    def __init__(self, silent: str):
+        self.silent = silent[:40]
+        self.bodies: list[str] = []
+
+    def __call__(self, body: dict) -> str:
+        self.bodies.append(json.dumps(body, sort_keys=True, ensure_ascii=False))
+        system = body["messages"][0]["content"]
+        if self.silent in system:
+            return ""
+        doctor_lines = sum(m["role"] == "user" for m in body["messages"]) - 1  # less the greeting
+        if doctor_lines >= 1 and body.get("seed", 0) % 2 == 0:
+            return "好的，谢谢医生，再见。"
+        return f"医生，我这个情况有{doctor_lines + 2}天了。"
+
+
+def consultation_rollout(base_url: str, **overrides) -> RolloutConfig:
+    from huatuo_ray.inference.generation import EngineConfig
+
+    return RolloutConfig(
+        engine=EngineConfig(backend="hf", max_model_len=1024, hf_batch_prompts=True),
+        resources=SMALL,
+        chunk_size=8,
+        mode="consultation",
+        consultation=ConsultationConfig(
+            patient=teacher_config(base_url, max_tokens=64, max_retries=1),
+            max_turns=2,
+            max_tokens=512,
+            max_parse_retries=1,
+            resources=SMALL,
+            **overrides,
+        ),
+    )
+
+
+def test_consultation_grpo_learns_to_ask_first_and_stops_at_the_patients_budget(
+    cases: str, tiny_model_dir: str, tmp_path: Path, local_ray
+) -> None:
+    patients = Patients(first_case_text(cases))
+    reward = RewardConfig(
+        kind="function",
+        function="huatuo_ray.rlmf.consultation_rewards:asks_first",
+        resources=SMALL,
+    )
+    budget = 600  # patient requests: about 14 iterations of 16 consultations, not 20
+    with ScriptedOpenAIServer(patients, require_api_key=TEACHER_KEY) as server:
+        out = tmp_path / "consult-rl"
+        config = critic_free(
+            (cases, ""), tiny_model_dir, out, "grpo", reward=reward,
+            rollout=consultation_rollout(server.base_url, budget=TeacherBudget(max_requests=budget)),
+        )  # fmt: skip
+        manifest = ppo.main(config)
+        succeeded = server.stats.succeeded
+    records = history(out)
+    assert_reward_rose(records, 0.4)  # from about 1 in 16 asking first
+    # The budget stopped it: cleanly, between iterations, with a checkpoint and the final model.
+    done = manifest["training"]["iterations"]
+    assert manifest["stopped"] == "patient budget spent" and 8 <= done < 20
+    assert len(records) == done and (out / "model.safetensors").exists()
+    state = json.loads((out / "checkpoints" / f"iter_{done:06d}" / "state.json").read_text())
+    assert state["iteration"] == done
+    usage = manifest["teacher_usage"]["patient"]
+    assert usage["paid"] == succeeded <= budget
+    assert len(set(patients.bodies)) == len(patients.bodies)  # no request sent twice
+    for h in records:
+        # Each round is one engine call over exactly the consultations still open, and the
+        # finished ones leave: the batches shrink within a rollout (a refill starts another).
+        assert h["engine_calls"] == h["open_consultations"]
+        assert h["patient_requests"] >= 16 and h["doctor_turns"] >= h["consultations_kept"]
+    # The silent case: its consultations break at the opening, its group is dropped whole and
+    # another case's group takes its place (a second rollout in that iteration).
+    broken = [h for h in records if h.get("consultations_patient_error")]
+    assert broken and all(h["dropped_groups"] >= 1 for h in broken)
+    assert all(h["consultations_patient_error"] % 4 == 0 for h in broken)
+    refilled = broken[0]["open_consultations"]
+    assert refilled[0] == 12 and 16 in refilled  # 3 whole groups open, then a new rollout
+    assert manifest["groups"] == ["patient", "policy", "reward", "rollout"]
