@@ -125,6 +125,8 @@ class TeacherRewardWorker(ModelWorker):  # its timeline stays empty: it waits on
         paid_before = self.client.usage.paid
         ratings = await asyncio.gather(*(self._rate(*job) for job in jobs))
         self.iteration_paid += self.client.usage.paid - paid_before
+        await self.client.flush()  # ratings in the cache before the driver goes on: a rerun
+        # after a kill replays them instead of paying again
         got: list[list[float]] = [[] for _ in infos]
         for (rows, _), rated in zip(jobs, ratings):
             if rated is not None:

@@ -1,13 +1,16 @@
-"""RL on whole consultations (issue 24) end to end on a local Ray: real cases (HuatuoGPT-II's
-evaluation cases, with their real dialogues) read by ``data``, the tiny policy as the doctor on
-HF rollouts, a loopback teacher (real HTTP) as the patients, a function reward on the transcript.
-One GRPO run shows the reward for asking a question in the first doctor turn rising, the
-engine's batch following the open consultations, a broken case's group dropped and refilled,
-and the patients' budget stopping the run cleanly with a checkpoint."""
+"""RL on whole consultations (issue 24) end to end: real cases (HuatuoGPT-II's evaluation cases,
+with their real dialogues) read by ``data``, the tiny policy as the doctor on HF rollouts, a
+loopback teacher (real HTTP) as the patients and the rater. One GRPO run on a local Ray shows
+the reward for asking a question in the first doctor turn rising, the engine's batch following
+the open consultations, a broken case's group dropped and refilled, and the patients' budget
+stopping the run cleanly with a checkpoint. ``jobs/tiny/consult-rl.yaml``, killed next to the
+tests' `ray start` head and rerun, sends the teacher no request twice."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,12 @@ from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.rlmf import ppo
 from huatuo_ray.rlmf.ppo_config import ConsultationConfig, RewardConfig, RolloutConfig
 from huatuo_ray.rlmf.teacher_reward import TeacherBudget
-from tests.conftest import TEACHER_KEY, teacher_config
+from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, ClusterHead, teacher_config
 from tests.rlmf.test_critic_free import SMALL, assert_reward_rose, critic_free, history
+from tests.support.crash import kill_when
 from tests.support.openai_servers import ScriptedOpenAIServer
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +57,13 @@ class Patients:
 
     def __call__(self, body: dict) -> str:
         self.bodies.append(json.dumps(body, sort_keys=True, ensure_ascii=False))
+        asked = body["messages"][-1]["content"]
+        if "[Assistant A]" in asked:  # the rater: the consultation whose doctor asked first wins
+            a, b = (
+                asked.split(tag, 1)[1].split("\n", 2)[1]
+                for tag in ("[Assistant A]", "[Assistant B]")
+            )
+            return f"Rating A: {5 + 3 * asks(a)}; Rating B: {5 + 3 * asks(b)}"
         system = body["messages"][0]["content"]
         if self.silent in system:
             return ""
@@ -58,6 +71,12 @@ class Patients:
         if doctor_lines >= 1 and body.get("seed", 0) % 2 == 0:
             return "好的，谢谢医生，再见。"
         return f"医生，我这个情况有{doctor_lines + 2}天了。"
+
+
+def asks(first_line: str) -> bool:
+    from huatuo_ray.rlmf.consultation_rewards import asks_question
+
+    return first_line.startswith("Patient:") is False and asks_question(first_line)
 
 
 def consultation_rollout(base_url: str, **overrides) -> RolloutConfig:
@@ -121,3 +140,44 @@ def test_consultation_grpo_learns_to_ask_first_and_stops_at_the_patients_budget(
     refilled = broken[0]["open_consultations"]
     assert refilled[0] == 12 and 16 in refilled  # 3 whole groups open, then a new rollout
     assert manifest["groups"] == ["patient", "policy", "reward", "rollout"]
+
+
+def test_killed_consultation_rl_job_reruns_without_paying_the_teacher_twice(
+    cases: str, tiny_model_dir: str, tmp_path: Path, cluster_head: ClusterHead
+) -> None:
+    """jobs/tiny/consult-rl.yaml (patients and pairwise ratings from the teacher, a rule on the
+    first doctor turn) killed after its iteration-2 checkpoint and one more iteration, then
+    rerun: the redone iteration replays its patients' lines and ratings from the cache, draws
+    the same consultations, and no request reaches the teacher twice."""
+    patients = Patients(first_case_text(cases))
+    out = tmp_path / "consult-rl-killed"
+    with ScriptedOpenAIServer(patients, require_api_key=TEACHER_KEY) as server:
+        endpoint = [f"base_url={server.base_url}", "model=scripted-teacher",
+                    f"api_key_env={TEACHER_KEY_ENV}", "structured_outputs=false"]  # fmt: skip
+        cmd = [
+            sys.executable, "-m", "huatuo_ray", "grpo", "--config",
+            str(REPO / "jobs/tiny/consult-rl.yaml"), f"inputs=[{cases}]", f"output={out}",
+            f"model.path={tiny_model_dir}", "iterations=4",
+            *(f"rollout.consultation.patient.{o}" for o in endpoint),
+            *(f"reward.teacher.teacher.{o}" for o in endpoint),
+        ]  # fmt: skip
+        env = cluster_head.stage_env()
+        latest, metrics = out / "checkpoints" / "latest", out / "metrics.jsonl"
+        kill_when(cmd, REPO, env, poll_s=0.2, ready=lambda: (
+            latest.exists() and len(metrics.read_text().splitlines()) >= 3))  # fmt: skip
+        killed = [json.loads(line) for line in metrics.read_text().splitlines()]
+        sent_before = len(patients.bodies)
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["restarts"] == [2]
+    usage = manifest["teacher_usage"]
+    # The rerun's iteration 3 came from the cache: patients and ratings alike.
+    assert usage["patient"]["cached"] > 0 and usage["reward"]["cached"] > 0
+    assert len(patients.bodies) > sent_before  # iteration 4 was new
+    assert len(set(patients.bodies)) == len(patients.bodies)  # nothing was paid for twice
+    history = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+    before = killed[2]
+    for key in ("reward_mean", "patient_requests", "doctor_turns", "response_length"):
+        assert history[2][key] == pytest.approx(before[key], rel=1e-4, abs=1e-5), key
