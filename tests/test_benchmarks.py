@@ -27,6 +27,7 @@ FIGURES = {
     "serve_load.py": {"concurrent_vs_sequential", "start_s"},
     "teacher_throughput.py": {"ratio_to_bound", "cache_speedup"},
     "peer_grpo.py": {"ours_vs_trl", "ours_startup_s", "trl_startup_s", "ours_passes"},
+    "consultation_rollout.py": {"batched_vs_serial", "consultations_per_s", "engine_batch"},
 }
 
 
@@ -88,6 +89,12 @@ def test_benchmark_runs_at_its_smallest_size(
         # HF engines: a streamed share decodes in one batch (8 prompts), chunked 4 at a time.
         assert last["engine_batch"] == 8 and last["chunked_engine_batch"] == 4
         assert last["weight_sync"] == "broadcast"
+    if script == "consultation_rollout.py":
+        # 3 cases x 2 consultations: all 6 open in the first call, the patients who left gone
+        # from the second; one case at a time, at most its 2.
+        assert last["engine_batches"][0] == 6 > last["engine_batches"][-1]
+        assert last["serial_engine_batch"] <= 2 and last["doctor_turns"] == sum(
+            last["engine_batches"])  # fmt: skip
     if script == "peer_grpo.py":
         # One optimizer step per rollout with a separate reference: no old-log-prob pass; the
         # groups take turns on the 2 CPUs (0.4 each reserved, 2.0 in all): the two engines

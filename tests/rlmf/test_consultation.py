@@ -230,3 +230,78 @@ def test_a_consultation_that_would_pass_the_length_limit_is_dropped_with_its_rea
                                     max_new_tokens=8)  # fmt: skip
     assert rollout.kept == [] and rollout.dropped == {"too_long": 2}
     assert rollout.engine_batches == [2]
+
+
+def test_the_patients_budget_stops_a_rollout_before_the_round_that_would_pass_it(
+    tokenizer,
+) -> None:
+    """A patient call answering None (the budget would be passed: nothing sent) ends the rollout
+    there with nothing kept, whichever round it comes in."""
+    from huatuo_ray.inference.generation import Sample
+    from huatuo_ray.rlmf.consultation import Consultation, run_consultations
+
+    def doctor(prompts, seeds):
+        return [Sample([7, 8], "哪里疼？", True, [-1.0, -1.0]) for _ in prompts]
+
+    def patients_paid_for(rounds: int):
+        asked: list[int] = []
+
+        def patient(requests):
+            asked.append(len(requests))
+            return ["头痛。"] * len(requests) if len(asked) <= rounds else None
+
+        return patient
+
+    for rounds_paid in (0, 1):
+        patient = patients_paid_for(rounds_paid)
+
+        cases = [Consultation("A", "brief", seed=k) for k in range(3)]
+        rollout = run_consultations(cases, tokenizer, doctor, patient, max_turns=3,
+                                    max_tokens=1024, max_new_tokens=8)  # fmt: skip
+        assert rollout.budget_spent and rollout.kept == []
+        assert rollout.patient_requests == 3 * rounds_paid  # only the rounds answered
+        assert rollout.engine_batches == [3] * rounds_paid
+
+
+def test_consultation_rewards_read_the_transcript() -> None:
+    from huatuo_ray.rlmf.consultation_rewards import asks_first, no_certain_diagnosis
+
+    def meta(*doctor: str) -> dict:
+        turns = []
+        for line in doctor:
+            turns += [
+                {"role": "user", "content": "我头痛。"},
+                {"role": "assistant", "content": line},
+            ]
+        return {"turns": turns}
+
+    assert asks_first("", "", "", meta("疼了多久了？", "多休息。")) == 1.0
+    assert asks_first("", "", "", meta("您好，头痛是否伴有发热", "多休息。")) == 1.0
+    assert asks_first("", "", "", meta("多休息。", "疼了几天？")) == 0.0  # asked too late
+    assert asks_first("", "", "", {"turns": []}) == 0.0
+    assert no_certain_diagnosis("", "", "", meta("可能是偏头痛，需要检查。")) == 0.0
+    assert no_certain_diagnosis("", "", "", meta("哪里疼？", "这肯定是偏头痛。")) == -1.0
+
+
+def test_cases_become_consultation_prompts_with_the_patients_brief(shared_datasets) -> None:
+    """HuatuoGPT-II's evaluation cases (with real dialogues) through ``data``'s reader: one
+    prompt per case, the consult stage's patient brief holding the case, the real consultation
+    as the rater's reference; a record without a case is a counted reject."""
+    from huatuo_ray.data.readers import meddialog_cases
+    from huatuo_ray.dialogue import Dialogue
+    from huatuo_ray.rlmf.rl_prompts import case_prompts
+    from huatuo_ray.teacher.prompts import EVAL_PATIENT, PATIENT
+
+    path = shared_datasets / "huatuogpt2_eval" / "huatuo100_conv" / "GPT4.json"
+    records = [r for r in meddialog_cases.read(str(path)) if isinstance(r, Dialogue)][:3]
+    records.append(Dialogue("no-case", "meddialog", [{"role": "user", "content": "?"}], {}))
+    out = list(case_prompts(records))
+    assert out[-1] == {"id": "no-case", "reason": "no case description for the patient"}
+    case = next(c for c in out if c.id == "meddialog_cases-34287")
+    meta = case.meta
+    assert meta["consultation"] and meta["department"] == "妇科"
+    assert meta["brief"].startswith(EVAL_PATIENT.template[:20]) and meta["case"] in meta["brief"]
+    assert meta["reference"].startswith("Doctor: 看了您的病历资料")
+    assert "\nPatient: 抗糖丸\n保健品\n" in meta["reference"]
+    dialogues = next(iter(case_prompts(records[:1], "dialogues")))
+    assert dialogues.meta["brief"].startswith(PATIENT.template[:20])

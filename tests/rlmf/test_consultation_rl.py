@@ -17,10 +17,12 @@ import pytest
 
 from huatuo_ray.data.convert import DataConfig, convert
 from huatuo_ray.rlmf import ppo
+from huatuo_ray.rlmf.consultation_rewards import asks_question
 from huatuo_ray.rlmf.ppo_config import ConsultationConfig, RewardConfig, RolloutConfig
 from huatuo_ray.rlmf.teacher_reward import TeacherBudget
 from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, ClusterHead, teacher_config
 from tests.rlmf.test_critic_free import SMALL, assert_reward_rose, critic_free, history
+from tests.rlmf.test_teacher_reward import first_doctor_line
 from tests.support.crash import kill_when
 from tests.support.openai_servers import ScriptedOpenAIServer
 
@@ -59,11 +61,8 @@ class Patients:
         self.bodies.append(json.dumps(body, sort_keys=True, ensure_ascii=False))
         asked = body["messages"][-1]["content"]
         if "[Assistant A]" in asked:  # the rater: the consultation whose doctor asked first wins
-            a, b = (
-                asked.split(tag, 1)[1].split("\n", 2)[1]
-                for tag in ("[Assistant A]", "[Assistant B]")
-            )
-            return f"Rating A: {5 + 3 * asks(a)}; Rating B: {5 + 3 * asks(b)}"
+            a, b = (first_doctor_line(asked, tag) for tag in ("[Assistant A]", "[Assistant B]"))
+            return f"Rating A: {5 + 3 * asks_question(a)}; Rating B: {5 + 3 * asks_question(b)}"
         system = body["messages"][0]["content"]
         if self.silent in system:
             return ""
@@ -71,12 +70,6 @@ class Patients:
         if doctor_lines >= 1 and body.get("seed", 0) % 2 == 0:
             return "好的，谢谢医生，再见。"
         return f"医生，我这个情况有{doctor_lines + 2}天了。"
-
-
-def asks(first_line: str) -> bool:
-    from huatuo_ray.rlmf.consultation_rewards import asks_question
-
-    return first_line.startswith("Patient:") is False and asks_question(first_line)
 
 
 def consultation_rollout(base_url: str, **overrides) -> RolloutConfig:

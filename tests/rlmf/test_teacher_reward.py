@@ -43,6 +43,13 @@ def teacher_reward(base_url: str, budget: TeacherBudget | None = None) -> Reward
     )
 
 
+def first_doctor_line(rating_prompt: str, tag: str) -> str:
+    """The AI doctor's first line in the consultation under ``tag`` of a rating prompt ("" in
+    the real doctor's consultation)."""
+    block = rating_prompt.split(tag, 1)[1].split("[End of", 1)[0]
+    return next((line for line in block.splitlines() if line.startswith("AI doctor:")), "")
+
+
 def test_pairs_of_a_group_cover_every_answer() -> None:
     assert pairs_of_group(4) == [(0, 1), (2, 3)]
     assert pairs_of_group(3) == [(0, 1), (2, 0)]
@@ -125,3 +132,55 @@ def test_teacher_worker_rates_groups_in_both_orders_within_its_budget(
         assert not spent and scores.tolist() == [4.0, 1.0, 2.0, 3.0]
         assert server.stats.succeeded == 4 and worker.usage()["cached"] == 4
     loop.close()
+
+
+def test_teacher_worker_rates_whole_consultations_of_a_case_in_both_orders(
+    tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consultation rows: each pair of a group's consultations is rated in both orders with the
+    consultation rating prompt (the case, the real doctor's consultation, both transcripts);
+    versus_doctor puts the real consultation in B's place."""
+    from huatuo_ray.rlmf.experience import make_experience
+    from huatuo_ray.rlmf.teacher_reward import TeacherRewardWorker
+    from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV
+
+    monkeypatch.setenv(TEACHER_KEY_ENV, TEACHER_KEY)
+    firsts = ["哪里疼？", "多喝水。", "疼了几天？", "休息。"]
+
+    def transcript(first: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": "我头痛"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": "额头。"}, {"role": "assistant", "content": "的"}]  # fmt: skip
+
+    infos = [{"prompt": "头痛三天", "reference": "Doctor: 哪里痛？",
+              "meta": {"consultation": True, "case": "病例：头痛三天", "turns": transcript(f)}}
+             for f in firsts]  # fmt: skip
+    exp = make_experience([[5]] * 4, [[6, 7]] * 4, [True] * 4, 0)
+    seen: list[str] = []
+
+    def judge(body: dict) -> str:  # 8 for a doctor who asked first, 2 otherwise
+        asked = body["messages"][-1]["content"]
+        seen.append(asked)
+        a, b = (first_doctor_line(asked, tag) for tag in ("[Assistant A]", "[Assistant B]"))
+        return f"Rating A: {8 if '？' in a else 2}; Rating B: {8 if '？' in b else 2}"
+
+    loop = asyncio.new_event_loop()
+    with ScriptedOpenAIServer(judge) as server:
+        spec = teacher_reward(server.base_url)
+        worker = TeacherRewardWorker(spec.teacher, 4, -1.0, tiny_model_dir, str(tmp_path / "c"))
+        scores, _, unrated, _ = loop.run_until_complete(worker.scores(exp, infos))
+        assert scores.tolist() == [8.0, 2.0, 8.0, 2.0] and unrated == 0
+        assert len(seen) == 4  # pairs (0, 1) and (2, 3), both orders
+        pairs = {(first_doctor_line(x, "[Assistant A]"), first_doctor_line(x, "[Assistant B]"))
+                 for x in seen}  # fmt: skip
+        doctor = [f"AI doctor: {f}" for f in firsts]
+        assert pairs == {(doctor[0], doctor[1]), (doctor[1], doctor[0]),
+                         (doctor[2], doctor[3]), (doctor[3], doctor[2])}  # fmt: skip
+        one = next(x for x in seen if first_doctor_line(x, "[Assistant A]") == doctor[0])
+        assert "[Case]\n病例：头痛三天" in one and "Doctor: 哪里痛？" in one
+        assert "[Assistant A]\nPatient: 我头痛\nAI doctor: 哪里疼？\nPatient: 额头。" in one
+
+        spec.teacher.mode = "versus_doctor"
+        worker = TeacherRewardWorker(spec.teacher, 4, -1.0, tiny_model_dir, str(tmp_path / "d"))
+        loop.run_until_complete(worker.scores(exp, infos))
+    loop.close()
+    assert len(seen) == 8 and all("[Assistant B]\nDoctor: 哪里痛？" in s for s in seen[4:])
