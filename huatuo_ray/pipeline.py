@@ -103,6 +103,16 @@ class PipelineConfig:
         ]
 
 
+#: Where a step's config names a teacher endpoint: the teacher stages' ``teacher``, and
+#: consultation RL's patient and rater.
+TEACHER_ROLES = ("teacher", "rollout.consultation.patient", "reward.teacher.teacher")
+
+
+def common_teacher(base_url: str) -> str:
+    """The ``common`` override pointing every teacher role of every step at ``base_url``."""
+    return "common=[" + ", ".join(f"{role}.base_url={base_url}" for role in TEACHER_ROLES) + "]"
+
+
 def _rebased(value: Any, source: str, target: str) -> Any:
     if isinstance(value, str) and target and (value == source or value.startswith(source + "/")):
         return target + value[len(source) :]

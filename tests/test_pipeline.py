@@ -52,7 +52,7 @@ def test_tiny_recipe_as_a_chain_of_ray_jobs(tmp_path: Path, tiny_model_dir: str)
             config = load_config(
                 pipeline.PipelineConfig, str(REPO / "jobs/tiny/pipeline.yaml"),
                 [f"address={head.dashboard_url}", f"rebase.target={root}", "poll_s=1",
-                 f"common=[teacher.base_url={teacher_url}]"],
+                 pipeline.common_teacher(teacher_url)],
             )  # fmt: skip
             started = time.time()
             result = pipeline.main(config)

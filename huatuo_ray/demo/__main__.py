@@ -6,8 +6,9 @@ It runs ``jobs/tiny/pipeline.yaml`` (the recipe, written once) in this process, 
 under ``--output``: the tiny model first, then vLLM's OpenAI-compatible server on it as the local
 teacher (no API key, no network) for the rest — ``data``, stage 1 (``self-instruct``,
 ``dialogues``, ``polish``), the ``mixture``, ``sft``, the mixed feedback (``sample``, ``score``,
-``reward-model``), ``ppo``, ``grpo`` (no critic) and ``dpo``, and the evaluation (``benchmark``, ``judge``, ``consult`` of both
-models, ``judge`` of the consultations, ``doctor-export`` and the ``report``). A step whose output
+``reward-model``), ``ppo``, ``grpo`` (no critic), ``grpo`` on whole consultations (the teacher as
+the patient and the rater) and ``dpo``, and the evaluation (``benchmark``, ``judge``, ``consult``
+of the models, ``judge`` of the consultations, ``doctor-export`` and the ``report``). A step whose output
 is complete is skipped, so a second run picks up where the first stopped.
 
 A tiny random model writes meaningless text: the demo shows the plumbing, not a doctor. To use a
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from huatuo_ray.config import load_config
-from huatuo_ray.pipeline import PipelineConfig, Step, dry_run, run_in_process
+from huatuo_ray.pipeline import PipelineConfig, Step, common_teacher, dry_run, run_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "jobs" / "tiny" / "pipeline.yaml"
@@ -60,7 +61,7 @@ def main() -> None:
             "address=local",
             f"project_dir={REPO}",
             f"rebase.target={out}",
-            f"common=[teacher.base_url=http://127.0.0.1:{port}/v1]",
+            common_teacher(f"http://127.0.0.1:{port}/v1"),
         ],
     )
     if args.dry_run:

@@ -198,6 +198,8 @@ def run(
         times["sync_s"] = time.perf_counter() - started
         figures.update(sync.last)
         figures.update(gpu_memory(groups))
+        if teacher_groups(config):  # patients and raters: requests and cost so far
+            figures.update(metrics.teacher_usage(teacher_usage(groups, config)))
         if exp.logprobs is None:  # measured by the training forward (the same weights)
             sequence_kl = policy_stats.pop("sequence_kl")
         else:
@@ -474,6 +476,13 @@ def experience_calls(
     return calls
 
 
+def teacher_usage(groups: dict[str, Any], config: PPOConfig) -> dict[str, dict[str, Any]]:
+    """Each teacher group's client usage (requests paid and cached, tokens, cost)."""
+    import ray
+
+    return {n: ray.get(groups[n].workers[0].usage.remote()) for n in teacher_groups(config)}
+
+
 def fill_experience(exp: Any, results: dict[str, list]) -> None:
     """Put the models' answers (lists over each group's shards) into ``exp``; no critic: values
     of 0 (unused); no policy pass: ``logprobs`` stays None (the training forward's own)."""
@@ -527,9 +536,7 @@ def finish(
         reference=config.reference.mode,
         advantage=config.algorithm.advantage,
         stopped=state.get("stopped"),  # why the run ended before `iterations`, if it did
-        teacher_usage={
-            n: ray.get(groups[n].workers[0].usage.remote()) for n in teacher_groups(config)
-        },
+        teacher_usage=teacher_usage(groups, config),
         groups=sorted(groups),  # the actor groups created (no critic: a critic-free run)
         passes=experience_passes(config),  # which model ran which pass each iteration
         reward_normalisation=normalisation,

@@ -27,6 +27,7 @@ class PPOMetrics:
         self.writer = SummaryWriter(config.tensorboard_dir)
         self.started = started or time.time()  # each record's elapsed_s counts from here
         self.first: int | None = None
+        self._usage: dict[str, dict[str, Any]] = {}  # the teacher's use at the last record
 
     def log(
         self,
@@ -96,6 +97,28 @@ class PPOMetrics:
         with open(os.path.join(self.config.output, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
+
+    def teacher_usage(self, usage: dict[str, dict[str, Any]]) -> dict[str, float]:
+        """The teacher's use so far (each teacher group's client usage: raters, patients) as
+        the record's ``teacher_paid`` and ``teacher_cost_usd``, and the increments since the
+        last call counted into the teacher series the teacher stages export (the dashboard's
+        requests and cost panels), tagged by role."""
+        from huatuo_ray import telemetry
+
+        stage = stage_name(self.config)
+        before = self._usage
+        for role, used in usage.items():
+            was = before.get(role, {})
+            for kind in ("paid", "cached"):
+                new = used.get(kind, 0) - was.get(kind, 0)
+                telemetry.count("teacher_requests_total", new, stage, kind=kind, role=role)
+            cost = used.get("cost_usd", 0.0) - was.get("cost_usd", 0.0)
+            telemetry.count("teacher_cost_usd_total", cost, stage, role=role)
+        self._usage = usage
+        return {
+            "teacher_paid": float(sum(u.get("paid", 0) for u in usage.values())),
+            "teacher_cost_usd": float(sum(u.get("cost_usd", 0.0) for u in usage.values())),
+        }
 
     def close(self) -> None:
         self.writer.close()

@@ -167,8 +167,8 @@ class TeacherRewardWorker(ModelWorker):  # its timeline stays empty: it waits on
 
     async def _rate(self, rows: tuple, messages: list) -> tuple[float, float] | None:
         from huatuo_ray.dialogue import RecordError
-        from huatuo_ray.teacher.client import TeacherError
         from huatuo_ray.teacher import grammars
+        from huatuo_ray.teacher.client import TeacherError
         from huatuo_ray.teacher.parsers import parse_rating
         from huatuo_ray.teacher.stage import ask_parsed
 

@@ -3,7 +3,7 @@ with their real dialogues) read by ``data``, the tiny policy as the doctor on HF
 loopback teacher (real HTTP) as the patients and the rater. One GRPO run on a local Ray shows
 the reward for asking a question in the first doctor turn rising, the engine's batch following
 the open consultations, a broken case's group dropped and refilled, and the patients' budget
-stopping the run cleanly with a checkpoint. ``jobs/tiny/consult-rl.yaml``, killed next to the
+stopping the run cleanly with a checkpoint. ``jobs/tiny/grpo.consult.yaml``, killed next to the
 tests' `ray start` head and rerun, sends the teacher no request twice."""
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ def test_consultation_grpo_learns_to_ask_first_and_stops_at_the_patients_budget(
     assert state["iteration"] == done
     usage = manifest["teacher_usage"]["patient"]
     assert usage["paid"] == succeeded <= budget
+    # Counted as it went (the dashboard's teacher series): all but the stopped rollout's.
+    paid = [h["teacher_paid"] for h in records]
+    assert paid == sorted(paid) and 0 < paid[-1] < usage["paid"]
     assert len(set(patients.bodies)) == len(patients.bodies)  # no request sent twice
     for h in records:
         # Each round is one engine call over exactly the consultations still open, and the
@@ -138,7 +141,7 @@ def test_consultation_grpo_learns_to_ask_first_and_stops_at_the_patients_budget(
 def test_killed_consultation_rl_job_reruns_without_paying_the_teacher_twice(
     cases: str, tiny_model_dir: str, tmp_path: Path, cluster_head: ClusterHead
 ) -> None:
-    """jobs/tiny/consult-rl.yaml (patients and pairwise ratings from the teacher, a rule on the
+    """jobs/tiny/grpo.consult.yaml (patients and pairwise ratings from the teacher, a rule on the
     first doctor turn) killed after its iteration-2 checkpoint and one more iteration, then
     rerun: the redone iteration replays its patients' lines and ratings from the cache, draws
     the same consultations, and no request reaches the teacher twice."""
@@ -149,7 +152,7 @@ def test_killed_consultation_rl_job_reruns_without_paying_the_teacher_twice(
                     f"api_key_env={TEACHER_KEY_ENV}", "structured_outputs=false"]  # fmt: skip
         cmd = [
             sys.executable, "-m", "huatuo_ray", "grpo", "--config",
-            str(REPO / "jobs/tiny/consult-rl.yaml"), f"inputs=[{cases}]", f"output={out}",
+            str(REPO / "jobs/tiny/grpo.consult.yaml"), f"inputs=[{cases}]", f"output={out}",
             f"model.path={tiny_model_dir}", "iterations=4",
             *(f"rollout.consultation.patient.{o}" for o in endpoint),
             *(f"reward.teacher.teacher.{o}" for o in endpoint),
