@@ -3,7 +3,7 @@ after the other in one run, as a user choosing between the two would try them.
 
     python benchmarks/peer_grpo.py            # CPU: 16 prompts x 4 answers of 64 tokens
     python benchmarks/peer_grpo.py --gpu      # one GPU: every group of ours on it (HF rollouts)
-    python benchmarks/peer_grpo.py --smoke    # the smallest run (the tests')
+    python benchmarks/peer_grpo.py --smoke    # the smallest run (the tests'), both sides at once
 
 The work of one step, on both sides: a tiny Llama built from a config (hidden 256 x 4 layers,
 vocab 2,000, random weights; the ``tiny-model`` stage's tokenizer), ``--prompts`` prompts x 4
@@ -43,6 +43,7 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -320,8 +321,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         _, _, ids = build(root, args)
         Path(root, "prompt_ids.json").write_text(json.dumps(ids))
-        for name in ("ours", "trl"):
-            if args.only in (None, name):
+        names = [name for name in ("ours", "trl") if args.only in (None, name)]
+        if args.smoke:  # the tests' run checks that both sides work, not their figures: at once
+            with ThreadPoolExecutor(len(names)) as pool:
+                results = dict(zip(names, pool.map(lambda n: side(n, root, args), names)))
+        else:  # one after the other, each alone on the machine
+            for name in names:
                 results[name] = side(name, root, args)
     for name, figures in results.items():
         print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))

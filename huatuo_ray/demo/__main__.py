@@ -7,9 +7,10 @@ under ``--output``: the tiny model first, then vLLM's OpenAI-compatible server o
 teacher (no API key, no network) for the rest — ``data``, stage 1 (``self-instruct``,
 ``dialogues``, ``polish``), the ``mixture``, ``sft``, the mixed feedback (``sample``, ``score``,
 ``reward-model``), ``ppo``, ``grpo`` (no critic), ``grpo`` on whole consultations (the teacher as
-the patient and the rater) and ``dpo``, and the evaluation (``benchmark``, ``judge``, ``consult``
-of the models, ``judge`` of the consultations, ``doctor-export`` and the ``report``). A step whose output
-is complete is skipped, so a second run picks up where the first stopped.
+the patient and the rater) and ``dpo``, and the
+evaluation (``benchmark``, ``judge``, ``consult`` of the models, ``judge`` of the
+consultations, ``doctor-export`` and the ``report``). A step whose output is complete is
+skipped, so a second run picks up where the first stopped.
 
 A tiny random model writes meaningless text: the demo shows the plumbing, not a doctor. To use a
 real teacher, see README "Using a hosted teacher".

@@ -254,12 +254,13 @@ def sample_consultations(
     engines = groups["rollout"].workers
     patient_worker = groups["patient"].workers[0]
 
+    called: list[list[int]] = []  # the engines each round went to (fewer prompts than engines)
+
     def doctor(prompts: list[list[int]], turn_seeds: list[int]) -> list[Any]:
         bounds = [round(i * len(prompts) / len(engines)) for i in range(len(engines) + 1)]
-        shares = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-        calls = [
-            e.generate.remote(prompts[a:b], turn_seeds[a:b]) for e, (a, b) in zip(engines, shares)
-        ]
+        shares = [(e, a, b) for e, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
+        called.append([e for e, _, _ in shares])
+        calls = [engines[e].generate.remote(prompts[a:b], turn_seeds[a:b]) for e, a, b in shares]
         return [s for samples in ray.get(calls) for s in samples]
 
     def patient(requests: list[tuple[str, list[dict[str, str]], int]]) -> list[Any] | None:
@@ -279,7 +280,8 @@ def sample_consultations(
     # What the engines decoded at once, by their own count: each round's open consultations.
     stats = ray.get(groups["rollout"].call("engine_stats"))
     figures["engine_batch"] = sum(s["mean_batch"] for s in stats) / len(stats)
-    per_round = [sum(calls) for calls in zip(*(s["calls"] for s in stats))]
+    each = [iter(s["calls"]) for s in stats]
+    per_round = [sum(next(each[e]) for e in engines_called) for engines_called in called]
     figures["engine_calls"] = figures.get("engine_calls", []) + per_round
     figures["open_consultations"] = figures.get("open_consultations", []) + rollout.engine_batches
     if rollout.budget_spent:

@@ -1,8 +1,11 @@
 """Checkpoints of a ``ppo`` run (:mod:`~huatuo_ray.rlmf.ppo`), in ``OUTPUT/checkpoints``.
 
 ``iter_N`` holds the policy's and the critic's DeepSpeed states (weights, optimizer, LR schedule)
-and the driver's ``state.json`` (iteration, beta, prompt position, metrics history, restarts);
-``latest`` names the newest complete one and is written last; ``checkpoint.keep`` are kept.
+and the driver's ``state.json`` (iteration, beta, prompt position, metrics history, restarts,
+and the teacher's usage so far, which a resumed run's raters and patients take up so that their
+budgets span restarts; requests paid after the checkpoint are replayed from the cache for free
+and not counted again); ``latest`` names the newest complete one and is written last;
+``checkpoint.keep`` are kept.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 from huatuo_ray import storage
+from huatuo_ray.rlmf.ppo_config import teacher_groups
 
 if TYPE_CHECKING:
     from huatuo_ray.rlmf.ppo_config import PPOConfig
@@ -40,6 +44,10 @@ def save_checkpoint(config: PPOConfig, groups: dict[str, Any], state: dict[str, 
             for ref in groups[name].call("save_checkpoint", os.path.join(folder, name))
         ]
     )
+    # What the teacher was paid so far (raters, patients): a resumed run's budgets count it.
+    state["teacher_usage"] = {
+        n: ray.get(groups[n].workers[0].usage.remote()) for n in teacher_groups(config)
+    }
     storage.write_json(os.path.join(folder, "state.json"), state)
     tmp = os.path.join(root, "latest.tmp")
     with open(tmp, "w") as f:
@@ -71,6 +79,13 @@ def load_latest_checkpoint(
         ]
     )
     state = storage.read_json(os.path.join(folder, "state.json"))
+    ray.get(
+        [
+            groups[n].workers[0].restore_usage.remote(used)
+            for n, used in state.get("teacher_usage", {}).items()
+            if n in groups
+        ]
+    )
     state["restarts"].append(state["iteration"])
     prompts.position = list(state["position"])
     log.warning("ppo: resumed from %s (iteration %d)", folder, state["iteration"])

@@ -346,6 +346,11 @@ class PPOConfig:
             if (source.kind == "function") != bool(source.function):
                 raise ValueError(f"reward source {i}: `function` is needed by kind function only")
             pairwise = source.kind == "teacher" and source.teacher.mode == "pairwise"
+            if pairwise and self.sampling.n < 2:
+                raise ValueError(
+                    f"reward source {i}: pairwise teacher rewards compare the answers of a group:"
+                    " sampling.n >= 2 (a critic-free estimator), or teacher.mode versus_doctor"
+                )
             if pairwise and (
                 source.resources.workers != 1 or self.rollout.chunk_size % self.sampling.n
             ):

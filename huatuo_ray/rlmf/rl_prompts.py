@@ -71,9 +71,9 @@ def case_prompts(
     records: Iterable[Dialogue], patient_prompt: str = "consult"
 ) -> Iterator[Dialogue | dict[str, str]]:
     """One consultation prompt per real case (``data --source meddialog_cases``, or MedDialog
-    records with a description): ``meta.brief`` = the patient's system prompt with the case
-    (``consult``: the evaluation's; ``dialogues``: A.2's), ``meta.reference`` = the real
-    doctor's consultation as text (or, without one, the doctor's diagnosis and advice). A
+    records, whose description is the case): ``meta.brief`` = the patient's system prompt with
+    the case (``consult``: the evaluation's; ``dialogues``: A.2's), ``meta.reference`` = the
+    real doctor's consultation as text (or, without one, the doctor's diagnosis and advice). A
     record with no case text comes out as a reject ``{"id", "reason"}``."""
     from huatuo_ray.teacher import prompts
     from huatuo_ray.teacher.agents import case_and_diagnosis
@@ -92,14 +92,17 @@ def case_prompts(
         if record.id in seen:
             continue
         seen.add(record.id)
-        real = record.meta.get("real_dialogue")
+        # The real consultation: HuatuoGPT-II's cases carry it; a MedDialog record is one.
+        real = record.meta.get("real_dialogue") or (
+            record.turns if any(t["role"] == "assistant" for t in record.turns) else None
+        )
         reference = prompts.render_conversation(real, "Patient", "Doctor") if real else diagnosis
         meta: dict[str, Any] = {
             "reference": reference,
             "brief": brief(case),
             "case": case,
             "from_id": record.id,
-            "department": record.meta.get("department"),
+            "department": record.meta.get("department") or record.meta.get("faculty"),
             "consultation": True,
         }
         yield Dialogue(record.id, "rl_case", [{"role": "user", "content": case}], meta)

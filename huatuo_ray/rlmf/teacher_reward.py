@@ -102,6 +102,10 @@ class TeacherRewardWorker(ModelWorker):  # its timeline stays empty: it waits on
     def usage(self) -> dict[str, Any]:
         return self.client.usage.to_dict()
 
+    def restore_usage(self, used: dict[str, Any]) -> None:
+        """Take up a checkpoint's usage (a resumed run): budgets count what was paid before."""
+        self.client.usage.add(used)
+
     def begin_iteration(self) -> None:
         self.iteration_paid = 0
 

@@ -1,10 +1,11 @@
-"""RL on whole consultations (issue 24) end to end: real cases (HuatuoGPT-II's evaluation cases,
-with their real dialogues) read by ``data``, the tiny policy as the doctor on HF rollouts, a
-loopback teacher (real HTTP) as the patients and the rater. One GRPO run on a local Ray shows
-the reward for asking a question in the first doctor turn rising, the engine's batch following
-the open consultations, a broken case's group dropped and refilled, and the patients' budget
-stopping the run cleanly with a checkpoint. ``jobs/tiny/grpo.consult.yaml``, killed next to the
-tests' `ray start` head and rerun, sends the teacher no request twice."""
+"""RL on whole consultations (issue 24) end to end, as a user runs it: ``jobs/tiny/grpo.consult.yaml``
+next to the tests' `ray start` head, on real cases (HuatuoGPT-II's evaluation cases, with their
+real dialogues) read by ``data``; the tiny policy as the doctor on HF rollouts, a loopback
+teacher (real HTTP) as the patients and the rater, and the rule paying for a question in the
+first doctor turn. One run, killed after a checkpoint and rerun, shows that rule's reward
+rising, the engine's batch following the open consultations, a broken case's group dropped and
+refilled, no request reaching the teacher twice, and the patients' budget (counted across the
+restart) stopping the run cleanly with a checkpoint."""
 
 from __future__ import annotations
 
@@ -16,19 +17,17 @@ from pathlib import Path
 import pytest
 
 from huatuo_ray.data.convert import DataConfig, convert
-from huatuo_ray.rlmf import ppo
-from huatuo_ray.rlmf.consultation_rewards import asks_question
-from huatuo_ray.rlmf.ppo_config import ConsultationConfig, RewardConfig, RolloutConfig
-from huatuo_ray.rlmf.teacher_reward import TeacherBudget
-from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, ClusterHead, teacher_config
-from tests.rlmf.test_critic_free import SMALL, assert_reward_rose, critic_free, history
-from tests.rlmf.test_teacher_reward import first_doctor_line
+from tests.conftest import TEACHER_KEY, TEACHER_KEY_ENV, ClusterHead
+from tests.rlmf.test_critic_free import assert_reward_rose
 from tests.support.crash import kill_when
 from tests.support.openai_servers import ScriptedOpenAIServer
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.slow
+# A system check (make test-system): two runs of a stage as a user starts them, next to a
+# `ray start` head, with a kill between; the consultation machinery itself is in make test
+# (tests/rlmf/test_consultation.py, test_teacher_reward.py).
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +47,11 @@ def first_case_text(cases: str) -> str:
     return next(iter(artifacts.read_dialogues(cases))).meta["medical_case"]
 
 
-class Patients:
-    """The scripted patients: one line per request; a patient whose seed is even leaves after
-    the doctor's first turn, an odd one stays; the case holding ``silent`` never answers
-    (unparseable: its consultations break). Every request body is remembered."""
+class Teacher:
+    """The scripted teacher. As the rater it rates every pair 5 and 5, so that only the rule
+    moves the reward. As the patient: a patient whose seed is even leaves after the doctor's
+    first turn, an odd one stays; the case holding ``silent`` never answers (unparseable: its
+    consultations break). Every request body is remembered."""
 
     def __init__(self, silent: str):
         self.silent = silent[:40]
@@ -59,10 +59,8 @@ class Patients:
 
     def __call__(self, body: dict) -> str:
         self.bodies.append(json.dumps(body, sort_keys=True, ensure_ascii=False))
-        asked = body["messages"][-1]["content"]
-        if "[Assistant A]" in asked:  # the rater: the consultation whose doctor asked first wins
-            a, b = (first_doctor_line(asked, tag) for tag in ("[Assistant A]", "[Assistant B]"))
-            return f"Rating A: {5 + 3 * asks_question(a)}; Rating B: {5 + 3 * asks_question(b)}"
+        if "[Assistant A]" in body["messages"][-1]["content"]:
+            return "Rating A: 5; Rating B: 5"
         system = body["messages"][0]["content"]
         if self.silent in system:
             return ""
@@ -72,108 +70,72 @@ class Patients:
         return f"医生，我这个情况有{doctor_lines + 2}天了。"
 
 
-def consultation_rollout(base_url: str, **overrides) -> RolloutConfig:
-    from huatuo_ray.inference.generation import EngineConfig
-
-    return RolloutConfig(
-        engine=EngineConfig(backend="hf", max_model_len=1024, hf_batch_prompts=True),
-        resources=SMALL,
-        chunk_size=8,
-        mode="consultation",
-        consultation=ConsultationConfig(
-            patient=teacher_config(base_url, max_tokens=64, max_retries=1),
-            max_turns=2,
-            max_tokens=512,
-            max_parse_retries=1,
-            resources=SMALL,
-            **overrides,
-        ),
-    )
-
-
-def test_consultation_grpo_learns_to_ask_first_and_stops_at_the_patients_budget(
-    cases: str, tiny_model_dir: str, tmp_path: Path, local_ray
-) -> None:
-    patients = Patients(first_case_text(cases))
-    reward = RewardConfig(
-        kind="function",
-        function="huatuo_ray.rlmf.consultation_rewards:asks_first",
-        resources=SMALL,
-    )
-    budget = 600  # patient requests: about 14 iterations of 16 consultations, not 20
-    with ScriptedOpenAIServer(patients, require_api_key=TEACHER_KEY) as server:
-        out = tmp_path / "consult-rl"
-        config = critic_free(
-            (cases, ""), tiny_model_dir, out, "grpo", reward=reward,
-            rollout=consultation_rollout(server.base_url, budget=TeacherBudget(max_requests=budget)),
-        )  # fmt: skip
-        manifest = ppo.main(config)
-        succeeded = server.stats.succeeded
-    records = history(out)
-    assert_reward_rose(records, 0.4)  # from about 1 in 16 asking first
-    # The budget stopped it: cleanly, between iterations, with a checkpoint and the final model.
-    done = manifest["training"]["iterations"]
-    assert manifest["stopped"] == "patient budget spent" and 8 <= done < 20
-    assert len(records) == done and (out / "model.safetensors").exists()
-    state = json.loads((out / "checkpoints" / f"iter_{done:06d}" / "state.json").read_text())
-    assert state["iteration"] == done
-    usage = manifest["teacher_usage"]["patient"]
-    assert usage["paid"] == succeeded <= budget
-    # Counted as it went (the dashboard's teacher series): all but the stopped rollout's.
-    paid = [h["teacher_paid"] for h in records]
-    assert paid == sorted(paid) and 0 < paid[-1] < usage["paid"]
-    assert len(set(patients.bodies)) == len(patients.bodies)  # no request sent twice
-    for h in records:
-        # Each round is one engine call over exactly the consultations still open, and the
-        # finished ones leave: the batches shrink within a rollout (a refill starts another).
-        assert h["engine_calls"] == h["open_consultations"]
-        assert h["patient_requests"] >= 16 and h["doctor_turns"] >= h["consultations_kept"]
-    # The silent case: its consultations break at the opening, its group is dropped whole and
-    # another case's group takes its place (a second rollout in that iteration).
-    broken = [h for h in records if h.get("consultations_patient_error")]
-    assert broken and all(h["dropped_groups"] >= 1 for h in broken)
-    assert all(h["consultations_patient_error"] % 4 == 0 for h in broken)
-    refilled = broken[0]["open_consultations"]
-    assert refilled[0] == 12 and 16 in refilled  # 3 whole groups open, then a new rollout
-    assert manifest["groups"] == ["patient", "policy", "reward", "rollout"]
-
-
-def test_killed_consultation_rl_job_reruns_without_paying_the_teacher_twice(
+def test_consultation_rl_learns_to_ask_first_survives_a_kill_and_stops_at_its_budget(
     cases: str, tiny_model_dir: str, tmp_path: Path, cluster_head: ClusterHead
 ) -> None:
-    """jobs/tiny/grpo.consult.yaml (patients and pairwise ratings from the teacher, a rule on the
-    first doctor turn) killed after its iteration-2 checkpoint and one more iteration, then
-    rerun: the redone iteration replays its patients' lines and ratings from the cache, draws
-    the same consultations, and no request reaches the teacher twice."""
-    patients = Patients(first_case_text(cases))
-    out = tmp_path / "consult-rl-killed"
-    with ScriptedOpenAIServer(patients, require_api_key=TEACHER_KEY) as server:
+    teacher = Teacher(first_case_text(cases))
+    out = tmp_path / "consult-rl"
+    budget = 600  # patient requests: about 14 iterations of 16 consultations, not 20
+    with ScriptedOpenAIServer(teacher, require_api_key=TEACHER_KEY) as server:
         endpoint = [f"base_url={server.base_url}", "model=scripted-teacher",
                     f"api_key_env={TEACHER_KEY_ENV}", "structured_outputs=false"]  # fmt: skip
         cmd = [
             sys.executable, "-m", "huatuo_ray", "grpo", "--config",
             str(REPO / "jobs/tiny/grpo.consult.yaml"), f"inputs=[{cases}]", f"output={out}",
-            f"model.path={tiny_model_dir}", "iterations=4",
+            f"model.path={tiny_model_dir}",
             *(f"rollout.consultation.patient.{o}" for o in endpoint),
             *(f"reward.teacher.teacher.{o}" for o in endpoint),
+            f"rollout.consultation.budget.max_requests={budget}", "reward.fallback=1.0",
+            # the critic-free tests' learning settings: 4 cases x 4 consultations, 20 iterations
+            "iterations=20", "rollout_size=4", "ppo_epochs=2", "sampling.max_new_tokens=16",
+            "policy.optim.lr=0.01", "policy.optim.warmup_ratio=0", "policy.optim.min_lr_ratio=1",
         ]  # fmt: skip
         env = cluster_head.stage_env()
         latest, metrics = out / "checkpoints" / "latest", out / "metrics.jsonl"
         kill_when(cmd, REPO, env, poll_s=0.2, ready=lambda: (
             latest.exists() and len(metrics.read_text().splitlines()) >= 3))  # fmt: skip
         killed = [json.loads(line) for line in metrics.read_text().splitlines()]
-        sent_before = len(patients.bodies)
+        sent_before = len(teacher.bodies)
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        sent_after = len(teacher.bodies)
     assert res.returncode == 0, res.stderr[-4000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["restarts"] == [2]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    done = manifest["training"]["iterations"]
+    assert manifest["training"]["restarts"] == [2] and 8 <= done < 20
+    assert [h["iteration"] for h in records] == list(range(1, done + 1))
+
+    # The rule's reward rose (the rater gave 5 and 5 throughout: no rating fell back).
+    assert all(h["raw_score_mean"] == 5.0 for h in records)
+    assert_reward_rose(records, 0.8)  # 2 x the share asking first: from about 1 in 16
+
+    # The redone iteration 3 replayed its patients' lines and ratings from the cache and drew
+    # the same consultations; nothing reached the teacher twice.
+    assert len(set(teacher.bodies)) == len(teacher.bodies)
     usage = manifest["teacher_usage"]
-    # The rerun's iteration 3 came from the cache: patients and ratings alike.
     assert usage["patient"]["cached"] > 0 and usage["reward"]["cached"] > 0
-    assert len(patients.bodies) > sent_before  # iteration 4 was new
-    assert len(set(patients.bodies)) == len(patients.bodies)  # nothing was paid for twice
-    history = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
-    before = killed[2]
     for key in ("reward_mean", "patient_requests", "doctor_turns", "response_length"):
-        assert history[2][key] == pytest.approx(before[key], rel=1e-4, abs=1e-5), key
+        assert records[2][key] == pytest.approx(killed[2][key], rel=1e-4, abs=1e-5), key
+
+    # The patients' budget counted what the first run paid up to its checkpoint, and stopped
+    # the rerun cleanly between iterations with a checkpoint and the final model.
+    paid = usage["patient"]["paid"] + usage["reward"]["paid"]
+    assert sent_after - sent_before < paid <= sent_after
+    assert manifest["stopped"] == "patient budget spent" and usage["patient"]["paid"] <= budget
+    state = json.loads((out / "checkpoints" / f"iter_{done:06d}" / "state.json").read_text())
+    assert state["iteration"] == done and (out / "model.safetensors").exists()
+    teacher_paid = [h["teacher_paid"] for h in records]  # the dashboard's series, as it went
+    assert teacher_paid == sorted(teacher_paid) and teacher_paid[-1] < paid
+
+    for h in records:
+        # Each round is one engine call over exactly the consultations still open; finished
+        # ones leave, so the batches shrink within a rollout (a refill starts another).
+        assert h["engine_calls"] == h["open_consultations"]
+        assert h["patient_requests"] >= 16 and h["doctor_turns"] >= h["consultations_kept"]
+    # The silent case: its consultations break at the opening, its group is dropped whole and
+    # another case's group takes its place in a second rollout of that iteration.
+    broken = [h for h in records if h.get("consultations_patient_error")]
+    assert broken and all(h["dropped_groups"] >= 1 for h in broken)
+    assert all(h["consultations_patient_error"] % 4 == 0 for h in broken)
+    assert broken[0]["open_consultations"][0] == 12 and 16 in broken[0]["open_consultations"]
+    assert manifest["groups"] == ["patient", "policy", "reward", "reward_1", "rollout"]

@@ -155,6 +155,9 @@ def test_config_checks_of_critic_free_runs() -> None:
     with pytest.raises(ValueError, match="kind function only"):
         PPOConfig(**base, reward=RewardConfig(kind="function"), minibatch_size=4,
                       micro_batch_size=4, rollout=RolloutConfig(chunk_size=4))  # fmt: skip
+    with pytest.raises(ValueError, match="pairwise teacher rewards compare the answers"):
+        PPOConfig(**base, reward=RewardConfig(kind="teacher"), minibatch_size=4,
+                  micro_batch_size=4, rollout=RolloutConfig(chunk_size=4))  # fmt: skip
     ok = PPOConfig(**base, algorithm=AlgorithmConfig(advantage="rloo"),
                        sampling=SamplingConfig(n=4), minibatch_size=8, micro_batch_size=4,
                        rollout=RolloutConfig(chunk_size=8))  # fmt: skip
