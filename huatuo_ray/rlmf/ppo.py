@@ -11,7 +11,9 @@ section per group, is :mod:`~huatuo_ray.rlmf.ppo_config`:
    ``rollout.schedule`` (:mod:`~huatuo_ray.rlmf.rollout_schedule`): ``streamed`` (default) hands
    each engine its whole share at once and takes finished prompts back in pieces of
    ``rollout.chunk_size``; ``chunked`` (the paper's) sends chunks of 8, one call each; each engine
-   samples one response per prompt;
+   samples one response per prompt. With ``rollout.mode: consultation`` the prompts are real
+   cases and each row is a whole consultation, the engines the doctor and the ``patient`` group
+   the teacher as the patient (:mod:`~huatuo_ray.rlmf.consultation`);
 2. **experience**: for each piece, started as soon as it arrives, the policy's log-probs of the
    sampled tokens (plus the reference's, from its frozen trunk or a separate reference group), the
    critic's values and the reward model's normalised score; the driver then puts the rows back in
