@@ -33,6 +33,11 @@ def asks_first(prompt: str, response: str, reference: str, meta: dict[str, Any])
     return float(bool(turns) and asks_question(turns[0]))
 
 
+def asks_question_here(prompt: str, response: str, reference: str, meta: dict[str, Any]) -> float:
+    """For ``granularity: turn``: 1 when this doctor turn asks the patient something, else 0."""
+    return float(asks_question(response))
+
+
 def no_certain_diagnosis(prompt: str, response: str, reference: str, meta: dict[str, Any]) -> float:
     """0 when no doctor turn states a diagnosis as certain, -1 when one does."""
     return -float(any(m in turn for turn in _doctor_turns(meta) for m in CERTAINTY_MARKERS))

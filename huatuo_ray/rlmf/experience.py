@@ -39,6 +39,9 @@ class Experience:
     ref_logprobs: torch.Tensor | None = None  # (B, R) frozen SFT model
     values: torch.Tensor | None = None  # (B, R) critic at sampling time
     scores: torch.Tensor | None = None  # (B,) normalised reward-model score
+    # (B, R) the part of ``scores`` that turn-level sources put on each doctor turn's last
+    # token (a consultation's ``granularity: turn``); the rest goes on the last action token
+    turn_rewards: torch.Tensor | None = None
     raw_scores: torch.Tensor | None = None  # (B,) the reward model's own score
     kl: torch.Tensor | None = None  # (B, R) per-token KL estimate
     rewards: torch.Tensor | None = None  # (B, R) -beta * KL, plus the score on the last token

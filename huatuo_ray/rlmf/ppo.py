@@ -331,7 +331,9 @@ def sample_and_score(
     for exp, calls in parts:
         results = {k: ray.get(v) for k, v in calls.items()}
         fill_experience(exp, results)
-        exp.scores, exp.raw_scores, errors, spent = rewards.combine(results, weights)
+        exp.scores, exp.raw_scores, errors, spent, exp.turn_rewards = rewards.combine(
+            results, weights
+        )
         counts["reward_errors"] = counts.get("reward_errors", 0) + errors
         if spent:
             counts["budget_spent"] = 1
@@ -383,16 +385,20 @@ def final_scores(exp: Any, config: PPOConfig) -> Any:
     ``reward.unfinished_score`` when it is set, then scores are clipped to ``reward.clip``."""
     import torch
 
+    before = exp.scores
     if config.reward.unfinished_score is not None:
         penalty = torch.tensor(config.reward.unfinished_score, dtype=exp.scores.dtype)
         exp.scores = torch.where(exp.finished, exp.scores, penalty)
     if config.reward.clip is not None:
         exp.scores = exp.scores.clamp(-config.reward.clip, config.reward.clip)
+    if exp.turn_rewards is not None:  # a replaced or clipped score goes whole on the last token
+        exp.turn_rewards = exp.turn_rewards * (exp.scores == before).unsqueeze(-1)
     return exp
 
 
 def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None:
-    """KL per token, r = score - beta * KL (score on the last token), GAE advantages and returns,
+    """KL per token, r = score - beta * KL (score on the last token; turn-level scores on their
+    turns' last tokens), GAE advantages and returns,
     whitened advantages, from the :func:`final_scores`; the KL estimate clamped as ``kl`` says
     (zeros without the old-log-prob pass, which only happens when no KL enters the rewards).
     With ``kl.placement: loss`` the rewards carry no KL (the policy loss does); a critic-free
@@ -410,7 +416,11 @@ def add_rewards_and_advantages(exp: Any, beta: float, config: PPOConfig) -> None
             exp.logprobs, exp.ref_logprobs, kl.estimator, kl.log_ratio_clamp, kl.clamp, mask
         )
     reward_beta = beta if kl.placement == "reward" else 0.0
-    exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, reward_beta)
+    if exp.turn_rewards is None:
+        exp.rewards = ppo_math.token_rewards(exp.scores, exp.kl, mask, reward_beta)
+    else:  # turn-level scores on their turns' last tokens, the rest on the last action token
+        rest = exp.scores - exp.turn_rewards.sum(-1)
+        exp.rewards = ppo_math.token_rewards(rest, exp.kl, mask, reward_beta) + exp.turn_rewards
     if not config.algorithm.uses_critic:
         exp.advantages = advantages.critic_free_advantages(
             config.algorithm.advantage,

@@ -98,6 +98,13 @@ class RewardConfig:
     fallback: float = option(
         0.0, help="kind function/teacher: the score when it raises or cannot rate (counted)"
     )
+    granularity: Literal["conversation", "turn"] = option(
+        "conversation",
+        help="consultations, kind function: conversation: one score per consultation, on its "
+        "last doctor token; turn: the function scores each doctor turn (the consultation up to "
+        "it) and each score goes on that turn's last token (GAE credits the turn; group "
+        "estimators use the sum)",
+    )
     teacher: TeacherRewardConfig = field(default_factory=TeacherRewardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     normalise: bool = option(True, help="(score - mean) / std with the RM manifest's statistics")
@@ -345,6 +352,13 @@ class PPOConfig:
         for i, source in enumerate(self.reward_sources):
             if (source.kind == "function") != bool(source.function):
                 raise ValueError(f"reward source {i}: `function` is needed by kind function only")
+            if source.granularity == "turn" and (
+                source.kind != "function" or self.rollout.mode != "consultation"
+            ):
+                raise ValueError(
+                    f"reward source {i}: granularity turn scores a consultation's doctor turns:"
+                    " kind function with rollout.mode consultation"
+                )
             pairwise = source.kind == "teacher" and source.teacher.mode == "pairwise"
             if pairwise and self.sampling.n < 2:
                 raise ValueError(

@@ -105,7 +105,7 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         groups["critic"] = group("critic", CriticWorker, config, config.critic)
     for name, source in zip(reward_group_names(config), config.reward_sources):
         if source.kind == "function":
-            args = (source.function, source.fallback, config.model.path)
+            args = (source.function, source.fallback, config.model.path, source.granularity)
             groups[name] = group(name, FunctionRewardWorker, *args)
         elif source.kind == "teacher":
             cache = os.path.join(config.output, "_teacher_cache", name)

@@ -58,14 +58,24 @@ def call_safely(fn: Callable[..., Any], fallback: float, *args: Any) -> tuple[fl
     return value, True
 
 
-class FunctionRewardWorker(ModelWorker):
-    """A ``function`` reward source: decodes each response and calls the function on it."""
+def turn_ends(action_mask: Any) -> list[int]:
+    """The last token of each run of actions in one row (a consultation's doctor turns)."""
+    flags = action_mask.tolist()
+    return [t for t, a in enumerate(flags) if a and (t + 1 == len(flags) or not flags[t + 1])]
 
-    def __init__(self, spec: str, fallback: float, tokenizer_path: str):
+
+class FunctionRewardWorker(ModelWorker):
+    """A ``function`` reward source: decodes each response and calls the function on it; with
+    ``granularity: turn`` (consultations) calls it on each doctor turn instead."""
+
+    def __init__(
+        self, spec: str, fallback: float, tokenizer_path: str, granularity: str = "conversation"
+    ):
         from transformers import AutoTokenizer
 
         self.fn = load_function(spec)
         self.fallback = fallback
+        self.granularity = granularity
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
 
     def node_id(self) -> str:
@@ -77,9 +87,11 @@ class FunctionRewardWorker(ModelWorker):
         return {"mean": 0.0, "std": 1.0}
 
     @timed
-    def scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, Any, int]:
+    def scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, ...]:
         import torch
 
+        if self.granularity == "turn":
+            return self._turn_scores(exp, infos)
         values, errors = [], 0
         for row, info in enumerate(infos):
             if info["meta"].get("consultation"):  # the doctor's turns, one per line
@@ -95,6 +107,38 @@ class FunctionRewardWorker(ModelWorker):
             errors += not ok
         scores = torch.tensor(values, dtype=torch.float32)
         return scores, scores.clone(), errors
+
+    def _turn_scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, ...]:
+        """Each doctor turn of each consultation scored on its own: the function gets that
+        turn as the response and the consultation up to it as ``meta["turns"]`` (with
+        ``meta["turn"]``, counting from 0); (sums per row, sums, errors, False, each score on
+        its turn's last token)."""
+        import torch
+
+        placed = torch.zeros(exp.action_mask.shape, dtype=torch.float32)
+        errors = 0
+        for row, info in enumerate(infos):
+            turns = info["meta"]["turns"]
+            doctor = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+            ends = turn_ends(exp.action_mask[row])
+            if len(ends) != len(doctor):
+                raise ValueError(
+                    f"row {row}: {len(ends)} doctor turns in the tokens, {len(doctor)} in the turns"
+                )
+            for j, (at, end) in enumerate(zip(doctor, ends)):
+                meta = {**info["meta"], "turns": turns[: at + 1], "turn": j}
+                value, ok = call_safely(
+                    self.fn,
+                    self.fallback,
+                    info["prompt"],
+                    turns[at]["content"],
+                    info["reference"],
+                    meta,
+                )
+                placed[row, end] = value
+                errors += not ok
+        scores = placed.sum(-1)
+        return scores, scores.clone(), errors, False, placed
 
 
 def shard_bounds(rows: int, n: int) -> list[tuple[int, int]]:
@@ -116,12 +160,15 @@ def reward_calls(groups: dict[str, Any], names: list[str], exp: Any, infos: list
     return calls
 
 
-def combine(results: dict[str, list], weights: dict[str, float]) -> tuple[Any, Any, int, bool]:
+def combine(results: dict[str, list], weights: dict[str, float]) -> tuple[Any, Any, int, bool, Any]:
     """(weighted sum of the sources' scores, the first source's raw scores, errors, budget
-    spent), from each source's list of per-shard ``(scores, raw[, errors[, spent]])``."""
+    spent, the weighted sum's part placed on turns or None), from each source's list of
+    per-shard ``(scores, raw[, errors[, spent[, placed]]])``; ``placed`` (rows, response
+    width): a turn-level source's scores on the tokens they reward (its ``scores`` are their
+    row sums)."""
     import torch
 
-    total, raw, errors, spent = None, None, 0, False
+    total, raw, errors, spent, turns = None, None, 0, False, None
     for name, weight in weights.items():
         parts = results[name]
         scores = torch.cat([p[0] for p in parts])
@@ -130,4 +177,7 @@ def combine(results: dict[str, list], weights: dict[str, float]) -> tuple[Any, A
             raw = torch.cat([p[1] for p in parts])
         errors += sum(int(p[2]) for p in parts if len(p) > 2)
         spent = spent or any(bool(p[3]) for p in parts if len(p) > 3)
-    return total, raw, errors, spent
+        if any(len(p) > 4 for p in parts):
+            placed = weight * torch.cat([p[4] for p in parts])
+            turns = placed if turns is None else turns + placed
+    return total, raw, errors, spent, turns

@@ -305,3 +305,63 @@ def test_cases_become_consultation_prompts_with_the_patients_brief(shared_datase
     assert "\nPatient: 抗糖丸\n保健品\n" in meta["reference"]
     dialogues = next(iter(case_prompts(records[:1], "dialogues")))
     assert dialogues.meta["brief"].startswith(PATIENT.template[:20])
+
+
+def test_turn_level_rewards_score_each_doctor_turn_on_its_last_token_by_hand(
+    tiny_model_dir: str,
+) -> None:
+    """``granularity: turn``: the function scores each doctor turn with the consultation up to
+    it; the score lands on the turn's last token, the other sources' on the last one, and GAE
+    (gamma = lambda = 1, no values, no KL) credits each turn with what follows it."""
+    import torch
+
+    from huatuo_ray.rlmf import ppo, rewards
+    from huatuo_ray.rlmf.experience import make_experience
+    from huatuo_ray.rlmf.ppo_config import PPOConfig, RewardConfig, RolloutConfig
+
+    # doctor 2 tokens | patient 2 (context) | doctor 3 tokens
+    exp = make_experience([[5, 6]], [[7, 8, 9, 10, 11, 12, 13]], [True], 0,
+                          action_masks=[[1, 1, 0, 0, 1, 1, 1]])  # fmt: skip
+    turns = [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"},
+             {"role": "user", "content": "三天"}, {"role": "assistant", "content": "多休息。"}]  # fmt: skip
+    info = {"prompt": "头痛", "reference": "", "meta": {"consultation": True, "turns": turns}}
+    worker = rewards.FunctionRewardWorker(
+        "tests.support.rule_rewards:turn_and_history", 0.0, tiny_model_dir, "turn"
+    )
+    scores, _, errors, spent, placed = worker.scores(exp, [info])
+    # turn 0 sees 2 turns: 0 + 2; turn 1 sees 4: 10 + 4
+    assert placed.tolist() == [[0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 14.0]]
+    assert scores.tolist() == [16.0] and (errors, spent) == (0, False)
+
+    conversation = (torch.tensor([3.0]), torch.tensor([3.0]))  # another source, per consultation
+    total, _, _, _, turn_part = rewards.combine(
+        {"reward": [conversation], "reward_1": [(scores, scores, 0, False, placed)]},
+        {"reward": 1.0, "reward_1": 0.5},
+    )
+    assert total.tolist() == [3.0 + 8.0] and turn_part.tolist() == [[0, 1.0, 0, 0, 0, 0, 7.0]]
+
+    config = PPOConfig(
+        inputs=["x"], output="y", rollout_size=1, minibatch_size=1, micro_batch_size=1,
+        rollout=RolloutConfig(chunk_size=1, mode="consultation"), gamma=1.0, lam=1.0,
+        whiten_advantages=False,
+        extra_rewards=[RewardConfig(kind="function", function="m:f", granularity="turn")],
+    )  # fmt: skip
+    exp.scores, exp.turn_rewards = total, turn_part
+    exp.logprobs = exp.ref_logprobs = exp.values = torch.zeros(1, 7)
+    ppo.add_rewards_and_advantages(exp, 0.0, config)
+    # The conversation's 3 on the last token, the turns' 1 and 7 on theirs.
+    assert exp.rewards.tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 10.0]]
+    # The first turn is credited with its own score and all that follows; the second with its own.
+    assert exp.advantages.tolist() == [[11.0, 11.0, 0.0, 0.0, 10.0, 10.0, 10.0]]
+
+    # A score replaced (a cut consultation with unfinished_score) goes whole on the last token.
+    config.reward.unfinished_score = -1.0
+    exp.finished = torch.tensor([False])
+    exp = ppo.final_scores(exp, config)
+    assert exp.scores.tolist() == [-1.0] and exp.turn_rewards.abs().sum() == 0
+
+    with pytest.raises(ValueError, match="granularity turn scores a consultation"):
+        PPOConfig(inputs=["x"], output="y", rollout_size=1, minibatch_size=1,
+                  micro_batch_size=1, rollout=RolloutConfig(chunk_size=1),
+                  extra_rewards=[RewardConfig(kind="function", function="m:f",
+                                              granularity="turn")])  # fmt: skip

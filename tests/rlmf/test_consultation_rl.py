@@ -139,3 +139,55 @@ def test_consultation_rl_learns_to_ask_first_survives_a_kill_and_stops_at_its_bu
     assert all(h["consultations_patient_error"] % 4 == 0 for h in broken)
     assert broken[0]["open_consultations"][0] == 12 and 16 in broken[0]["open_consultations"]
     assert manifest["groups"] == ["patient", "policy", "reward", "reward_1", "rollout"]
+
+
+def test_ppo_with_a_critic_trains_consultations_on_turn_level_rewards(
+    cases: str, tiny_model_dir: str, tmp_path: Path, local_ray
+) -> None:
+    """PPO (GAE, a critic from the reward model) on consultations, the rule scoring each doctor
+    turn on its own (``granularity: turn``): the critic's values and the advantages run over the
+    doctor's tokens across the patient's turns, and every iteration's reward is the sum of its
+    turns' scores (at most 1 per doctor turn: a question in that turn)."""
+    from huatuo_ray.config import ModelConfig
+    from huatuo_ray.inference.generation import EngineConfig
+    from huatuo_ray.rlmf import ppo
+    from huatuo_ray.rlmf.ppo_config import (
+        ConsultationConfig,
+        CriticConfig,
+        RewardConfig,
+        RolloutConfig,
+    )
+    from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
+    from tests.conftest import teacher_config
+    from tests.rlmf.test_critic_free import SMALL
+    from tests.rlmf.test_ppo import ppo_config
+    from tests.support.target_reward import build_target_token_reward_model
+
+    value_model = build_target_token_reward_model(str(tmp_path / "rm"), tiny_model_dir, 5)
+    teacher = Teacher("no case is silent here")
+    with ScriptedOpenAIServer(teacher, require_api_key=TEACHER_KEY) as server:
+        out = tmp_path / "ppo-consult"
+        config = ppo_config(
+            (cases, value_model), tiny_model_dir, out, "hf", iterations=3, rollout_size=4,
+            minibatch_size=4, micro_batch_size=4, weight_sync="object_store",
+            reward=RewardConfig(kind="function", granularity="turn", resources=SMALL,
+                                function="huatuo_ray.rlmf.consultation_rewards:asks_question_here"),
+            critic=CriticConfig(model=ModelConfig(path=value_model), trainable_layers=None,
+                                optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
+                                deepspeed=DeepSpeedConfig(zero_stage=0, precision="fp32"),
+                                resources=SMALL),
+            rollout=RolloutConfig(
+                engine=EngineConfig(backend="hf", max_model_len=1024, hf_batch_prompts=True),
+                resources=SMALL, chunk_size=4, mode="consultation",
+                consultation=ConsultationConfig(
+                    patient=teacher_config(server.base_url, max_tokens=64, max_retries=1),
+                    max_turns=2, max_tokens=512, max_parse_retries=1, resources=SMALL),
+            ),
+        )  # fmt: skip
+        manifest = ppo.main(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert manifest["training"]["iterations"] == 3 and "critic" in manifest["groups"]
+    for h in records:
+        turns_per_consultation = h["doctor_turns"] / h["consultations_kept"]
+        assert 0 <= h["reward_mean"] <= turns_per_consultation
+        assert h["value_loss"] > 0 and h["engine_calls"] == h["open_consultations"]

@@ -136,9 +136,9 @@ def test_reward_sources_are_summed_by_weight() -> None:
             (torch.tensor([0.0]),) * 2 + (2,),
         ],
     }
-    total, raw, errors, spent = rewards.combine(results, {"reward": 1.0, "reward_1": 0.5})
+    total, raw, errors, spent, turns = rewards.combine(results, {"reward": 1.0, "reward_1": 0.5})
     assert total.tolist() == [3.0, 2.0] and raw.tolist() == [10.0, 20.0] and errors == 3
-    assert not spent
+    assert not spent and turns is None  # no turn-level source
     results["reward_1"][1] = (torch.tensor([0.0]),) * 2 + (0, True)  # a teacher out of budget
     assert rewards.combine(results, {"reward": 1.0, "reward_1": 0.5})[3]
     assert rewards.shard_bounds(5, 2) == [(0, 2), (2, 5)]  # as Experience.shards splits

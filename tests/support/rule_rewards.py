@@ -18,3 +18,9 @@ def count_target_word(prompt: str, response: str, reference: str, meta: dict[str
 
 def always_fails(prompt: str, response: str, reference: str, meta: dict[str, Any]) -> float:
     raise RuntimeError("a broken verifier")
+
+
+def turn_and_history(prompt: str, response: str, reference: str, meta: dict[str, Any]) -> float:
+    """For ``granularity: turn``: 10 x the doctor turn's number (from 0) + the turns it sees
+    (the consultation up to it), so a test can tell which call got what."""
+    return 10.0 * meta["turn"] + len(meta["turns"])
