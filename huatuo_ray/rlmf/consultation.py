@@ -19,6 +19,7 @@ finished dialogue.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from huatuo_ray.dialogue import (
     encode_text,
     turn,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -277,6 +280,11 @@ def sample_consultations(
     counts["patient_requests"] = counts.get("patient_requests", 0) + rollout.patient_requests
     for reason, n in rollout.dropped.items():
         counts[f"consultations_{reason}"] = counts.get(f"consultations_{reason}", 0) + n
+    if rollout.dropped:  # why, in the stage's log: the first patient's error says the most
+        why = next((c.error for c in consultations if c.error), "")
+        log.warning(
+            "consultations dropped: %s%s", dict(rollout.dropped), f" ({why})" if why else ""
+        )
     # What the engines decoded at once, by their own count: each round's open consultations.
     stats = ray.get(groups["rollout"].call("engine_stats"))
     figures["engine_batch"] = sum(s["mean_batch"] for s in stats) / len(stats)
