@@ -37,7 +37,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow and not system and not cluster" -n 2 --durations=10
 
 # System checks: the whole tiny recipe as Ray jobs on a `ray start` head, PPO on two nodes, a
-# stage losing a worker node (CI runs them after `make test`).
+# stage losing a worker node, consultation RL killed and rerun (CI runs them after `make test`).
 test-system: install
 	$(BIN)/python -m pytest -q tests -m system --durations=10
 

@@ -104,28 +104,17 @@ def vllm_tiny(_start_vllm_tiny_early: InBackground | None, tiny_model_dir: str):
         yield base_url
 
 
-def _vllm_check_actor() -> Any:
+@pytest.fixture(scope="session")
+def vllm_check(local_ray):
+    """A Ray actor that imports vLLM once for the session and builds a real ``vllm.LLM`` on each
+    folder a test asks it to check (tests/support/vllm_check.py)."""
     import ray
 
     from tests.support.vllm_check import VLLMCheck
 
     # vLLM's model worker in the actor's own process (as vllm_worker_in_engine_process does).
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    return ray.remote(VLLMCheck).options(num_cpus=0, runtime_env={"env_vars": env}).remote()
-
-
-_warm_vllm_check: list[Any] = []  # the actor local_ray started early, when the session needs it
-
-
-@pytest.fixture(scope="session")
-def vllm_check(local_ray):
-    """A Ray actor that imports vLLM once for the session and builds a real ``vllm.LLM`` on each
-    folder a test asks it to check (tests/support/vllm_check.py). When the session has such
-    tests, ``local_ray`` starts it and its vLLM import as soon as Ray is up, beside the tests
-    that come first."""
-    import ray
-
-    actor = _warm_vllm_check.pop() if _warm_vllm_check else _vllm_check_actor()
+    actor = ray.remote(VLLMCheck).options(num_cpus=0, runtime_env={"env_vars": env}).remote()
     yield actor
     ray.kill(actor)
 
@@ -135,7 +124,7 @@ TEACHER_KEY_ENV = "HUATUO_TEST_KEY"
 
 
 @pytest.fixture(scope="session")
-def local_ray(request: pytest.FixtureRequest):
+def local_ray():
     """One local Ray for the in-process stage tests. Its workers inherit the teacher key from
     this process's environment, as a cluster's workers inherit it from theirs."""
     import ray
@@ -147,9 +136,6 @@ def local_ray(request: pytest.FixtureRequest):
         # keeps a Ray Train stage (whole CPUs, waiting until they are free) from waiting forever
         # on an actor that an earlier test's stopped stage has not yet let go.
         ray.init(address="local", num_cpus=4, include_dashboard=False)
-        if any("vllm_check" in getattr(i, "fixturenames", ()) for i in request.session.items):
-            _warm_vllm_check.append(_vllm_check_actor())
-            _warm_vllm_check[0].warm.remote()  # not waited for: it imports while tests run
     yield
     ray.shutdown()
 

@@ -207,6 +207,8 @@ RL_SERIES = ["ppo_reward_mean", "ppo_kl", "ppo_response_length", "ppo_clip_fract
              "ppo_sync_s"]  # fmt: skip
 
 
+@pytest.mark.system  # a driver killed next to the `ray start` head and rerun (as in the
+# consultation-RL system test): in make test-system, which has the room
 def test_killed_ppo_job_resumes_from_its_checkpoint(
     ppo_inputs, tiny_model_dir: str, tmp_path: Path, cluster_head: ClusterHead
 ) -> None:

@@ -15,12 +15,6 @@ from huatuo_ray.inference.generation import EngineConfig, SamplingConfig, VLLMGe
 
 
 class VLLMCheck:
-    def warm(self) -> bool:
-        """Import vLLM now (seconds of CPU), so that the first check does not wait for it."""
-        import vllm  # noqa: F401
-
-        return True
-
     def chat(self, model_dir: str, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
         """The tokens vLLM answers ``messages`` with, through the folder's chat template."""
         from vllm import SamplingParams
