@@ -72,32 +72,20 @@ def pairs_of_group(n: int) -> list[tuple[int, int]]:
     return pairs
 
 
-class TeacherRewardWorker(ModelWorker):  # its timeline stays empty: it waits on the teacher
-    """One teacher client (cache, rate limits) scoring rollout chunks: an async Ray actor, its
-    requests in flight together on the actor's event loop."""
+class PaidTeacherWorker(ModelWorker):  # its timeline stays empty: it waits on the teacher
+    """A worker that pays the teacher (the rater, the consultations' patients): one teacher
+    client (cache under the run's output, rate limits) in an async Ray actor, its spending
+    under a :class:`TeacherBudget`, its usage kept in checkpoints."""
 
-    def __init__(self, spec: TeacherRewardConfig, n: int, fallback: float, tokenizer_path: str,
-                 cache_uri: str):  # fmt: skip
-        from transformers import AutoTokenizer
-
+    def open_client(self, teacher: TeacherConfig, cache_uri: str, budget: TeacherBudget) -> None:
         from huatuo_ray.teacher.cache import ResponseCache
         from huatuo_ray.teacher.client import TeacherClient
         from huatuo_ray.teacher.limiter import LocalLimiter
 
-        t = spec.teacher
-        self.spec, self.n, self.fallback = spec, n, fallback
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        limiter = LocalLimiter(t.requests_per_minute, t.tokens_per_minute)
-        self.client = TeacherClient(t, ResponseCache(cache_uri), limiter)
+        limiter = LocalLimiter(teacher.requests_per_minute, teacher.tokens_per_minute)
+        self.client = TeacherClient(teacher, ResponseCache(cache_uri), limiter)
+        self.budget = budget
         self.iteration_paid = 0
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def normalisation(self) -> dict[str, float]:
-        return {"mean": 0.0, "std": 1.0}
 
     def usage(self) -> dict[str, Any]:
         return self.client.usage.to_dict()
@@ -110,7 +98,28 @@ class TeacherRewardWorker(ModelWorker):  # its timeline stays empty: it waits on
         self.iteration_paid = 0
 
     def _would_pass_budget(self, requests: int) -> bool:
-        return would_pass_budget(self.spec.budget, self.client.usage, self.iteration_paid, requests)
+        return would_pass_budget(self.budget, self.client.usage, self.iteration_paid, requests)
+
+
+class TeacherRewardWorker(PaidTeacherWorker):
+    """The teacher scoring rollout chunks, its requests in flight together on the actor's
+    event loop."""
+
+    def __init__(self, spec: TeacherRewardConfig, n: int, fallback: float, tokenizer_path: str,
+                 cache_uri: str):  # fmt: skip
+        from transformers import AutoTokenizer
+
+        self.spec, self.n, self.fallback = spec, n, fallback
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.open_client(spec.teacher, cache_uri, spec.budget)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def normalisation(self) -> dict[str, float]:
+        return {"mean": 0.0, "std": 1.0}
 
     async def scores(self, exp: Any, infos: list[dict[str, Any]]) -> tuple[Any, Any, int, bool]:
         """(scores, raw ratings, answers left unrated, budget spent) for the rows of ``exp``."""

@@ -14,18 +14,16 @@ counted as if none were cached) is not sent: ``replies`` answers None and the ru
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from huatuo_ray.config import TeacherConfig
-from huatuo_ray.rlmf.actors.base import ModelWorker
-from huatuo_ray.rlmf.teacher_reward import TeacherBudget, would_pass_budget
+from huatuo_ray.rlmf.teacher_reward import PaidTeacherWorker, TeacherBudget
 
 
 class PatientFailed(RuntimeError):
     """This consultation's patient gave no usable reply (the reason is the message)."""
 
 
-class PatientWorker(ModelWorker):  # its timeline stays empty: it waits on the teacher
+class PatientWorker(PaidTeacherWorker):
     def __init__(
         self,
         teacher: TeacherConfig,
@@ -33,18 +31,8 @@ class PatientWorker(ModelWorker):  # its timeline stays empty: it waits on the t
         retries: int = 2,
         budget: TeacherBudget | None = None,
     ):
-        from huatuo_ray.teacher.cache import ResponseCache
-        from huatuo_ray.teacher.client import TeacherClient
-        from huatuo_ray.teacher.limiter import LocalLimiter
-
-        limiter = LocalLimiter(teacher.requests_per_minute, teacher.tokens_per_minute)
-        self.client = TeacherClient(teacher, ResponseCache(cache_uri), limiter)
+        self.open_client(teacher, cache_uri, budget or TeacherBudget())
         self.retries = retries
-        self.budget = budget or TeacherBudget()
-        self.iteration_paid = 0
-
-    def begin_iteration(self) -> None:
-        self.iteration_paid = 0
 
     async def replies(
         self, requests: list[tuple[str, list[dict[str, str]], int]]
@@ -62,18 +50,10 @@ class PatientWorker(ModelWorker):  # its timeline stays empty: it waits on the t
             except (RecordError, TeacherError) as e:  # a fatal error stops the run instead
                 return PatientFailed(str(e))
 
-        used = self.client.usage
-        if would_pass_budget(self.budget, used, self.iteration_paid, len(requests)):
+        if self._would_pass_budget(len(requests)):
             return None
-        paid_before = used.paid
+        paid_before = self.client.usage.paid
         answers = await asyncio.gather(*(one(*r) for r in requests))
         self.iteration_paid += self.client.usage.paid - paid_before
         await self.client.flush()  # answers in the cache before the driver goes on
         return list(answers)
-
-    def usage(self) -> dict[str, Any]:
-        return self.client.usage.to_dict()
-
-    def restore_usage(self, used: dict[str, Any]) -> None:
-        """Take up a checkpoint's usage (a resumed run): budgets count what was paid before."""
-        self.client.usage.add(used)
