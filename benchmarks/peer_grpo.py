@@ -3,7 +3,7 @@ after the other in one run, as a user choosing between the two would try them.
 
     python benchmarks/peer_grpo.py            # CPU: 16 prompts x 4 answers of 64 tokens
     python benchmarks/peer_grpo.py --gpu      # one GPU: every group of ours on it (HF rollouts)
-    python benchmarks/peer_grpo.py --smoke    # the smallest run (the tests'), both sides at once
+    python benchmarks/peer_grpo.py --smoke    # the smallest run (the tests'), all sides at once
 
 The work of one step, on both sides: a tiny Llama built from a config (hidden 256 x 4 layers,
 vocab 2,000, random weights; the ``tiny-model`` stage's tokenizer), ``--prompts`` prompts x 4
@@ -18,17 +18,20 @@ decode half the answers each in one batch at the same time (one torch thread eac
 thread rule), then the reference and the policy take both cores in turn, ``--micro`` (16) rows of
 similar lengths per forward (the prompts' lengths differ: their padding is trimmed), the one
 optimizer step accumulated over them; ``--gpu``: one engine
-and every group on the one GPU (the hybrid engine). TRL:
+and every group on the one GPU (the hybrid engine). Ours, ``shared``: the same stage with
+policy, reference, reward function and one engine in one process (``colocate_in_process``, the
+layout veRL's hybrid worker uses), its torch threads all the CPUs, the weights copied in memory.
+TRL:
 ``GRPOTrainer`` (``use_vllm=False``: HF ``generate`` of all answers in one batch; on CPUs
 ``use_cpu``, torch's default threads).
 
 Figures: ``samples_per_s`` in steady state (the first iteration, warm-up, left out): answers
 per second of wall clock between the ends of consecutive iterations (ours: the stage's
-``elapsed_s`` per iteration; TRL: a callback at each step's end); ``ours_vs_trl`` is ours over
-TRL's. Each side runs in a fresh Python process, as a user would start it; ``startup_s`` is
+``elapsed_s`` per iteration; TRL: a callback at each step's end); ``ours_vs_trl`` and
+``shared_vs_trl`` are ours over TRL's. The three sides run one after the other; each runs in a fresh Python process, as a user would start it; ``startup_s`` is
 the seconds from that process's launch to its first iteration's start (imports, Ray's start
 and the stage's own start-up, the manifest's ``startup_s``, for ours; imports and building the
-trainer for TRL). TRL is an optional benchmark dependency (``pip install trl``), not one of
+trainer for TRL); ``startup_vs_trl`` and ``shared_startup_vs_trl`` are ours over TRL's. TRL is an optional benchmark dependency (``pip install trl``), not one of
 the project's.
 
 Last line: one JSON object.
@@ -52,6 +55,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 GROUP = 4  # answers per prompt
+SIDES = ("ours", "shared", "trl")  # ours: a process per group; shared: one for all; TRL
 BETA = 0.04
 LR = 1e-6
 TARGET = "的"
@@ -98,7 +102,9 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
     from huatuo_ray.rlmf.actors.group import Resources
     from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
-    # Every worker an equal share of the CPUs (all on the one GPU with --gpu).
+    # Every worker an equal share of the CPUs (all on the one GPU with --gpu; the shared side:
+    # one process on one bundle of those CPUs summed).
+    shared = args.gpu or args.shared_process
     workers = 2 + args.engines + args.policy_workers
     cpus = 0.25 if args.gpu else int(100 * (os.cpu_count() or 2) / workers) / 100
     res = Resources(workers=1, num_cpus=cpus, num_gpus=1.0 if args.gpu else 0.0)
@@ -107,7 +113,7 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
     rows = args.prompts * GROUP
     return ppo_config.GRPOConfig(
         inputs=[prompts],
-        output=os.path.join(root, "ours"),
+        output=os.path.join(root, args.side),
         model=ModelConfig(path=model),
         reward=ppo_config.RewardConfig(
             kind="function", function="benchmarks.peer_grpo:target_word", resources=res
@@ -137,7 +143,8 @@ def ours_config(args: argparse.Namespace, root: str, model: str, prompts: str) -
         ppo_epochs=1,
         max_prompt_tokens=1024,
         checkpoint=ppo_config.CheckpointEvery(every_iterations=10**6),
-        colocate=[["rollout", "policy", "reference", "reward"]] if args.gpu else [],
+        colocate=[["rollout", "policy", "reference", "reward"]] if shared else [],
+        colocate_in_process=args.shared_process,
         cluster=ClusterConfig(address="auto"),
     )
 
@@ -155,7 +162,7 @@ def run_ours(args: argparse.Namespace, root: str, model: str, prompts: str) -> d
     finally:
         ray.shutdown()
     history = [
-        json.loads(line) for line in Path(root, "ours", "metrics.jsonl").read_text().splitlines()
+        json.loads(line) for line in Path(root, args.side, "metrics.jsonl").read_text().splitlines()
     ]
     ends = [h["elapsed_s"] for h in history]
     steady = (ends[-1] - ends[0]) / (len(ends) - 1)
@@ -296,20 +303,23 @@ def main() -> None:
     parser.add_argument("--policy-workers", type=int, default=1, help="our policy ranks (CPU)")
     parser.add_argument("--micro", type=int, default=16,
                         help="our rows per forward (rows of similar lengths together)")  # fmt: skip
-    parser.add_argument("--only", choices=("ours", "trl"), help="run one side only")
+    parser.add_argument("--only", choices=SIDES, help="run one side only")
     parser.add_argument("--smoke", action="store_true", help="the smallest run")
-    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.gpu:
-        args.engines = args.policy_workers = 1  # one GPU: the hybrid engine
+    # The shared side: policy, reference, reward and one engine in one process
+    # (colocate_in_process); on one GPU every group shares it (in processes of their own).
+    args.shared_process = args.side == "shared"
+    if args.gpu or args.shared_process:
+        args.engines = args.policy_workers = 1  # one GPU or one process: the hybrid engine
     if args.smoke:
         args.hidden, args.layers, args.heads, args.prompts, args.tokens, args.iterations = (
             64, 2, 2, 2, 8, 2)  # fmt: skip
     if args.side:  # one side in a fresh process (see side())
         root = args.root
         model, prompts = os.path.join(root, "model"), os.path.join(root, "prompts")
-        if args.side == "ours":
+        if args.side in ("ours", "shared"):
             figures = run_ours(args, root, model, prompts)
         else:
             ids = json.loads(Path(root, "prompt_ids.json").read_text())
@@ -321,7 +331,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         _, _, ids = build(root, args)
         Path(root, "prompt_ids.json").write_text(json.dumps(ids))
-        names = [name for name in ("ours", "trl") if args.only in (None, name)]
+        names = [name for name in SIDES if args.only in (None, name)]
         if args.smoke:  # the tests' run checks that both sides work, not their figures: at once
             with ThreadPoolExecutor(len(names)) as pool:
                 results = dict(zip(names, pool.map(lambda n: side(n, root, args), names)))
@@ -331,10 +341,12 @@ def main() -> None:
     for name, figures in results.items():
         print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
     summary: dict[str, Any] = {f"{n}_{k}": v for n, r in results.items() for k, v in r.items()}
-    if len(results) == 2:
-        ours, trl = results["ours"], results["trl"]
-        summary["ours_vs_trl"] = round(ours["samples_per_s"] / trl["samples_per_s"], 3)
-        summary["startup_vs_trl"] = round(ours["startup_s"] / trl["startup_s"], 3)
+    trl = results.get("trl")
+    for name, ours in results.items():
+        if trl and name != "trl":
+            summary[f"{name}_vs_trl"] = round(ours["samples_per_s"] / trl["samples_per_s"], 3)
+            start = "startup_vs_trl" if name == "ours" else f"{name}_startup_vs_trl"
+            summary[start] = round(ours["startup_s"] / trl["startup_s"], 3)
     machine = "GPU" if args.gpu else f"CPU, {os.cpu_count()} cores"
     print(json.dumps({
         **summary,

@@ -146,11 +146,11 @@ class EngineConfig:
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether vLLM is installed (found, not imported: importing it takes seconds and torch, and
+    a driver asks this before it starts its actors)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def backend_of(engine: EngineConfig) -> Literal["vllm", "hf"]:

@@ -68,6 +68,7 @@ from huatuo_ray.rlmf.ppo_config import (
     GRPOConfig,
     PPOConfig,
     experience_passes,
+    frozen_trunk_possible,
     old_logprobs_pass,
     resolve_reference,
     reward_group_names,
@@ -88,38 +89,54 @@ log = logging.getLogger(__name__)
 
 
 def main(config: PPOConfig) -> dict[str, Any]:
-    from transformers import AutoConfig, AutoTokenizer
-
+    started = time.time()  # start-up (the manifest's startup_s) counts from here, imports too
     from huatuo_ray.runtime import connect
 
-    started = time.time()  # start-up (the manifest's startup_s) counts from here
     if storage.exists(os.path.join(config.output, artifacts.MANIFEST)):
         return artifacts.read_manifest(config.output)  # done is done: no Ray started for it
     connect(config.cluster, "ppo")
     _absolute_paths(config)
     os.makedirs(config.output, exist_ok=True)
     local = local_model_path(config.model.path)  # each actor fetches on its own node
-    tokenizer = AutoTokenizer.from_pretrained(local)
-    model_config = AutoConfig.from_pretrained(
-        local, trust_remote_code=config.model.trust_remote_code
-    )
-    config.reference.mode = resolve_reference(
-        config, bool(getattr(model_config, "tie_word_embeddings", False))
-    )
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    if config.reference.mode == "frozen_trunk" or (
+        config.reference.mode == "auto" and frozen_trunk_possible(config)
+    ):  # only then does a tied head matter
+        config.reference.mode = resolve_reference(config, tied_embeddings(config.model, local))
+    else:
+        config.reference.mode = resolve_reference(config, False)
     total_steps = (  # optimizer steps, for the LR schedule
         config.iterations * config.ppo_epochs * (config.rows // config.minibatch_size)
     )
     groups: dict[str, Any] = {}
     try:
-        place_actor_groups(config, groups)  # the actors load their models meanwhile
+        place_actor_groups(config, groups)  # the actors import and load their models meanwhile,
+        from transformers import AutoTokenizer  # while this process imports its own part
+
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         prompts = PromptStream(config, tokenizer)
         return run(config, groups, prompts, pad_id, total_steps, started)
     finally:  # also when placing failed half-way
         for group in groups.values():
             group.shutdown()
+
+
+def tied_embeddings(model: ModelConfig, local: str) -> bool:
+    """Whether the model ties its head to its input embeddings: config.json's
+    ``tie_word_embeddings`` when it says, else the model class's default (transformers)."""
+    try:
+        with open(os.path.join(local, "config.json"), encoding="utf-8") as f:
+            tied = json.load(f).get("tie_word_embeddings")
+    except (OSError, ValueError):
+        tied = None
+    if isinstance(tied, bool):
+        return tied
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(local, trust_remote_code=model.trust_remote_code)
+    return bool(getattr(loaded, "tie_word_embeddings", False))
 
 
 def run(
@@ -149,6 +166,7 @@ def run(
     mark("trainers_ready")
     placement = {name: ray.get(group.call("node_id")) for name, group in groups.items()}
     placement["threads"] = {name: ray.get(g.call("torch_threads")) for name, g in groups.items()}
+    placement["processes"] = {name: ray.get(g.call("pid")) for name, g in groups.items()}
     mark("all_loaded")
     sync = weight_sync.WeightSync(config, groups)
     placement["weight_sync"] = sync.method
@@ -554,6 +572,7 @@ def finish(
         reward_normalisation=normalisation,
         weight_sync=placement.pop("weight_sync"),  # the path taken (auto resolved)
         torch_threads=placement.pop("threads"),  # per group, per worker (from the placement)
+        processes=placement.pop("processes"),  # each worker's pid, per group (shared: the same)
         **(timing or {}),
         placement=placement,  # node id of each worker, per group
         training={

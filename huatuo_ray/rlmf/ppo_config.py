@@ -24,15 +24,70 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from huatuo_ray.config import ClusterConfig, ModelConfig, TeacherConfig, option
-from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
+from huatuo_ray.inference.generation import EngineConfig, SamplingConfig, backend_of
 from huatuo_ray.rlmf.actors.group import Resources
-from huatuo_ray.rlmf.teacher_reward import TeacherBudget, TeacherRewardConfig
-from huatuo_ray.rlmf.weight_sync import resolve_method
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
 
 def _ppo_optim() -> OptimConfig:
     return OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0)  # the paper: constant 1e-6
+
+
+@dataclass
+class TeacherBudget:
+    """Limits of the teacher reward's spending; null: no limit."""
+
+    max_requests: int | None = option(None, help="paid teacher requests over the whole run")
+    max_cost_usd: float | None = option(None, help="teacher cost over the whole run (USD)")
+    max_requests_per_iteration: int | None = option(None, help="paid requests per iteration")
+
+
+@dataclass
+class TeacherRewardConfig:
+    """The ``teacher`` reward kind's settings."""
+
+    teacher: TeacherConfig = option(TeacherConfig(), help="the judging endpoint")
+    mode: Literal["pairwise", "versus_doctor"] = option(
+        "pairwise", help="pairwise: answers of a group rated in pairs, both orders; "
+        "versus_doctor: each answer rated against the doctor's reply"
+    )  # fmt: skip
+    max_parse_retries: int = option(2, help="asks again when a rating does not parse")
+    budget: TeacherBudget = option(TeacherBudget(), help="spending limits that stop the run")
+
+
+def resolve_method(
+    method: str, colocate: list[list[str]], on_gpu: bool, in_process: bool = False
+) -> str:
+    """The weight-sync path for a PPO config; raises ValueError (one line, with the fix) for a
+    layout that cannot work: NCCL between groups sharing a GPU, handles between GPUs, a
+    process broadcasting to itself, or a copy in memory between processes. ``in_process``:
+    the config's ``colocate_in_process``."""
+    colocated = any({"rollout", "policy"} <= set(names) for names in colocate)
+    same_process = colocated and in_process
+    if method == "auto":
+        return "in_process" if same_process else "ipc" if colocated else "broadcast"
+    if method == "in_process" and not same_process:
+        raise ValueError(
+            "weight_sync in_process copies the policy's weights within its own process: put"
+            " rollout and policy in one colocate list with colocate_in_process: true, or use"
+            " weight_sync: auto"
+        )
+    if method == "broadcast" and same_process:
+        raise ValueError(
+            "weight_sync broadcast: rollout and policy share one process (colocate_in_process),"
+            " which cannot broadcast to itself; use weight_sync: in_process (or auto)"
+        )
+    if method == "broadcast" and colocated and on_gpu:
+        raise ValueError(
+            "weight_sync broadcast: rollout and policy share GPUs (colocate) and NCCL cannot join"
+            " two ranks on one GPU; use weight_sync: ipc (or auto)"
+        )
+    if method == "ipc" and not colocated:
+        raise ValueError(
+            "weight_sync ipc hands the policy's memory to engines on its own GPUs: put rollout"
+            " and policy in one colocate list, or use weight_sync: broadcast (or auto)"
+        )
+    return method
 
 
 @dataclass
@@ -256,12 +311,13 @@ class PPOConfig:
     extra_rewards: list[RewardConfig] = option(
         [], help="more reward sources, summed with `reward` by their weights"
     )
-    weight_sync: Literal["auto", "broadcast", "ipc", "object_store"] = option(
+    weight_sync: Literal["auto", "broadcast", "ipc", "object_store", "in_process"] = option(
         "auto",
         help="broadcast: NCCL/gloo group (engines on other GPUs or nodes); ipc: handles to the "
         "policy's own memory for engines colocated with it (CUDA IPC; CPU: the object store); "
-        "object_store: through Ray's object store; auto: ipc when rollout is colocated with "
-        "policy, else broadcast",
+        "object_store: through Ray's object store; in_process: a copy in memory, for engines in "
+        "the policy's process (colocate_in_process); auto: in_process, else ipc when rollout is "
+        "colocated with policy, else broadcast",
     )
     sync_bucket_mb: float = option(
         256.0, help="broadcast sync: MiB per bucket (the most an engine holds of an update)"
@@ -309,6 +365,14 @@ class PPOConfig:
         help="groups sharing GPUs, e.g. [[policy, reference], [critic, reward]]; with rollout "
         "next to policy the engines live on the policy's GPUs (hybrid engine; vLLM sleeps "
         "while the policy trains when rollout.engine.sleep_mode)",
+    )
+    colocate_in_process: bool = option(
+        False,
+        help="the groups of each colocate list share one process per worker instead of one "
+        "process each (veRL's hybrid worker): one torch import and one CUDA context, and a "
+        "rollout engine beside the policy takes its weights by a copy in memory. Fewer processes "
+        "start faster on few CPUs; the groups of a list then take turns. Not for policy with "
+        "critic (each holds its own torch.distributed world) nor for vLLM engines",
     )
     checkpoint: CheckpointEvery = field(default_factory=CheckpointEvery)
     seed: int = option(
@@ -391,9 +455,23 @@ class PPOConfig:
             )
         if "rollout" in named and rollout.engine.tensor_parallel_size > 1:
             raise ValueError("colocate: a colocated rollout engine runs on one GPU (TP 1)")
+        if self.colocate_in_process:
+            for names in self.colocate:
+                if {"policy", "critic"} <= set(names):
+                    raise ValueError(
+                        "colocate_in_process: policy and critic cannot share a process (each"
+                        " holds its own torch.distributed world); put them in separate lists"
+                    )
+                if "rollout" in names and backend_of(rollout.engine) != "hf":
+                    raise ValueError(
+                        "colocate_in_process: a vLLM engine keeps its own process; use"
+                        " rollout.engine.backend hf, or take rollout out of the colocate list"
+                    )
         on_gpu = rollout.resources.num_gpus > 0 and self.policy.resources.num_gpus > 0
-        resolve_method(self.weight_sync, self.colocate, on_gpu)  # refuses what cannot work
-        if self.reference.mode == "frozen_trunk" and not _frozen_trunk_possible(self):
+        resolve_method(  # refuses what cannot work
+            self.weight_sync, self.colocate, on_gpu, self.colocate_in_process
+        )
+        if self.reference.mode == "frozen_trunk" and not frozen_trunk_possible(self):
             raise ValueError(
                 "reference.mode frozen_trunk needs policy.trainable_layers >= 1 and ZeRO <= 2"
             )
@@ -469,7 +547,7 @@ def teacher_groups(config: PPOConfig) -> list[str]:
     return raters + (["patient"] if config.rollout.mode == "consultation" else [])
 
 
-def _frozen_trunk_possible(config: PPOConfig) -> bool:
+def frozen_trunk_possible(config: PPOConfig) -> bool:
     layers = config.policy.trainable_layers
     return layers is not None and layers >= 1 and config.policy.deepspeed.zero_stage < 3
 
@@ -481,4 +559,4 @@ def resolve_reference(config: PPOConfig, tied_embeddings: bool) -> str:
         raise ValueError("reference.mode frozen_trunk: the model ties its head to its embeddings")
     if config.reference.mode != "auto":
         return config.reference.mode
-    return "frozen_trunk" if _frozen_trunk_possible(config) and not tied_embeddings else "separate"
+    return "frozen_trunk" if frozen_trunk_possible(config) and not tied_embeddings else "separate"

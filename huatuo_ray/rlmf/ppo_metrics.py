@@ -130,7 +130,13 @@ def gpu_memory(groups: dict[str, Any]) -> dict[str, float]:
     workers' own peak allocations (``gpu_peak_allocated_gib``)."""
     import ray
 
-    stats = [s for g in groups.values() for s in ray.get(g.call("gpu_memory")) if s]
+    from huatuo_ray.rlmf.actors.shared_process import process_of
+
+    processes = {}  # groups in shared processes (colocate_in_process) counted once
+    for group in groups.values():
+        for worker in group.workers:
+            processes.setdefault(process_of(worker)._actor_id, worker)
+    stats = [s for s in ray.get([w.gpu_memory.remote() for w in processes.values()]) if s]
     if not stats:
         return {}
     return {

@@ -59,15 +59,10 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
     :func:`~huatuo_ray.rlmf.actors.group.torch_threads`)."""
     import ray
 
+    from huatuo_ray.inference.generation import backend_of
     from huatuo_ray.inputs import UserError
     from huatuo_ray.rlmf.actors import group as actor_group
-    from huatuo_ray.rlmf.actors.critic import CriticWorker
-    from huatuo_ray.rlmf.actors.frozen import ReferenceWorker, RewardWorker
-    from huatuo_ray.rlmf.actors.patient import PatientWorker
-    from huatuo_ray.rlmf.actors.policy import PolicyWorker
-    from huatuo_ray.rlmf.actors.rollout import RolloutWorker
-    from huatuo_ray.rlmf.rewards import FunctionRewardWorker
-    from huatuo_ray.rlmf.teacher_reward import TeacherRewardWorker
+    from huatuo_ray.rlmf.actors.shared_process import worker_class
 
     resources, keys = group_resources(config)
     requests = actor_group.placement_requests(
@@ -93,48 +88,99 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         {n["NodeID"]: float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]},
     )
 
-    def group(name: str, actor_class: type, *args: Any, **kwargs: Any) -> Any:
-        placement, share = shared[name]
-        return actor_group.ActorGroup(
-            name, actor_class, resources[name], args, placement, share,
-            threads=threads[name], **kwargs,
-        )  # fmt: skip
-
-    groups["policy"] = group("policy", PolicyWorker, config, config.policy)
+    # What each group runs: (worker class, constructor args, environment), in creation order.
+    # Classes by path: shared processes import theirs themselves, so that this process can
+    # start them before it imports torch (start-up on few CPUs).
+    actors = "huatuo_ray.rlmf.actors"
+    specs: dict[str, tuple[str, tuple, dict[str, str]]] = {}
+    specs["policy"] = (f"{actors}.policy:PolicyWorker", (config, config.policy), {})
     if config.algorithm.uses_critic:  # the critic-free estimators need no value model
-        groups["critic"] = group("critic", CriticWorker, config, config.critic)
+        specs["critic"] = (f"{actors}.critic:CriticWorker", (config, config.critic), {})
     for name, source in zip(reward_group_names(config), config.reward_sources):
         if source.kind == "function":
             args = (source.function, source.fallback, config.model.path, source.granularity)
-            groups[name] = group(name, FunctionRewardWorker, *args)
+            specs[name] = ("huatuo_ray.rlmf.rewards:FunctionRewardWorker", args, {})
         elif source.kind == "teacher":
             cache = os.path.join(config.output, "_teacher_cache", name)
             args = (source.teacher, config.sampling.n, source.fallback, config.model.path, cache)
-            groups[name] = group(name, TeacherRewardWorker, *args)
+            specs[name] = ("huatuo_ray.rlmf.teacher_reward:TeacherRewardWorker", args, {})
         else:
-            groups[name] = group(name, RewardWorker, source.model, source.normalise)
+            args = (source.model, source.normalise)
+            specs[name] = (f"{actors}.frozen:RewardWorker", args, {})
     if not config.reference.frozen_trunk:
-        groups["reference"] = group(
-            "reference",
-            ReferenceWorker,
-            config.model,
-            config.sampling.temperature,
-            config.pack,
-            config.micro_batch_size,
-        )
-    groups["rollout"] = group(
-        "rollout",
-        RolloutWorker,
-        config.model.path,
-        config.rollout.engine,
-        config.sampling,
-        # vLLM's engine in the actor's own process (its multiprocessing engine cannot take
-        # weights in place on CPUs, and one process per engine is simpler to place).
-        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-    )
+        args = (config.model, config.sampling.temperature, config.pack, config.micro_batch_size)
+        specs["reference"] = (f"{actors}.frozen:ReferenceWorker", args, {})
+    # vLLM's engine in the actor's own process (its multiprocessing engine cannot take weights
+    # in place on CPUs, and one process per engine is simpler to place). Only for vLLM: an
+    # environment keeps Ray from starting the actor in one of its prestarted processes.
+    vllm = backend_of(config.rollout.engine) == "vllm"
+    engine_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if vllm else {}
+    args = (config.model.path, config.rollout.engine, config.sampling)
+    specs["rollout"] = (f"{actors}.rollout:RolloutWorker", args, engine_env)
     if config.rollout.mode == "consultation":
         ask = config.rollout.consultation
         cache = os.path.join(config.output, "_teacher_cache", "patient")
-        groups["patient"] = group(
-            "patient", PatientWorker, ask.patient, cache, ask.max_parse_retries, ask.budget
+        args = (ask.patient, cache, ask.max_parse_retries, ask.budget)
+        specs["patient"] = (f"{actors}.patient:PatientWorker", args, {})
+
+    in_process = shared_processes(config, list(specs)) if config.colocate_in_process else []
+    for name, (class_path, args, env) in specs.items():
+        if name in groups:  # created with the other groups of its shared processes
+            continue
+        together = next((names for names in in_process if name in names), None)
+        if together:
+            groups.update(start_shared(together, specs, resources, shared[name][0], threads))
+            continue
+        placement, share = shared[name]
+        groups[name] = actor_group.ActorGroup(
+            name, worker_class(class_path), resources[name], args, placement, share,
+            threads=threads[name], env=env or None,
+        )  # fmt: skip
+
+
+def shared_processes(config: PPOConfig, created: list[str]) -> list[list[str]]:
+    """The colocate lists whose groups this run creates two or more of: each becomes one
+    process per worker with ``colocate_in_process``."""
+    lists = [[n for n in names if n in created] for names in config.colocate]
+    return [names for names in lists if len(names) > 1]
+
+
+def start_shared(
+    names: list[str],
+    specs: dict[str, tuple[str, tuple, dict[str, str]]],
+    resources: dict[str, Resources],
+    placement: Any,
+    threads: dict[str, list[int]],
+) -> dict[str, Any]:
+    """The groups ``names`` in shared processes on their (shared) placement group: process i
+    reserves bundle i whole and holds worker i of each group; its torch threads are the most
+    any of its groups gets (the groups take turns in it)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from huatuo_ray.rlmf.actors import group as actor_group
+    from huatuo_ray.rlmf.actors.shared_process import SharedProcessWorker
+
+    workers = resources[names[0]].workers
+    env = {k: v for n in names for k, v in specs[n][2].items()}
+    per_process = [max(threads[n][i] for n in names) for i in range(workers)]
+    remote = ray.remote(SharedProcessWorker)
+    processes = [
+        remote.options(
+            name=f"ppo-{'+'.join(names)}-{i}",
+            num_cpus=sum(resources[n].num_cpus for n in names),
+            num_gpus=max(resources[n].num_gpus for n in names),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=placement, placement_group_bundle_index=i
+            ),
+            runtime_env={"env_vars": env} if env else None,
+            max_concurrency=1,
+        ).remote([(n, specs[n][0], specs[n][1]) for n in names])
+        for i in range(workers)
+    ]
+    return {
+        n: actor_group.ActorGroup.in_shared_processes(
+            n, specs[n][0], processes, placement, per_process
         )
+        for n in names
+    }

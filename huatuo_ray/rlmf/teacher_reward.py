@@ -20,33 +20,11 @@ retries, or the request failed for good) gets the source's ``fallback`` and is c
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from huatuo_ray.config import TeacherConfig, option
+from huatuo_ray.config import TeacherConfig
 from huatuo_ray.rlmf.actors.base import ModelWorker
-
-
-@dataclass
-class TeacherBudget:
-    """Limits of the teacher reward's spending; null: no limit."""
-
-    max_requests: int | None = option(None, help="paid teacher requests over the whole run")
-    max_cost_usd: float | None = option(None, help="teacher cost over the whole run (USD)")
-    max_requests_per_iteration: int | None = option(None, help="paid requests per iteration")
-
-
-@dataclass
-class TeacherRewardConfig:
-    """The ``teacher`` reward kind's settings."""
-
-    teacher: TeacherConfig = option(TeacherConfig(), help="the judging endpoint")
-    mode: Literal["pairwise", "versus_doctor"] = option(
-        "pairwise", help="pairwise: answers of a group rated in pairs, both orders; "
-        "versus_doctor: each answer rated against the doctor's reply"
-    )  # fmt: skip
-    max_parse_retries: int = option(2, help="asks again when a rating does not parse")
-    budget: TeacherBudget = option(TeacherBudget(), help="spending limits that stop the run")
+from huatuo_ray.rlmf.ppo_config import TeacherBudget, TeacherRewardConfig  # noqa: F401 - here too
 
 
 def would_pass_budget(b: TeacherBudget, used: Any, iteration_paid: int, requests: int) -> bool:

@@ -1,7 +1,7 @@
 """Weight sync: after each policy update, its trainable weights reach every rollout engine.
 
 Only parameters that train are sent: with the paper's two trainable layers that is a small part
-of the model, and the frozen rest is already identical on both sides. Two paths:
+of the model, and the frozen rest is already identical on both sides. The paths:
 
 * ``broadcast``: one process group spanning policy rank 0 (the root) and every rollout engine
   (each tensor-parallel rank of a vLLM engine joins), NCCL on GPUs and gloo on CPUs. Tensors go
@@ -26,7 +26,12 @@ of the model, and the frozen rest is already identical on both sides. Two paths:
 * ``object_store``: policy rank 0 puts the tensors in Ray's object store once; every rollout
   worker fetches them. Needs no extra ports between nodes.
 
-``auto`` (the default) takes ``ipc`` when rollout and policy are colocated, else ``broadcast``
+* ``in_process``: for engines in the policy's own process (``colocate_in_process``,
+  :mod:`~huatuo_ray.rlmf.actors.shared_process`): each trainable tensor is copied into the
+  engine's weights in memory, nothing in transit (:func:`copy_into`).
+
+``auto`` (the default) takes ``in_process`` when rollout and policy share processes, else
+``ipc`` when they are colocated, else ``broadcast``
 (:func:`resolve_method`). Under ZeRO-3 every policy rank takes part in gathering each parameter;
 rank 0 sends it (``ipc``: each rank fills its own engine's bucket).
 """
@@ -43,6 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from huatuo_ray.rlmf.ppo_config import resolve_method  # noqa: F401 - here too
 
 log = logging.getLogger(__name__)
 
@@ -201,25 +208,6 @@ def copy_into(model: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]])
     return n
 
 
-def resolve_method(method: str, colocate: list[list[str]], on_gpu: bool) -> str:
-    """The weight-sync path for a PPO config; raises ValueError (one line, with the fix) for a
-    layout that cannot work: NCCL between groups sharing a GPU, or handles between GPUs."""
-    colocated = any({"rollout", "policy"} <= set(names) for names in colocate)
-    if method == "auto":
-        return "ipc" if colocated else "broadcast"
-    if method == "broadcast" and colocated and on_gpu:
-        raise ValueError(
-            "weight_sync broadcast: rollout and policy share GPUs (colocate) and NCCL cannot join"
-            " two ranks on one GPU; use weight_sync: ipc (or auto)"
-        )
-    if method == "ipc" and not colocated:
-        raise ValueError(
-            "weight_sync ipc hands the policy's memory to engines on its own GPUs: put rollout"
-            " and policy in one colocate list, or use weight_sync: broadcast (or auto)"
-        )
-    return method
-
-
 def share(bucket: torch.Tensor) -> tuple[str, Any]:
     """A handle to ``bucket`` for a process beside this one: a CUDA IPC handle on a GPU (the
     receiver maps the same memory; the caller keeps ``bucket`` alive until it is done), else the
@@ -334,11 +322,13 @@ class WeightSync:
         import ray
 
         on_gpu = config.rollout.resources.num_gpus > 0 and config.policy.resources.num_gpus > 0
-        self.method = resolve_method(config.weight_sync, config.colocate, on_gpu)
+        self.method = resolve_method(
+            config.weight_sync, config.colocate, on_gpu, config.colocate_in_process
+        )
         self.bucket_bytes = int(config.sync_bucket_mb * 2**20)
         self.last: dict[str, float] = {}
         self.policy, self.rollout = groups["policy"], groups["rollout"]
-        if self.method == "object_store":
+        if self.method in ("object_store", "in_process"):
             return
         self.specs = ray.get(self.policy.workers[0].weight_specs.remote())
         if self.method == "ipc":
@@ -369,6 +359,10 @@ class WeightSync:
             )[len(self.policy) :]
         elif self.method == "ipc":
             results = self._hand_over()
+        elif self.method == "in_process":
+            from huatuo_ray.rlmf.actors.shared_process import process_of
+
+            results = ray.get([process_of(w).copy_weights.remote() for w in self.rollout.workers])
         else:
             refs = [r for rs in ray.get(self.policy.call("weights_to_object_store")) for r in rs]
             results = ray.get(self.rollout.call("load_weights", refs[0]))

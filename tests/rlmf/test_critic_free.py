@@ -38,8 +38,9 @@ def critic_free(inputs, model: str, out: Path, advantage: str, **overrides) -> P
         # Adaptive: KL stays far below the target, so beta *= 1 - 0.2 x 16 / 160 each iteration.
         kl=KLConfig(init_beta=0.05, placement="loss", estimator="k3", target=1000.0, horizon=160),
         iterations=20,  # as the PPO test
+        weight_sync="object_store",
     )
-    return ppo_config(inputs, model, out, "hf", weight_sync="object_store", **(fields | overrides))
+    return ppo_config(inputs, model, out, "hf", **(fields | overrides))
 
 
 def history(out: Path) -> list[dict]:
@@ -54,18 +55,33 @@ def assert_reward_rose(records: list[dict], margin: float, key: str = "reward_me
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize(
+    ("advantage", "in_process"), [("grpo", False), ("reinforce_pp_baseline", True)]
+)
 def test_critic_free_estimators_raise_the_reward_without_a_critic(
     ppo_inputs,  # noqa: F811
     tiny_model_dir: str,
     tmp_path: Path,
     local_ray,
     advantage: str,
+    in_process: bool,
 ) -> None:
+    """GRPO with each group in its own process; REINFORCE++ with policy (its frozen trunk the
+    reference), reward model and engine in one process (``colocate_in_process``), the engine
+    taking the weights by a copy in memory: the same learning, and every rollout sampled from
+    the policy's current weights (the log-prob gap)."""
     out = tmp_path / advantage
-    manifest = ppo.main(critic_free(ppo_inputs, tiny_model_dir, out, advantage))
+    shared = {"colocate": [["policy", "reward", "rollout"]], "colocate_in_process": True,
+              "weight_sync": "auto"} if in_process else {}  # fmt: skip
+    manifest = ppo.main(critic_free(ppo_inputs, tiny_model_dir, out, advantage, **shared))
     assert manifest["advantage"] == advantage
     assert "critic" not in manifest["groups"] and "critic" not in manifest["placement"]
+    pids = manifest["processes"]
+    if in_process:
+        assert manifest["weight_sync"] == "in_process"
+        assert pids["policy"] == pids["reward"] == pids["rollout"] and len(pids["policy"]) == 1
+    else:
+        assert len({p for group in pids.values() for p in group}) == 3  # one each
     records = history(out)
     assert len(records) == 20 and all("value_loss" not in h for h in records)
     assert_reward_rose(records, 1.0)  # the PPO test's margin

@@ -293,6 +293,35 @@ def test_weight_sync_follows_the_placement_and_refuses_nccl_on_one_gpu() -> None
         _ppo_config(weight_sync="ipc", **on_gpus)
 
 
+def test_groups_in_one_process_sync_in_memory_and_refuse_what_cannot_share_one() -> None:
+    """``colocate_in_process``: an engine in the policy's process takes its weights by a copy in
+    memory (auto -> in_process), never by a broadcast to itself; policy and critic (a
+    torch.distributed world each) or a vLLM engine cannot share a process: refused at load."""
+    from huatuo_ray.inference.generation import EngineConfig
+    from huatuo_ray.rlmf.ppo_config import RolloutConfig
+    from huatuo_ray.rlmf.weight_sync import resolve_method
+
+    fused = [["policy", "reference", "rollout"]]
+    assert resolve_method("auto", fused, on_gpu=False, in_process=True) == "in_process"
+    assert resolve_method("auto", fused, on_gpu=True, in_process=True) == "in_process"
+    assert resolve_method("auto", fused, on_gpu=True, in_process=False) == "ipc"
+    # Groups sharing a process without the engine: the engine's sync is unchanged.
+    assert resolve_method("auto", [["critic", "reward"]], False, in_process=True) == "broadcast"
+    assert resolve_method("object_store", fused, False, in_process=True) == "object_store"
+    hf = RolloutConfig(engine=EngineConfig(backend="hf"), chunk_size=8)
+    config = _ppo_config(colocate=fused, colocate_in_process=True, rollout=hf)
+    assert config.colocate_in_process
+    with pytest.raises(ValueError, match="cannot broadcast to itself"):
+        _ppo_config(colocate=fused, colocate_in_process=True, rollout=hf, weight_sync="broadcast")
+    with pytest.raises(ValueError, match="in_process copies .* colocate_in_process: true"):
+        _ppo_config(colocate=fused, rollout=hf, weight_sync="in_process")
+    with pytest.raises(ValueError, match="policy and critic cannot share a process"):
+        _ppo_config(colocate=[["policy", "critic"]], colocate_in_process=True)
+    vllm = RolloutConfig(engine=EngineConfig(backend="vllm"), chunk_size=8)
+    with pytest.raises(ValueError, match="a vLLM engine keeps its own process"):
+        _ppo_config(colocate=fused, colocate_in_process=True, rollout=vllm)
+
+
 def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path) -> None:
     from huatuo_ray.config import load_config
     from huatuo_ray.rlmf.ppo_config import PPOConfig

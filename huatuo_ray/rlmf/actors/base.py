@@ -57,6 +57,12 @@ class ModelWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        """This worker's process (groups in shared processes report the same one)."""
+        import os
+
+        return os.getpid()
+
     def set_torch_threads(self, threads: int) -> None:
         """torch's intra-op threads (the group sets them from the placement)."""
         torch.set_num_threads(threads)

@@ -242,6 +242,7 @@ class ActorGroup:
             ).remote(*args)
             for i in range(resources.workers)
         ]
+        self.processes = self.workers
         # Set by a call rather than OMP_NUM_THREADS in a runtime env, which would keep Ray from
         # reusing its prestarted worker processes; a worker's calls run in order, so every
         # later one runs with these threads (its constructor, loading, runs with Ray's: the
@@ -249,13 +250,32 @@ class ActorGroup:
         for worker, n in zip(self.workers, self.threads):
             worker.set_torch_threads.remote(n)
 
+    @classmethod
+    def in_shared_processes(
+        cls, name: str, class_path: str, processes: list[Any], placement: Any,
+        threads: list[int],
+    ) -> ActorGroup:  # fmt: skip
+        """The group whose worker i is the ``name`` instance inside shared process i (a
+        :class:`~huatuo_ray.rlmf.actors.shared_process.SharedProcessWorker`); calls to its
+        workers look the same as to a group of its own."""
+        from huatuo_ray.rlmf.actors.shared_process import RoleHandle
+
+        group = cls.__new__(cls)
+        group.name, group.placement, group.threads = name, placement, threads
+        group.processes = processes
+        group.workers = [RoleHandle(p, name, class_path) for p in processes]
+        for worker, n in zip(group.workers, threads):
+            worker.set_torch_threads.remote(n)
+        return group
+
     def shutdown(self) -> None:
-        """Kill the workers and free their placement group (shared ones: by the last user)."""
+        """Kill the workers' processes and free their placement group (shared ones: by the last
+        user; a process shared with other groups dies with the first)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for w in self.workers:
-            ray.kill(w)
+        for process in self.processes:
+            ray.kill(process)
         try:
             remove_placement_group(self.placement)
         except Exception:  # noqa: BLE001 - already removed with a colocated group

@@ -5,6 +5,7 @@ rollout engines."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -200,6 +201,13 @@ class PolicyWorker(TrainableWorker):
             offset += specs[i].numel
         self._shared_bucket = flat
         return weight_sync.share(flat)
+
+    def trainable_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The ``in_process`` path: (name, tensor) of each trainable parameter, gathered while
+        it is handed out under ZeRO-3 (every rank iterates at once: the gather is collective)."""
+        for name, param in self._trainable_named():
+            with self._gathered(param):
+                yield name, param.data
 
     def release_bucket(self) -> None:
         self._shared_bucket = None

@@ -154,6 +154,19 @@ class RolloutWorker(ModelWorker):
         self.generator.llm.reset_prefix_cache()
         return stats
 
+    def copy_weights_from(self, named: Iterator[tuple[str, Any]]) -> dict:
+        """The ``in_process`` path: the policy's tensors, in this process, copied into the HF
+        engine's weights (no vLLM here: it keeps a process of its own)."""
+        meter = {"tensors": 0, "bytes": 0, "peak_buckets": 0}
+
+        def counted() -> Iterator[tuple[str, Any]]:
+            for name, tensor in named:
+                meter["bytes"] += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        meter["tensors"] = weight_sync.copy_into(self.generator.model, counted())
+        return meter
+
     def load_weights(self, named: list[tuple[str, Any]]) -> dict:
         """The object-store path: ``named`` arrives as a Ray object (resolved by Ray)."""
         if isinstance(self.generator, HFGenerator):
