@@ -178,6 +178,7 @@ def run_ours(args: argparse.Namespace, root: str, model: str, prompts: str) -> d
         "first_iteration_s": manifest["first_iteration_s"],
         "passes": manifest["passes"],
         "torch_threads": manifest["torch_threads"],
+        "processes": manifest["processes"],
         "engine": "hf (the project's decoding loop)",  # engine.hf_decoder's default, a Llama
         **parts,
     }

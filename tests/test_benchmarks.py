@@ -26,7 +26,14 @@ FIGURES = {
     "ppo_step.py": {"streamed_vs_chunked", "engine_batch", "grpo_vs_ppo_iteration", "weight_sync"},
     "serve_load.py": {"concurrent_vs_sequential", "start_s"},
     "teacher_throughput.py": {"ratio_to_bound", "cache_speedup"},
-    "peer_grpo.py": {"ours_vs_trl", "ours_startup_s", "trl_startup_s", "ours_passes"},
+    "peer_grpo.py": {
+        "ours_vs_trl",
+        "shared_vs_trl",
+        "ours_startup_s",
+        "shared_startup_s",
+        "trl_startup_s",
+        "ours_passes",
+    },  # fmt: skip
     "consultation_rollout.py": {"batched_vs_serial", "consultations_per_s", "engine_batch"},
 }
 
@@ -103,6 +110,12 @@ def test_benchmark_runs_at_its_smallest_size(
         assert last["ours_torch_threads"] == {"policy": [2], "reference": [2], "reward": [1],
                                               "rollout": [1, 1]}  # fmt: skip
         assert last["ours_vs_trl"] > 0 and last["ours_startup_s"] > 0 < last["trl_startup_s"]
+        assert len({p for pids in last["ours_processes"].values() for p in pids}) == 5
+        # The shared side: policy, reference, reward and its one engine in one process, which
+        # has the CPUs of the four groups' bundles (2.0) for torch in each group's turn.
+        assert len({p for pids in last["shared_processes"].values() for p in pids}) == 1
+        assert last["shared_torch_threads"] == {g: [2] for g in last["shared_processes"]}
+        assert last["shared_vs_trl"] > 0 and last["shared_startup_s"] > 0
 
 
 def test_ppo_step_gpu_configs_are_the_hybrid_engine_and_validate() -> None:
