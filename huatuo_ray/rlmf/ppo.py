@@ -160,7 +160,7 @@ def run(
     def mark(step: str) -> None:
         phases[step] = round(time.time() - started, 3)
 
-    mark("placed")
+    mark("driver_ready")  # groups placed and starting; this process's imports and prompts done
     trained = [name for name in ("policy", "critic") if name in groups]  # no critic: critic-free
     ray.get([ref for name in trained for ref in groups[name].setup_distributed(total_steps)])
     mark("trainers_ready")
