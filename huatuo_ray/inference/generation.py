@@ -146,11 +146,11 @@ class EngineConfig:
 
 
 def vllm_available() -> bool:
-    """Whether vLLM is installed (found, not imported: importing it takes seconds and torch, and
-    a driver asks this before it starts its actors)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def backend_of(engine: EngineConfig) -> Literal["vllm", "hf"]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from huatuo_ray.config import ClusterConfig, ModelConfig, TeacherConfig, option
-from huatuo_ray.inference.generation import EngineConfig, SamplingConfig, backend_of
+from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
 from huatuo_ray.rlmf.actors.group import Resources
 from huatuo_ray.train.deepspeed_setup import DeepSpeedConfig, OptimConfig
 
@@ -72,10 +72,11 @@ def resolve_method(
             " rollout and policy in one colocate list with colocate_in_process: true, or use"
             " weight_sync: auto"
         )
-    if method == "broadcast" and same_process:
+    if method in ("broadcast", "ipc") and same_process:
         raise ValueError(
-            "weight_sync broadcast: rollout and policy share one process (colocate_in_process),"
-            " which cannot broadcast to itself; use weight_sync: in_process (or auto)"
+            f"weight_sync {method}: rollout and policy share one process (colocate_in_process),"
+            " which can neither broadcast to itself nor open its own CUDA IPC handles; use"
+            " weight_sync: in_process (or auto)"
         )
     if method == "broadcast" and colocated and on_gpu:
         raise ValueError(
@@ -457,15 +458,24 @@ class PPOConfig:
             raise ValueError("colocate: a colocated rollout engine runs on one GPU (TP 1)")
         if self.colocate_in_process:
             for names in self.colocate:
+                names = [n for n in names if n != "critic" or self.algorithm.uses_critic]
+                if len(names) < 2:
+                    continue  # nothing to share a process with
                 if {"policy", "critic"} <= set(names):
                     raise ValueError(
                         "colocate_in_process: policy and critic cannot share a process (each"
                         " holds its own torch.distributed world); put them in separate lists"
                     )
-                if "rollout" in names and backend_of(rollout.engine) != "hf":
+                if "rollout" in names and rollout.engine.backend != "hf":
                     raise ValueError(
-                        "colocate_in_process: a vLLM engine keeps its own process; use"
-                        " rollout.engine.backend hf, or take rollout out of the colocate list"
+                        "colocate_in_process: the engine in a shared process is the HF one"
+                        " (vLLM keeps its own process); set rollout.engine.backend: hf, or take"
+                        " rollout out of the colocate list"
+                    )
+                if "reward" in names and self.reward.kind == "teacher":
+                    raise ValueError(
+                        "colocate_in_process: the teacher reward is an async actor of its own"
+                        " (its client waits on the teacher); take reward out of the colocate list"
                     )
         on_gpu = rollout.resources.num_gpus > 0 and self.policy.resources.num_gpus > 0
         resolve_method(  # refuses what cannot work

@@ -51,7 +51,8 @@ def turns(config: PPOConfig) -> list[set[str]]:
 
 
 def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
-    """Create every group into ``groups`` on its placement group (colocated groups share one).
+    """Create every group into ``groups`` on its placement group (colocated groups share one;
+    with ``colocate_in_process`` their workers share processes: :func:`start_shared`).
     First the placement groups are checked against the cluster's nodes, then created and waited
     for (``placement_timeout_s``): a request the cluster cannot hold raises :class:`UserError`
     in one line before any actor starts. Each worker's torch threads follow its placement and
@@ -59,10 +60,16 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
     :func:`~huatuo_ray.rlmf.actors.group.torch_threads`)."""
     import ray
 
-    from huatuo_ray.inference.generation import backend_of
     from huatuo_ray.inputs import UserError
     from huatuo_ray.rlmf.actors import group as actor_group
     from huatuo_ray.rlmf.actors.shared_process import worker_class
+
+    specs = group_specs(config)
+    in_process = shared_processes(config, list(specs)) if config.colocate_in_process else []
+    alone = [n for n in specs if not any(n in names for names in in_process)]
+    # Groups of their own need their classes here (Ray ships an actor's class from its driver);
+    # imported before any placement exists, so that a failing import leaves none behind.
+    classes = {name: worker_class(specs[name][0]) for name in alone}
 
     resources, keys = group_resources(config)
     requests = actor_group.placement_requests(
@@ -86,11 +93,27 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         [actor_group.bundle_nodes(p) for p in placements],
         turns(config),
         {n["NodeID"]: float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]},
+        in_process,
     )
+    for name, (_, args, env) in specs.items():
+        if name in groups:  # created with the other groups of its shared processes
+            continue
+        together = next((names for names in in_process if name in names), None)
+        if together:
+            groups.update(start_shared(together, specs, resources, shared[name][0], threads))
+            continue
+        placement, share = shared[name]
+        groups[name] = actor_group.ActorGroup(
+            name, classes[name], resources[name], args, placement, share,
+            threads=threads[name], env=env or None,
+        )  # fmt: skip
 
-    # What each group runs: (worker class, constructor args, environment), in creation order.
-    # Classes by path: shared processes import theirs themselves, so that this process can
-    # start them before it imports torch (start-up on few CPUs).
+
+def group_specs(config: PPOConfig) -> dict[str, tuple[str, tuple, dict[str, str]]]:
+    """What each group of the run runs, in creation order: (its worker class as
+    ``"module:Class"``, the constructor's arguments, its environment). By path, so that shared
+    processes import their classes themselves and the driver can start them before it imports
+    torch (start-up on few CPUs)."""
     actors = "huatuo_ray.rlmf.actors"
     specs: dict[str, tuple[str, tuple, dict[str, str]]] = {}
     specs["policy"] = (f"{actors}.policy:PolicyWorker", (config, config.policy), {})
@@ -111,10 +134,10 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         args = (config.model, config.sampling.temperature, config.pack, config.micro_batch_size)
         specs["reference"] = (f"{actors}.frozen:ReferenceWorker", args, {})
     # vLLM's engine in the actor's own process (its multiprocessing engine cannot take weights
-    # in place on CPUs, and one process per engine is simpler to place). Only for vLLM: an
-    # environment keeps Ray from starting the actor in one of its prestarted processes.
-    vllm = backend_of(config.rollout.engine) == "vllm"
-    engine_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if vllm else {}
+    # in place on CPUs, and one process per engine is simpler to place). Not for an HF engine:
+    # an environment keeps Ray from starting the actor in one of its prestarted processes.
+    hf = config.rollout.engine.backend == "hf"
+    engine_env = {} if hf else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     args = (config.model.path, config.rollout.engine, config.sampling)
     specs["rollout"] = (f"{actors}.rollout:RolloutWorker", args, engine_env)
     if config.rollout.mode == "consultation":
@@ -122,20 +145,7 @@ def place_actor_groups(config: PPOConfig, groups: dict[str, Any]) -> None:
         cache = os.path.join(config.output, "_teacher_cache", "patient")
         args = (ask.patient, cache, ask.max_parse_retries, ask.budget)
         specs["patient"] = (f"{actors}.patient:PatientWorker", args, {})
-
-    in_process = shared_processes(config, list(specs)) if config.colocate_in_process else []
-    for name, (class_path, args, env) in specs.items():
-        if name in groups:  # created with the other groups of its shared processes
-            continue
-        together = next((names for names in in_process if name in names), None)
-        if together:
-            groups.update(start_shared(together, specs, resources, shared[name][0], threads))
-            continue
-        placement, share = shared[name]
-        groups[name] = actor_group.ActorGroup(
-            name, worker_class(class_path), resources[name], args, placement, share,
-            threads=threads[name], env=env or None,
-        )  # fmt: skip
+    return specs
 
 
 def shared_processes(config: PPOConfig, created: list[str]) -> list[list[str]]:
@@ -153,8 +163,8 @@ def start_shared(
     threads: dict[str, list[int]],
 ) -> dict[str, Any]:
     """The groups ``names`` in shared processes on their (shared) placement group: process i
-    reserves bundle i whole and holds worker i of each group; its torch threads are the most
-    any of its groups gets (the groups take turns in it)."""
+    reserves bundle i whole and holds worker i of each group, and runs each group's calls with
+    that group's torch threads (the groups take turns in it)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -163,7 +173,6 @@ def start_shared(
 
     workers = resources[names[0]].workers
     env = {k: v for n in names for k, v in specs[n][2].items()}
-    per_process = [max(threads[n][i] for n in names) for i in range(workers)]
     remote = ray.remote(SharedProcessWorker)
     processes = [
         remote.options(
@@ -180,7 +189,7 @@ def start_shared(
     ]
     return {
         n: actor_group.ActorGroup.in_shared_processes(
-            n, specs[n][0], processes, placement, per_process
+            n, specs[n][0], processes, placement, threads[n]
         )
         for n in names
     }

@@ -188,3 +188,12 @@ def test_torch_threads_share_the_reserved_cpus_of_a_node_among_a_phase() -> None
     # Node a: 4 CPUs reserved, policy + critic train together: 2 each; node b: 6 reserved, the
     # policy trains alone there (6), the rollout engine generates alone (6).
     assert got == {"policy": [2, 6], "critic": [2], "rollout": [6]}
+    # Critic and reward model in one process (colocate_in_process) score one after the other:
+    # one worker of the experience phase beside the reference, 4 CPUs / 2 each (3 groups: 1).
+    pair = [PlacementRequest(["critic", "reward"], [{"CPU": 2.0}]),
+            PlacementRequest(["reference"], [{"CPU": 2.0}])]  # fmt: skip
+    phases = [{"critic", "reference", "reward"}]
+    got = torch_threads(pair, [["a"], ["a"]], phases, {"a": 4.0}, [["critic", "reward"]])
+    assert got == {"critic": [2], "reward": [2], "reference": [2]}
+    assert torch_threads(pair, [["a"], ["a"]], phases, {"a": 4.0}) == {
+        "critic": [1], "reward": [1], "reference": [1]}  # fmt: skip

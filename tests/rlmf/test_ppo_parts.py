@@ -297,8 +297,8 @@ def test_groups_in_one_process_sync_in_memory_and_refuse_what_cannot_share_one()
     """``colocate_in_process``: an engine in the policy's process takes its weights by a copy in
     memory (auto -> in_process), never by a broadcast to itself; policy and critic (a
     torch.distributed world each) or a vLLM engine cannot share a process: refused at load."""
-    from huatuo_ray.inference.generation import EngineConfig
-    from huatuo_ray.rlmf.ppo_config import RolloutConfig
+    from huatuo_ray.inference.generation import EngineConfig, SamplingConfig
+    from huatuo_ray.rlmf.ppo_config import AlgorithmConfig, RewardConfig, RolloutConfig
     from huatuo_ray.rlmf.weight_sync import resolve_method
 
     fused = [["policy", "reference", "rollout"]]
@@ -311,15 +311,24 @@ def test_groups_in_one_process_sync_in_memory_and_refuse_what_cannot_share_one()
     hf = RolloutConfig(engine=EngineConfig(backend="hf"), chunk_size=8)
     config = _ppo_config(colocate=fused, colocate_in_process=True, rollout=hf)
     assert config.colocate_in_process
-    with pytest.raises(ValueError, match="cannot broadcast to itself"):
-        _ppo_config(colocate=fused, colocate_in_process=True, rollout=hf, weight_sync="broadcast")
+    for method in ("broadcast", "ipc"):
+        with pytest.raises(ValueError, match=f"{method}: .*neither broadcast to itself"):
+            _ppo_config(colocate=fused, colocate_in_process=True, rollout=hf, weight_sync=method)
     with pytest.raises(ValueError, match="in_process copies .* colocate_in_process: true"):
         _ppo_config(colocate=fused, rollout=hf, weight_sync="in_process")
     with pytest.raises(ValueError, match="policy and critic cannot share a process"):
         _ppo_config(colocate=[["policy", "critic"]], colocate_in_process=True)
-    vllm = RolloutConfig(engine=EngineConfig(backend="vllm"), chunk_size=8)
-    with pytest.raises(ValueError, match="a vLLM engine keeps its own process"):
-        _ppo_config(colocate=fused, colocate_in_process=True, rollout=vllm)
+    for backend in ("vllm", "auto"):
+        engine = RolloutConfig(engine=EngineConfig(backend=backend), chunk_size=8)
+        with pytest.raises(ValueError, match="the engine in a shared process is the HF one"):
+            _ppo_config(colocate=fused, colocate_in_process=True, rollout=engine)
+    grpo = dict(algorithm=AlgorithmConfig(advantage="grpo"), sampling=SamplingConfig(n=4))
+    with pytest.raises(ValueError, match="the teacher reward is an async actor of its own"):
+        _ppo_config(colocate=[["policy", "reward", "rollout"]], colocate_in_process=True,
+                    rollout=hf, reward=RewardConfig(kind="teacher"), **grpo)  # fmt: skip
+    # A critic that a critic-free run does not create shares nothing: accepted.
+    _ppo_config(colocate=[["policy", "critic", "rollout"]], colocate_in_process=True, rollout=hf,
+                **grpo)  # fmt: skip
 
 
 def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path) -> None:

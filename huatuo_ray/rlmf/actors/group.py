@@ -169,6 +169,7 @@ def torch_threads(
     nodes_of: list[list[str]],
     phases: list[set[str]],
     node_cpus: dict[str, float],
+    shared: list[list[str]] | None = None,
 ) -> dict[str, list[int]]:
     """torch's intra-op threads for each worker of each group (``{group: [per worker]}``).
 
@@ -176,7 +177,9 @@ def torch_threads(
     experience, then train), so a worker may use, while it is its phase's turn, the CPUs this run
     reserved on its node (every bundle there, whichever group holds it) divided among the
     workers of its busiest phase there; at least 1, at most the node's CPUs. ``nodes_of``: the
-    node of each bundle of each request. A group in no phase gets 1 thread."""
+    node of each bundle of each request. A group in no phase gets 1 thread. Groups of one
+    ``shared`` list run in one process per worker (``colocate_in_process``), one call at a time:
+    in a phase they count as one worker."""
     reserved: dict[str, float] = {}
     where: dict[str, list[str]] = {}
     for request, nodes in zip(requests, nodes_of):
@@ -184,12 +187,19 @@ def torch_threads(
             reserved[node] = reserved.get(node, 0.0) + bundle.get("CPU", 0.0)
         for name in request.names:
             where[name] = nodes
+
+    def processes(phase: set[str]) -> list[str]:  # one group for each shared list in it
+        ones: dict[Any, str] = {}
+        for g in sorted(phase & set(where)):
+            ones.setdefault(next((tuple(s) for s in shared or [] if g in s), g), g)
+        return list(ones.values())
+
     threads = {}
     for name, nodes in where.items():
         counts = []
         for node in nodes:
             busiest = max(
-                (sum(where[g].count(node) for g in phase if g in where) for phase in phases
+                (sum(where[g].count(node) for g in processes(phase)) for phase in phases
                  if name in phase),
                 default=0,
             )  # fmt: skip

@@ -39,12 +39,23 @@ class SharedProcessWorker:
 
     def __init__(self, roles: list[tuple[str, str, tuple]]):
         self.roles = {name: worker_class(path)(*args) for name, path, args in roles}
+        self.threads: dict[str, int] = {}  # each group's torch threads, set in its turn
 
     def role_call(self, role: str, method: str, *args: Any) -> Any:
+        if method == "set_torch_threads":  # the group's own: taken on at each of its calls
+            self.threads[role] = args[0]
+        self._turn(role)
         return getattr(self.roles[role], method)(*args)
 
     def role_stream(self, role: str, method: str, *args: Any) -> Iterator[Any]:
+        self._turn(role)
         yield from getattr(self.roles[role], method)(*args)
+
+    def _turn(self, role: str) -> None:
+        if role in self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads[role])
 
     def copy_weights(self) -> dict[str, int]:
         """The ``in_process`` weight sync: the policy's trainable tensors copied into this
