@@ -112,9 +112,10 @@ def test_benchmark_runs_at_its_smallest_size(
         assert last["ours_vs_trl"] > 0 and last["ours_startup_s"] > 0 < last["trl_startup_s"]
         assert len({p for pids in last["ours_processes"].values() for p in pids}) == 5
         # The shared side: policy, reference, reward and its one engine in one process, which
-        # has the CPUs of the four groups' bundles (2.0) for torch in each group's turn.
+        # has the CPUs of the four groups' bundles (2.0) for torch in each model group's turn.
         assert len({p for pids in last["shared_processes"].values() for p in pids}) == 1
-        assert last["shared_torch_threads"] == {g: [2] for g in last["shared_processes"]}
+        assert last["shared_torch_threads"] == {"policy": [2], "reference": [2], "reward": [1],
+                                                "rollout": [2]}  # fmt: skip
         assert last["shared_vs_trl"] > 0 and last["shared_startup_s"] > 0
 
 
